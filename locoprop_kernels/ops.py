@@ -1,0 +1,313 @@
+"""The op layer: DESIGN.md section 4's functions as ``torch.library`` custom ops.
+
+Each public function packs its arguments and calls a custom op in the ``locoprop`` namespace.
+The op's real implementation validates everything (shapes, dtypes, devices, names, aliasing,
+empty batches) before any write, then dispatches to a backend (``backends.py``). Its
+``register_fake`` twin runs the same shape checks and describes the outputs, so the ops work
+under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+
+Ops:
+    locoprop::matched_loss_grad      functional, returns (grad_weight, grad_bias)
+    locoprop::matched_loss_grad_out  writes into out_weight / out_bias (arena slices)
+    locoprop::local_targets          returns Y
+    locoprop::rmsprop_step_          updates params, square_avgs, momentum_bufs in place
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import backends
+from .activations import get_activation
+from .validation import (check_choice, check_matrix, check_no_overlap, check_number,
+                         check_tensor, fail_type, fail_value)
+
+Tensor = torch.Tensor
+PRECISIONS = ("ieee", "tf32")
+VARIANTS = ("M", "S")
+STYLES = ("tf", "torch")
+
+
+def _check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
+    if t.dtype not in backend.dtypes:
+        fail_type(op, arg, f"a dtype the '{backend.name}' backend supports "
+                  f"{[str(d) for d in backend.dtypes]}", t.dtype)
+
+
+# ---------------------------------------------------------------- matched_loss_grad
+
+def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                             anchor_bias, eta, precision, out_weight=None, out_bias=None):
+    """Every argument of the matched-loss gradient, before anything is written."""
+    get_activation(activation, op=f"locoprop.{op}")
+    check_matrix(op, "x", x, rows_name="B", cols_name="d_in")
+    B, d_in = x.shape
+    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    if weight.dim() != 2 or weight.shape[1] != d_in or weight.shape[0] == 0:
+        fail_value(op, "weight", f"shape (d_out, d_in) with d_in = {d_in} and d_out >= 1",
+                   tuple(weight.shape))
+    d_out = weight.shape[0]
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(d_out,), device=x.device, dtype=x.dtype,
+                     what=" (d_out,)")
+    check_tensor(op, "target", target, shape=(B, d_out), device=x.device, dtype=x.dtype,
+                 what=" (B, d_out)")
+    check_number(op, "scale", scale)
+    check_choice(op, "precision", precision, PRECISIONS)
+    if eta is not None:
+        check_number(op, "eta", eta, low=0.0, low_open=True)
+        if anchor_weight is None:
+            fail_value(op, "anchor_weight", "a tensor when eta is given (the prox center W0)",
+                       None)
+        if bias is not None and anchor_bias is None:
+            fail_value(op, "anchor_bias", "a tensor when eta is given and bias is not None",
+                       None)
+    if anchor_weight is not None:
+        check_tensor(op, "anchor_weight", anchor_weight, shape=tuple(weight.shape),
+                     device=x.device, dtype=x.dtype, what=" (weight's shape and dtype)")
+    if anchor_bias is not None:
+        if bias is None:
+            fail_value(op, "anchor_bias", "None when bias is None", "a tensor")
+        check_tensor(op, "anchor_bias", anchor_bias, shape=(d_out,), device=x.device,
+                     dtype=x.dtype, what=" (bias's shape and dtype)")
+    if out_weight is not None:
+        check_tensor(op, "out_weight", out_weight, shape=tuple(weight.shape), device=x.device,
+                     what=" (weight's shape)")
+        if (bias is None) != (out_bias is None):
+            fail_value(op, "out_bias", "a tensor exactly when bias is given",
+                       "None" if out_bias is None else "a tensor")
+        if out_bias is not None:
+            check_tensor(op, "out_bias", out_bias, shape=(d_out,), device=x.device,
+                         what=" (bias's shape)")
+        check_no_overlap(op, [("x", x), ("weight", weight), ("bias", bias), ("target", target),
+                              ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias),
+                              ("out_weight", out_weight), ("out_bias", out_bias)][::-1])
+
+
+def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                           anchor_bias, eta, backend, precision, out_weight, out_bias):
+    be = backends.resolve(op, backend or None, x.device)
+    _check_backend_dtype(op, be, "x", x)
+    if eta is None:  # the prox centre is unused without eta: never read it
+        anchor_weight = anchor_bias = None
+    be.matched_loss_grad_into(x, weight, bias, target, activation, float(scale), anchor_weight,
+                              anchor_bias, eta, out_weight, out_bias, precision)
+
+
+@torch.library.custom_op("locoprop::matched_loss_grad", mutates_args=())
+def _matched_loss_grad_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                          activation: str, scale: float, anchor_weight: Optional[Tensor],
+                          anchor_bias: Optional[Tensor], eta: Optional[float], backend: str,
+                          precision: str) -> List[Tensor]:
+    op = "matched_loss_grad"
+    _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                             anchor_bias, eta, precision)
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    gb = torch.empty((weight.shape[0] if bias is not None else 0,), dtype=weight.dtype,
+                     device=weight.device)
+    _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                           anchor_bias, eta, backend, precision, gw,
+                           gb if bias is not None else None)
+    return [gw, gb]
+
+
+@_matched_loss_grad_op.register_fake
+def _(x, weight, bias, target, activation, scale, anchor_weight, anchor_bias, eta, backend,
+      precision):
+    _check_matched_loss_grad("matched_loss_grad", x, weight, bias, target, activation, scale,
+                             anchor_weight, anchor_bias, eta, precision)
+    gb_len = weight.shape[0] if bias is not None else 0
+    return [torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty((gb_len,))]
+
+
+@torch.library.custom_op("locoprop::matched_loss_grad_out",
+                         mutates_args=("out_weight", "out_bias"))
+def _matched_loss_grad_out_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                              target: Tensor, activation: str, scale: float,
+                              anchor_weight: Optional[Tensor], anchor_bias: Optional[Tensor],
+                              eta: Optional[float], backend: str, precision: str,
+                              out_weight: Tensor, out_bias: Optional[Tensor]) -> None:
+    op = "matched_loss_grad"
+    _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                             anchor_bias, eta, precision, out_weight, out_bias)
+    _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                           anchor_bias, eta, backend, precision, out_weight, out_bias)
+
+
+@_matched_loss_grad_out_op.register_fake
+def _(x, weight, bias, target, activation, scale, anchor_weight, anchor_bias, eta, backend,
+      precision, out_weight, out_bias):
+    _check_matched_loss_grad("matched_loss_grad", x, weight, bias, target, activation, scale,
+                             anchor_weight, anchor_bias, eta, precision, out_weight, out_bias)
+
+
+def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                      activation: str, *, scale: float = 1.0,
+                      anchor_weight: Optional[Tensor] = None,
+                      anchor_bias: Optional[Tensor] = None, eta: Optional[float] = None,
+                      backend: Optional[str] = None, precision: str = "ieee",
+                      out: Optional[tuple] = None):
+    """Gradient of a Linear+f layer's local LocoProp objective in (W, b).
+
+        D      = f(X W^T + b) - Y                     (B, d_out); softmax row-wise
+        grad_W = scale * D^T X  [+ (W - W0) / eta]    (d_out, d_in)
+        grad_b = scale * D.sum(0) [+ (b - b0) / eta]  (d_out,)
+
+    x (B, d_in), weight (d_out, d_in), bias (d_out,) or None, target (B, d_out), all one
+    dtype and device. The prox term is on when ``eta`` is given (``anchor_weight`` /
+    ``anchor_bias`` are W0 / b0). ``precision`` "ieee" or "tf32" picks the fp32 dot on the
+    GPU (triton backend). ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g.
+    arena views; grad_bias None when bias is None) and returns them. Returns
+    ``(grad_weight, grad_bias)``, grad_bias None when bias is None.
+    """
+    scale = float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            fail_type("matched_loss_grad", "out", "a pair (grad_weight, grad_bias)",
+                      type(out).__name__)
+        _matched_loss_grad_out_op(x, weight, bias, target, activation, scale, anchor_weight,
+                                  anchor_bias, eta, backend or "", precision, out[0], out[1])
+        return out[0], out[1]
+    gw, gb = _matched_loss_grad_op(x, weight, bias, target, activation, scale, anchor_weight,
+                                   anchor_bias, eta, backend or "", precision)
+    return gw, (gb if bias is not None else None)
+
+
+# ---------------------------------------------------------------- local_targets
+
+def _check_local_targets(op, preact, grad_preact, activation, gamma, variant):
+    get_activation(activation, op=f"locoprop.{op}")
+    check_matrix(op, "preact", preact, rows_name="B", cols_name="d_out")
+    check_tensor(op, "grad_preact", grad_preact, shape=tuple(preact.shape),
+                 device=preact.device, dtype=preact.dtype, what=" (preact's shape and dtype)")
+    check_number(op, "gamma", gamma)
+    check_choice(op, "variant", variant, VARIANTS)
+
+
+@torch.library.custom_op("locoprop::local_targets", mutates_args=())
+def _local_targets_op(preact: Tensor, grad_preact: Tensor, activation: str, gamma: float,
+                      variant: str, backend: str) -> Tensor:
+    op = "local_targets"
+    _check_local_targets(op, preact, grad_preact, activation, gamma, variant)
+    be = backends.resolve(op, backend or None, preact.device)
+    _check_backend_dtype(op, be, "preact", preact)
+    out = torch.empty_like(preact, memory_format=torch.contiguous_format)
+    be.local_targets_into(preact, grad_preact, activation, float(gamma), variant, out)
+    return out
+
+
+@_local_targets_op.register_fake
+def _(preact, grad_preact, activation, gamma, variant, backend):
+    _check_local_targets("local_targets", preact, grad_preact, activation, gamma, variant)
+    return torch.empty_like(preact, memory_format=torch.contiguous_format)
+
+
+def local_targets(preact: Tensor, grad_preact: Tensor, activation: str, gamma: float, *,
+                  variant: str = "M", backend: Optional[str] = None) -> Tensor:
+    """LocoProp targets from one forward/backward pass, (B, d_out) like ``preact``.
+
+        variant "M": Y = f(Z) - gamma * G      variant "S": Y = Z - gamma * G
+
+    preact Z and grad_preact G = dL/dZ (which already carries L's 1/B) are (B, d_out).
+    """
+    gamma = float(gamma) if isinstance(gamma, int) and not isinstance(gamma, bool) else gamma
+    return _local_targets_op(preact, grad_preact, activation, gamma, variant, backend or "")
+
+
+# ---------------------------------------------------------------- rmsprop_step_
+
+def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, alpha, eps, momentum,
+                   style):
+    check_choice(op, "style", style, STYLES)
+    check_number(op, "lr", lr, low=0.0)
+    check_number(op, "alpha", alpha, low=0.0, high=1.0)
+    check_number(op, "eps", eps, low=0.0, low_open=True)
+    check_number(op, "momentum", momentum, low=0.0)
+    if len(params) == 0:
+        fail_value(op, "params", "at least one tensor", "an empty list")
+    for arg, ts in (("grads", grads), ("square_avgs", square_avgs)):
+        if len(ts) != len(params):
+            fail_value(op, arg, f"{len(params)} tensors (one per param)", len(ts))
+    if len(momentum_bufs) not in (0, len(params)):
+        fail_value(op, "momentum_bufs", f"None or {len(params)} tensors (one per param)",
+                   len(momentum_bufs))
+    if not momentum_bufs and momentum != 0.0:
+        fail_value(op, "momentum_bufs", "tensors when momentum != 0", None)
+    device = params[0].device if isinstance(params[0], Tensor) else None
+    named = []
+    for i, p in enumerate(params):
+        check_tensor(op, f"params[{i}]", p, device=device)
+        shape = tuple(p.shape)
+        state_dtypes = (torch.float64,) if p.dtype == torch.float64 else (torch.float32,)
+        check_tensor(op, f"grads[{i}]", grads[i], shape=shape, device=device,
+                     dtypes=(p.dtype, torch.float32), what=" (params' shape)")
+        check_tensor(op, f"square_avgs[{i}]", square_avgs[i], shape=shape, device=device,
+                     dtypes=state_dtypes, what=" (params' shape)")
+        named += [(f"params[{i}]", p), (f"square_avgs[{i}]", square_avgs[i])]
+        if momentum_bufs:
+            check_tensor(op, f"momentum_bufs[{i}]", momentum_bufs[i], shape=shape,
+                         device=device, dtypes=state_dtypes, what=" (params' shape)")
+            named.append((f"momentum_bufs[{i}]", momentum_bufs[i]))
+    # Written tensors must not overlap each other nor the gradients they read.
+    check_no_overlap(op, named + [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+
+
+@torch.library.custom_op("locoprop::rmsprop_step_",
+                         mutates_args=("params", "square_avgs", "momentum_bufs"))
+def _rmsprop_step_op(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor],
+                     momentum_bufs: List[Tensor], lr: float, alpha: float, eps: float,
+                     momentum: float, style: str, backend: str) -> None:
+    op = "rmsprop_step_"
+    _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, alpha, eps, momentum,
+                   style)
+    be = backends.resolve(op, backend or None, params[0].device)
+    for i, p in enumerate(params):
+        _check_backend_dtype(op, be, f"params[{i}]", p)
+    be.rmsprop_step_(list(params), list(grads), list(square_avgs), list(momentum_bufs),
+                     float(lr), float(alpha), float(eps), float(momentum), style)
+
+
+@_rmsprop_step_op.register_fake
+def _(params, grads, square_avgs, momentum_bufs, lr, alpha, eps, momentum, style, backend):
+    _check_rmsprop("rmsprop_step_", params, grads, square_avgs, momentum_bufs, lr, alpha, eps,
+                   momentum, style)
+
+
+TensorOrList = Union[Tensor, Sequence[Tensor]]
+
+
+def _as_list(op: str, arg: str, value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    fail_type(op, arg, "a Tensor or a list of Tensors", type(value).__name__)
+
+
+def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: TensorOrList,
+                  momentum_bufs: Optional[TensorOrList], *, lr: float, alpha: float = 0.9,
+                  eps: float = 1e-5, momentum: float = 0.999, style: str = "tf",
+                  backend: Optional[str] = None) -> None:
+    """One RMSProp step on every tensor, in place; one kernel launch for all of them.
+
+    style "tf" (TF1, the official LocoProp code; state ``square_avgs`` starts at 1):
+        ms = alpha ms + (1 - alpha) g^2;  mom = momentum mom + lr g / sqrt(ms + eps);  p -= mom
+    style "torch" (``torch.optim.RMSprop``, centered=False; ``square_avgs`` starts at 0):
+        ms = alpha ms + (1 - alpha) g^2;  avg = sqrt(ms) + eps;
+        momentum > 0: buf = momentum buf + g / avg, p -= lr buf;  else p -= lr g / avg
+    Each argument is a Tensor (e.g. a flat arena) or a list of Tensors of matching shapes.
+    Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or fp32,
+    state fp32. ``momentum_bufs`` may be None when momentum == 0.
+    """
+    op = "rmsprop_step_"
+    _rmsprop_step_op(_as_list(op, "params", params), _as_list(op, "grads", grads),
+                     _as_list(op, "square_avgs", square_avgs),
+                     _as_list(op, "momentum_bufs", momentum_bufs), lr, alpha, eps, momentum,
+                     style, backend or "")
+
+
+__all__ = ["matched_loss_grad", "local_targets", "rmsprop_step_"]

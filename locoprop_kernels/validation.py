@@ -1,0 +1,103 @@
+"""Argument checks shared by every op: run before any backend writes anything.
+
+Every failure is a ``ValueError`` (bad shape, value, aliasing, empty batch) or a ``TypeError``
+(bad dtype, device, type) whose message names the op, the argument, what was expected and
+what was given. Shape/dtype checks work on fake tensors too (``register_fake`` calls them under
+``torch.compile``); the aliasing check needs real storage and is skipped on fake tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def fail_value(op: str, arg: str, expected: str, got) -> None:
+    raise ValueError(f"locoprop.{op}: argument '{arg}' expected {expected}, got {got}")
+
+
+def fail_type(op: str, arg: str, expected: str, got) -> None:
+    raise TypeError(f"locoprop.{op}: argument '{arg}' expected {expected}, got {got}")
+
+
+def check_tensor(op: str, arg: str, t, *, shape: Optional[tuple] = None,
+                 dtypes=FLOAT_DTYPES, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, what: str = "") -> None:
+    """Type, dtype, device and exact shape of one tensor argument."""
+    if not isinstance(t, torch.Tensor):
+        fail_type(op, arg, "a torch.Tensor", type(t).__name__)
+    if dtype is not None and t.dtype != dtype:
+        fail_type(op, arg, f"dtype {dtype}{what}", t.dtype)
+    if t.dtype not in dtypes:
+        fail_type(op, arg, f"a dtype in {[str(d) for d in dtypes]}", t.dtype)
+    if device is not None and t.device != device:
+        fail_type(op, arg, f"device {device} (the device of the other arguments)", t.device)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        fail_value(op, arg, f"shape {tuple(shape)}{what}", tuple(t.shape))
+
+
+def check_matrix(op: str, arg: str, t, *, rows_name: str, cols_name: str) -> None:
+    """A 2-D tensor with at least one row (an empty batch is an error, not a no-op)."""
+    check_tensor(op, arg, t)
+    if t.dim() != 2:
+        fail_value(op, arg, f"a 2-D tensor ({rows_name}, {cols_name})", tuple(t.shape))
+    if t.shape[0] == 0:
+        fail_value(op, arg, f"a non-empty batch ({rows_name} >= 1)", tuple(t.shape))
+    if t.shape[1] == 0:
+        fail_value(op, arg, f"{cols_name} >= 1", tuple(t.shape))
+
+
+def check_number(op: str, arg: str, value, *, low: Optional[float] = None,
+                 low_open: bool = False, high: Optional[float] = None) -> None:
+    """A finite real number, optionally bounded: [low, high] or (low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail_type(op, arg, "a float", type(value).__name__)
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        fail_value(op, arg, "a finite number", value)
+    if low is not None and (value <= low if low_open else value < low):
+        fail_value(op, arg, f"a number {'>' if low_open else '>='} {low}", value)
+    if high is not None and value > high:
+        fail_value(op, arg, f"a number <= {high}", value)
+
+
+def check_choice(op: str, arg: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        fail_value(op, arg, f"one of {list(choices)}", repr(value))
+
+
+def _byte_range(t: torch.Tensor):
+    """(storage address, first byte, one past the last byte) that t can touch."""
+    if t.numel() == 0:
+        return None
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size()
+    return t.untyped_storage().data_ptr(), start, start + span * t.element_size()
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def check_no_overlap(op: str, named: Sequence[tuple]) -> None:
+    """No two of the named tensors (name, tensor or None) share any byte of memory.
+
+    In-place arguments that alias each other (or an input) would make the result depend on
+    the order a kernel happens to touch memory in, so the op refuses them.
+    """
+    ranges = []
+    for name, t in named:
+        if t is None or _is_fake(t):
+            continue
+        r = _byte_range(t)
+        if r is not None:
+            ranges.append((name, r))
+    for i, (name_a, (base_a, lo_a, hi_a)) in enumerate(ranges):
+        for name_b, (base_b, lo_b, hi_b) in ranges[i + 1:]:
+            if base_a == base_b and lo_a < hi_b and lo_b < hi_a:
+                fail_value(op, name_b, f"memory that does not overlap '{name_a}'",
+                           "an aliasing tensor")

@@ -1,0 +1,54 @@
+"""Triton device helpers for the activation table (``locoprop_kernels/activations.py``).
+
+``ACT`` is the table's integer ``code``, a ``tl.constexpr``: each kernel is compiled once per
+activation and the branch below folds away. Softmax is row-wise and lives in the kernels
+(online max/sum over column tiles); here it only marks the columns outside the row.
+"""
+import triton
+import triton.language as tl
+
+IDENTITY: tl.constexpr = tl.constexpr(0)
+TANH: tl.constexpr = tl.constexpr(1)
+SIGMOID: tl.constexpr = tl.constexpr(2)
+SOFTMAX: tl.constexpr = tl.constexpr(3)
+RELU: tl.constexpr = tl.constexpr(4)
+
+# Below this |z| tanh comes from its odd Taylor series: the exp form 1 - 2/(e^{2z}+1) loses
+# ~eps/|z| relative precision to cancellation near 0 (libdevice.tanh does not run under the
+# interpreter). At 0.2 the first dropped term (z^11) is ~1e-9 relative, and the exp form's
+# cancellation error above it is ~2e-7.
+TANH_SERIES_BELOW: tl.constexpr = tl.constexpr(0.2)
+
+
+@triton.jit
+def _tanh(z):
+    a = tl.abs(z)
+    t = tl.exp(-2.0 * a)
+    far = (1.0 - t) / (1.0 + t)
+    z2 = a * a
+    # tanh a = a (1 - a^2/3 + 2a^4/15 - 17a^6/315 + 62a^8/2835), Horner form.
+    near = a * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
+    r = tl.where(a < TANH_SERIES_BELOW, near, far)
+    return tl.where(z < 0, -r, r)
+
+
+@triton.jit
+def apply_elementwise(z, ACT: tl.constexpr):
+    """f(z) for the element-wise activations (every code but SOFTMAX), in fp32."""
+    if ACT == TANH:
+        return _tanh(z)
+    elif ACT == SIGMOID:
+        return 1.0 / (1.0 + tl.exp(-z))
+    elif ACT == RELU:
+        return tl.maximum(z, 0.0)
+    else:
+        return z
+
+
+@triton.jit
+def online_softmax_update(m, s, z):
+    """Fold a tile z (rows x cols, -inf outside the row) into the running row max m and
+    the running sum s of exp(z - m); returns the new (m, s). Stable for |z| up to fp32 max."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s_new = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s_new

@@ -1,0 +1,159 @@
+"""Matched-loss gradient of a Linear+f layer as two fused Triton GEMMs.
+
+    stage 1  D = f(X W^T + b) - Y                              (B, d_out), fp32 scratch
+    stage 2  grad_W = scale * D^T X [+ (W - W0)/eta]           (d_out, d_in)
+             grad_b = scale * sum_n D_n [+ (b - b0)/eta]       (d_out,)
+
+Stage 1 is a GEMM whose epilogue applies f and subtracts the target. Softmax needs the whole
+row, so for it one program owns BLOCK_M rows across all of d_out: pass 1 computes the Z tiles,
+parks them in D and folds them into an online (max, sum); pass 2 turns them into
+softmax - Y in place. Stage 2 reduces over the batch inside each program (a loop over B, no
+atomics: bit-for-bit deterministic), adds the bias gradient and the prox term in its epilogue
+and writes straight into the destination (which may be a view into an arena).
+Inputs are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot is broken, and
+bf16/fp16 values are exact in tf32, so tf32 tensor cores lose nothing on them).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch, tile
+from .activation import SOFTMAX, apply_elementwise, online_softmax_update
+
+# tl.dot needs every tile edge >= 16; 64 keeps a (64 x 64) fp32 accumulator at 16 KB of
+# registers per program on the GPU, and under the interpreter larger tiles mean fewer
+# Python-level iterations (each is a numpy call), which is what CI time is made of.
+MIN_TILE = 16
+MAX_TILE = 64
+
+
+@triton.jit
+def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K,
+                 HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Z[rows, cols] = X[rows] W[cols]^T + b[cols] as an fp32 (BLOCK_M, BLOCK_N) tile."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                    mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+        # W^T tile (BLOCK_K, BLOCK_N) read straight from W's (d_out, d_in) layout.
+        w_t = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
+                      mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
+        acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, B, N, K,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 1: D = f(X W^T + b) - Y. Grid (cdiv(B, BLOCK_M), cdiv(N, BLOCK_N)); softmax
+    uses a grid of (cdiv(B, BLOCK_M), 1) and loops over the columns itself."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    if ACT == SOFTMAX:
+        m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            ok = row_ok[:, None] & (cols[None, :] < N)
+            z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K,
+                             HAS_BIAS, BLOCK_K, PRECISION)
+            m, s = online_softmax_update(m, s, tl.where(cols[None, :] < N, z, float("-inf")))
+            tl.store(d_ptr + rows[:, None] * N + cols[None, :], z, mask=ok)
+        # Pass 2 reads what pass 1 of this same program wrote.
+        tl.debug_barrier()
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            ok = row_ok[:, None] & (cols[None, :] < N)
+            offs = rows[:, None] * N + cols[None, :]
+            z = tl.load(d_ptr + offs, mask=ok, other=0.0)
+            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(d_ptr + offs, tl.exp(z - m[:, None]) / s[:, None] - y, mask=ok)
+    else:
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = row_ok[:, None] & (cols[None, :] < N)
+        offs = rows[:, None] * N + cols[None, :]
+        z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, HAS_BIAS, BLOCK_K, PRECISION)
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(d_ptr + offs, apply_elementwise(z, ACT) - y, mask=ok)
+
+
+@triton.jit
+def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
+                        B, N, K, scale, inv_eta,
+                        HAS_BIAS: tl.constexpr, HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 2: grad_W tile (BLOCK_N, BLOCK_K) = scale * D^T X, reduced over all B rows in
+    this program; the programs of column block 0 also write grad_b. Grid
+    (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
+    pid_k = tl.program_id(1)
+    outs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        # D^T tile (BLOCK_N, BLOCK_M) read straight from D's (B, d_out) layout.
+        d_t = tl.load(d_ptr + rows[None, :] * N + outs[:, None],
+                      mask=(rows[None, :] < B) & (outs[:, None] < N), other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * K + ins[None, :],
+                    mask=(rows[:, None] < B) & (ins[None, :] < K), other=0.0)
+        acc = tl.dot(d_t, x.to(tl.float32), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc_b += tl.sum(d_t, axis=1)
+    w_offs = outs[:, None] * K + ins[None, :]
+    w_ok = (outs[:, None] < N) & (ins[None, :] < K)
+    grad = acc * scale
+    if HAS_PROX:
+        w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+        w0 = tl.load(w0_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+        grad += (w - w0) * inv_eta
+    tl.store(gw_ptr + w_offs, grad.to(gw_ptr.dtype.element_ty), mask=w_ok)
+    if HAS_BIAS:
+        grad_b = acc_b * scale
+        b_ok = (outs < N) & (tl.full((BLOCK_N,), pid_k, tl.int32) == 0)
+        if HAS_PROX:
+            b = tl.load(b_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
+            b0 = tl.load(b0_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
+            grad_b += (b - b0) * inv_eta
+        tl.store(gb_ptr + outs, grad_b.to(gb_ptr.dtype.element_ty), mask=b_ok)
+
+
+def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None):
+    """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out)."""
+    B, K = x.shape
+    N = weight.shape[0]
+    d = torch.empty((B, N), device=x.device, dtype=torch.float32) if out is None else out
+    bm, bn, bk = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE), tile(K, MIN_TILE, MAX_TILE)
+    grid = (triton.cdiv(B, bm), 1 if code == SOFTMAX.value else triton.cdiv(N, bn))
+    launch(_delta_kernel, grid, x, weight, bias if bias is not None else x, target, d, B, N, K,
+           HAS_BIAS=bias is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           PRECISION=precision)
+    return d
+
+
+def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
+                           anchor_weight, anchor_bias, eta, out_weight, out_bias,
+                           *, precision: str = "ieee") -> None:
+    """Write the matched-loss gradient into ``out_weight`` (and ``out_bias``): two launches.
+
+    All tensors must be contiguous; shapes as in the module docstring. ``eta`` None turns
+    the prox term off. The outputs may have any float dtype (math is fp32).
+    """
+    d = delta(x, weight, bias, target, code, precision=precision)
+    B, K = x.shape
+    N = weight.shape[0]
+    bm, bn, bk = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE), tile(K, MIN_TILE, MAX_TILE)
+    has_prox = eta is not None
+    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+    launch(_weight_grad_kernel, grid, x, d, weight,
+           anchor_weight if has_prox else weight,
+           bias if bias is not None else weight,
+           anchor_bias if (has_prox and bias is not None) else weight,
+           out_weight, out_bias if bias is not None else out_weight,
+           B, N, K, float(scale), 1.0 / eta if has_prox else 0.0,
+           HAS_BIAS=bias is not None, HAS_PROX=has_prox, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           PRECISION=precision)
