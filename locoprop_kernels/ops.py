@@ -20,8 +20,8 @@ import torch
 
 from . import backends
 from .activations import get_activation
-from .validation import (check_choice, check_matrix, check_no_overlap, check_number,
-                         check_tensor, fail_type, fail_value)
+from .validation import (check_call_types, check_choice, check_matrix, check_no_overlap,
+                         check_number, check_tensor, fail_type, fail_value)
 
 Tensor = torch.Tensor
 PRECISIONS = ("ieee", "tf32")
@@ -33,6 +33,11 @@ def _check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
     if t.dtype not in backend.dtypes:
         fail_type(op, arg, f"a dtype the '{backend.name}' backend supports "
                   f"{[str(d) for d in backend.dtypes]}", t.dtype)
+
+
+def _check_backend_arg(op: str, backend) -> None:
+    if backend is not None and not isinstance(backend, str):
+        fail_type(op, "backend", f"None or one of {list(backends.NAMES)}", type(backend).__name__)
 
 
 # ---------------------------------------------------------------- matched_loss_grad
@@ -80,9 +85,9 @@ def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anc
         if out_bias is not None:
             check_tensor(op, "out_bias", out_bias, shape=(d_out,), device=x.device,
                          what=" (bias's shape)")
-        check_no_overlap(op, [("x", x), ("weight", weight), ("bias", bias), ("target", target),
-                              ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias),
-                              ("out_weight", out_weight), ("out_bias", out_bias)][::-1])
+        check_no_overlap(op, written=[("out_weight", out_weight), ("out_bias", out_bias)],
+                         read=[("x", x), ("weight", weight), ("bias", bias), ("target", target),
+                               ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
 
 
 def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
@@ -162,11 +167,19 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     arena views; grad_bias None when bias is None) and returns them. Returns
     ``(grad_weight, grad_bias)``, grad_bias None when bias is None.
     """
-    scale = float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale
+    op = "matched_loss_grad"
+    check_call_types(op, tensors=[("x", x), ("weight", weight), ("target", target)],
+                     optional_tensors=[("bias", bias), ("anchor_weight", anchor_weight),
+                                       ("anchor_bias", anchor_bias)],
+                     numbers=[("scale", scale)], optional_numbers=[("eta", eta)],
+                     strings=[("activation", activation), ("precision", precision)])
+    _check_backend_arg(op, backend)
+    scale, eta = float(scale), (None if eta is None else float(eta))
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 2:
-            fail_type("matched_loss_grad", "out", "a pair (grad_weight, grad_bias)",
-                      type(out).__name__)
+            fail_type(op, "out", "a pair (grad_weight, grad_bias)", type(out).__name__)
+        check_call_types(op, tensors=[("out_weight", out[0])],
+                         optional_tensors=[("out_bias", out[1])])
         _matched_loss_grad_out_op(x, weight, bias, target, activation, scale, anchor_weight,
                                   anchor_bias, eta, backend or "", precision, out[0], out[1])
         return out[0], out[1]
@@ -212,7 +225,12 @@ def local_targets(preact: Tensor, grad_preact: Tensor, activation: str, gamma: f
 
     preact Z and grad_preact G = dL/dZ (which already carries L's 1/B) are (B, d_out).
     """
-    gamma = float(gamma) if isinstance(gamma, int) and not isinstance(gamma, bool) else gamma
+    op = "local_targets"
+    check_call_types(op, tensors=[("preact", preact), ("grad_preact", grad_preact)],
+                     numbers=[("gamma", gamma)], strings=[("activation", activation),
+                                                          ("variant", variant)])
+    _check_backend_arg(op, backend)
+    gamma = float(gamma)
     return _local_targets_op(preact, grad_preact, activation, gamma, variant, backend or "")
 
 
@@ -251,7 +269,7 @@ def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, alpha, eps
                          device=device, dtypes=state_dtypes, what=" (params' shape)")
             named.append((f"momentum_bufs[{i}]", momentum_bufs[i]))
     # Written tensors must not overlap each other nor the gradients they read.
-    check_no_overlap(op, named + [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+    check_no_overlap(op, written=named, read=[(f"grads[{i}]", g) for i, g in enumerate(grads)])
 
 
 @torch.library.custom_op("locoprop::rmsprop_step_",
@@ -304,9 +322,15 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
     state fp32. ``momentum_bufs`` may be None when momentum == 0.
     """
     op = "rmsprop_step_"
-    _rmsprop_step_op(_as_list(op, "params", params), _as_list(op, "grads", grads),
-                     _as_list(op, "square_avgs", square_avgs),
-                     _as_list(op, "momentum_bufs", momentum_bufs), lr, alpha, eps, momentum,
+    lists = {name: _as_list(op, name, value) for name, value in (
+        ("params", params), ("grads", grads), ("square_avgs", square_avgs),
+        ("momentum_bufs", momentum_bufs))}
+    check_call_types(op, tensors=[(f"{name}[{i}]", t) for name, ts in lists.items()
+                                  for i, t in enumerate(ts)],
+                     numbers=[("lr", lr), ("alpha", alpha), ("eps", eps), ("momentum", momentum)],
+                     strings=[("style", style)])
+    _check_backend_arg(op, backend)
+    _rmsprop_step_op(*lists.values(), float(lr), float(alpha), float(eps), float(momentum),
                      style, backend or "")
 
 

@@ -64,6 +64,26 @@ def check_number(op: str, arg: str, value, *, low: Optional[float] = None,
         fail_value(op, arg, f"a number <= {high}", value)
 
 
+def check_call_types(op: str, *, tensors=(), optional_tensors=(), numbers=(),
+                     optional_numbers=(), strings=()) -> None:
+    """Python-side types of a call, checked before the dispatcher (whose own errors are a
+    RuntimeError that names neither our op's public name nor a fix). Pairs of (name, value)."""
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            fail_type(op, name, "a torch.Tensor", type(t).__name__)
+    for name, t in optional_tensors:
+        if t is not None and not isinstance(t, torch.Tensor):
+            fail_type(op, name, "a torch.Tensor or None", type(t).__name__)
+    for name, v in numbers:
+        check_number(op, name, v)
+    for name, v in optional_numbers:
+        if v is not None:
+            check_number(op, name, v)
+    for name, v in strings:
+        if not isinstance(v, str):
+            fail_type(op, name, "a str", type(v).__name__)
+
+
 def check_choice(op: str, arg: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         fail_value(op, arg, f"one of {list(choices)}", repr(value))
@@ -83,21 +103,35 @@ def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
-def check_no_overlap(op: str, named: Sequence[tuple]) -> None:
-    """No two of the named tensors (name, tensor or None) share any byte of memory.
+def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) -> None:
+    """No written tensor shares a byte with another argument; (name, tensor or None) pairs.
 
-    In-place arguments that alias each other (or an input) would make the result depend on
-    the order a kernel happens to touch memory in, so the op refuses them.
+    An in-place or output argument that aliases another (or itself, through a stride of 0)
+    would make the result depend on the order a kernel happens to touch memory in, so the op
+    refuses it. Reads may alias each other. Sorting the byte ranges makes this O(n log n):
+    an interval overlaps an earlier one iff it overlaps the earlier one reaching furthest.
     """
-    ranges = []
-    for name, t in named:
-        if t is None or _is_fake(t):
-            continue
-        r = _byte_range(t)
-        if r is not None:
-            ranges.append((name, r))
-    for i, (name_a, (base_a, lo_a, hi_a)) in enumerate(ranges):
-        for name_b, (base_b, lo_b, hi_b) in ranges[i + 1:]:
-            if base_a == base_b and lo_a < hi_b and lo_b < hi_a:
-                fail_value(op, name_b, f"memory that does not overlap '{name_a}'",
-                           "an aliasing tensor")
+    spans = []
+    for is_written, pairs in ((True, written), (False, read)):
+        for name, t in pairs:
+            if t is None or _is_fake(t):
+                continue
+            if is_written and any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+                fail_value(op, name, "a tensor whose elements have distinct memory",
+                           f"a tensor with strides {tuple(t.stride())}")
+            r = _byte_range(t)
+            if r is not None:
+                spans.append((r[0], r[1], r[2], is_written, name))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    reach = {}  # base -> {"any": (hi, name), "written": (hi, name)}
+    for base, lo, hi, is_written, name in spans:
+        seen = reach.setdefault(base, {"any": (-1, ""), "written": (-1, "")})
+        other_hi, other = seen["any"] if is_written else seen["written"]
+        if other_hi > lo:
+            culprit, partner = (name, other) if is_written else (other, name)
+            fail_value(op, culprit, f"memory that does not overlap '{partner}'",
+                       "an aliasing tensor")
+        if hi > seen["any"][0]:
+            seen["any"] = (hi, name)
+        if is_written and hi > seen["written"][0]:
+            seen["written"] = (hi, name)
