@@ -28,9 +28,10 @@ MAX_TILE = 64
 
 
 @triton.jit
-def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K,
-                 HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Z[rows, cols] = X[rows] W[cols]^T + b[cols] as an fp32 (BLOCK_M, BLOCK_N) tile."""
+def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Z[rows, cols] = X[rows] W[cols]^T + b[cols] as an fp32 (BLOCK_M, BLOCK_N) tile.
+    ``has_bias`` (0 or 1) may be a constexpr or a run-time value (the grouped kernels)."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -40,18 +41,20 @@ def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K,
         w_t = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
                       mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
         acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    return acc
+    # tl.full turns a scalar flag into a vector mask (the interpreter cannot AND a 0-d bool).
+    bias_ok = (cols < N) & (tl.full(cols.shape, has_bias, tl.int32) != 0)
+    bias = tl.load(b_ptr + cols, mask=bias_ok, other=0.0).to(tl.float32)
+    return acc + bias[None, :]
 
 
 @triton.jit
-def _delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, B, N, K,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Stage 1: D = f(X W^T + b) - Y. Grid (cdiv(B, BLOCK_M), cdiv(N, BLOCK_N)); softmax
-    uses a grid of (cdiv(B, BLOCK_M), 1) and loops over the columns itself."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bias,
+                ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """D = f(X W^T + b) - Y on rows block pid_m and column block pid_n; for softmax on all
+    columns of rows block pid_m (pid_n ignored): pass 1 parks Z in D and folds it into an
+    online (max, sum), pass 2 turns it into softmax - Y in place."""
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     if ACT == SOFTMAX:
         m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -59,8 +62,8 @@ def _delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, B, N, K,
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             ok = row_ok[:, None] & (cols[None, :] < N)
-            z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K,
-                             HAS_BIAS, BLOCK_K, PRECISION)
+            z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias, BLOCK_K,
+                             PRECISION)
             m, s = online_softmax_update(m, s, tl.where(cols[None, :] < N, z, float("-inf")))
             tl.store(d_ptr + rows[:, None] * N + cols[None, :], z, mask=ok)
         # Pass 2 reads what pass 1 of this same program wrote.
@@ -73,24 +76,24 @@ def _delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, B, N, K,
             y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             tl.store(d_ptr + offs, tl.exp(z - m[:, None]) / s[:, None] - y, mask=ok)
     else:
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols[None, :] < N)
         offs = rows[:, None] * N + cols[None, :]
-        z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, HAS_BIAS, BLOCK_K, PRECISION)
+        z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias, BLOCK_K,
+                         PRECISION)
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(d_ptr + offs, apply_elementwise(z, ACT) - y, mask=ok)
 
 
 @triton.jit
-def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
-                        B, N, K, scale, inv_eta,
-                        HAS_BIAS: tl.constexpr, HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Stage 2: grad_W tile (BLOCK_N, BLOCK_K) = scale * D^T X, reduced over all B rows in
-    this program; the programs of column block 0 also write grad_b. Grid
-    (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
-    pid_k = tl.program_id(1)
-    outs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
+                      pid_n, pid_k, B, N, K, scale, inv_eta, has_bias,
+                      HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """grad_W tile (BLOCK_N, BLOCK_K) at (pid_n, pid_k) = scale * D^T X [+ (W - W0)/eta],
+    reduced over all B rows here (a fixed-order loop: deterministic); the pid_k == 0 tile
+    also writes grad_b = scale * sum_n D_n [+ (b - b0)/eta]."""
+    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -102,8 +105,7 @@ def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_p
         x = tl.load(x_ptr + rows[:, None] * K + ins[None, :],
                     mask=(rows[:, None] < B) & (ins[None, :] < K), other=0.0)
         acc = tl.dot(d_t, x.to(tl.float32), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc_b += tl.sum(d_t, axis=1)
+        acc_b += tl.sum(d_t, axis=1)  # a row sum of a tile in registers: free next to the dot
     w_offs = outs[:, None] * K + ins[None, :]
     w_ok = (outs[:, None] < N) & (ins[None, :] < K)
     grad = acc * scale
@@ -112,14 +114,35 @@ def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_p
         w0 = tl.load(w0_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
         grad += (w - w0) * inv_eta
     tl.store(gw_ptr + w_offs, grad.to(gw_ptr.dtype.element_ty), mask=w_ok)
-    if HAS_BIAS:
-        grad_b = acc_b * scale
-        b_ok = (outs < N) & (tl.full((BLOCK_N,), pid_k, tl.int32) == 0)
-        if HAS_PROX:
-            b = tl.load(b_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
-            b0 = tl.load(b0_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
-            grad_b += (b - b0) * inv_eta
-        tl.store(gb_ptr + outs, grad_b.to(gb_ptr.dtype.element_ty), mask=b_ok)
+    b_ok = ((outs < N) & (tl.full((BLOCK_N,), pid_k, tl.int32) == 0)
+            & (tl.full((BLOCK_N,), has_bias, tl.int32) != 0))
+    grad_b = acc_b * scale
+    if HAS_PROX:
+        b = tl.load(b_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
+        b0 = tl.load(b0_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
+        grad_b += (b - b0) * inv_eta
+    tl.store(gb_ptr + outs, grad_b.to(gb_ptr.dtype.element_ty), mask=b_ok)
+
+
+@triton.jit
+def _delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, B, N, K,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 1 for one layer. Grid (cdiv(B, BLOCK_M), cdiv(N, BLOCK_N)); (cdiv(B, BLOCK_M), 1)
+    for softmax."""
+    delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, tl.program_id(0), tl.program_id(1),
+                B, N, K, HAS_BIAS, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
+                        B, N, K, scale, inv_eta,
+                        HAS_BIAS: tl.constexpr, HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 2 for one layer. Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
+    weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
+                      tl.program_id(0), tl.program_id(1), B, N, K, scale, inv_eta, HAS_BIAS,
+                      HAS_PROX, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None):
@@ -130,7 +153,7 @@ def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=No
     bm, bn, bk = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE), tile(K, MIN_TILE, MAX_TILE)
     grid = (triton.cdiv(B, bm), 1 if code == SOFTMAX.value else triton.cdiv(N, bn))
     launch(_delta_kernel, grid, x, weight, bias if bias is not None else x, target, d, B, N, K,
-           HAS_BIAS=bias is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           HAS_BIAS=int(bias is not None), ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
            PRECISION=precision)
     return d
 
@@ -155,5 +178,5 @@ def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
            anchor_bias if (has_prox and bias is not None) else weight,
            out_weight, out_bias if bias is not None else out_weight,
            B, N, K, float(scale), 1.0 / eta if has_prox else 0.0,
-           HAS_BIAS=bias is not None, HAS_PROX=has_prox, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           HAS_BIAS=int(bias is not None), HAS_PROX=has_prox, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
            PRECISION=precision)
