@@ -12,6 +12,20 @@ from typing import Sequence
 import torch
 
 
+def layout_offsets(shapes: Sequence[Sequence[int]]) -> list:
+    """Element offsets of tensors of these shapes laid end to end; the last is the total."""
+    offsets = [0]
+    for s in shapes:
+        offsets.append(offsets[-1] + math.prod(s))
+    return offsets
+
+
+def split_views(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list:
+    """Views of a flat contiguous buffer as tensors of these shapes, end to end."""
+    offsets = layout_offsets(shapes)
+    return [flat[o:e].view(tuple(s)) for o, e, s in zip(offsets, offsets[1:], shapes)]
+
+
 class Arena:
     """A flat buffer of ``sum(prod(shape))`` elements and its per-tensor views.
 
@@ -22,15 +36,11 @@ class Arena:
     def __init__(self, shapes: Sequence[Sequence[int]], *, dtype=torch.float32, device="cpu",
                  fill: float | None = 0.0):
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
-        sizes = [math.prod(s) for s in self.shapes]
-        self.offsets = [0]
-        for n in sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = layout_offsets(self.shapes)
         self.buffer = torch.empty(self.offsets[-1], dtype=dtype, device=device)
         if fill is not None:
             self.buffer.fill_(fill)
-        self._views = [self.buffer[o:o + n].view(s)
-                       for o, n, s in zip(self.offsets, sizes, self.shapes)]
+        self._views = split_views(self.buffer, self.shapes)
 
     @classmethod
     def from_tensors(cls, tensors: Sequence[torch.Tensor], *, dtype=None, device=None):

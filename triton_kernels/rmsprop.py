@@ -27,6 +27,16 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
+def _scalar(value, IS_PTR: tl.constexpr):
+    """A scalar argument given by value, or by pointer to one fp32 on the device (so that a
+    captured CUDA graph reads the current learning rate at replay)."""
+    if IS_PTR:
+        return tl.load(value)
+    else:
+        return value
+
+
+@triton.jit
 def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, mask, lr, alpha, one_minus_alpha, eps,
             momentum, STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr):
     """Load, update and store one block of (param, grad, square_avg, momentum_buf)."""
@@ -50,17 +60,18 @@ def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, mask, lr, alpha, one_minus_alph
 @triton.jit
 def _rmsprop_flat_kernel(p_ptr, g_ptr, ms_ptr, buf_ptr, n, lr, alpha, one_minus_alpha, eps,
                          momentum, STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         LR_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """Flat layout. Grid (cdiv(n, BLOCK),)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, offs < n, lr, alpha, one_minus_alpha, eps,
-            momentum, STYLE_TF, HAS_MOM)
+    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, offs < n, _scalar(lr, LR_IS_PTR), alpha,
+            one_minus_alpha, eps, momentum, STYLE_TF, HAS_MOM)
 
 
 @triton.jit
 def _rmsprop_table_kernel(table_ptr, blocks_ptr, lr, alpha, one_minus_alpha, eps, momentum,
                           P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                          STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr, BLOCK: tl.constexpr):
+                          STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr,
+                          LR_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """Table layout. table: int64 (T, 5) = addresses of p, g, ms, buf and numel per tensor;
     blocks: int64 (n_blocks, 2) = (tensor index, first element). Grid (n_blocks,)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -73,18 +84,21 @@ def _rmsprop_table_kernel(table_ptr, blocks_ptr, lr, alpha, one_minus_alpha, eps
     buf_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     n = tl.load(row + 4)
     offs = start + tl.arange(0, BLOCK)
-    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, offs < n, lr, alpha, one_minus_alpha, eps,
-            momentum, STYLE_TF, HAS_MOM)
+    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, offs < n, _scalar(lr, LR_IS_PTR), alpha,
+            one_minus_alpha, eps, momentum, STYLE_TF, HAS_MOM)
 
 
 def _scalars(lr, alpha, eps, momentum):
     # 1 - alpha is formed in float64 and then rounded once, as torch does with its scalars.
-    return float(lr), float(alpha), float(1.0 - alpha), float(eps), float(momentum)
+    # lr may be a one-element fp32 device tensor, read by the kernel (CUDA-graph replay).
+    lr = lr if isinstance(lr, torch.Tensor) else float(lr)
+    return lr, float(alpha), float(1.0 - alpha), float(eps), float(momentum)
 
 
 def rmsprop_step_(params, grads, square_avgs, momentum_bufs, *, lr, alpha, eps, momentum,
                   style) -> None:
     """Update every tensor in place with one launch per (param dtype, grad dtype) group.
+    ``lr`` is a float or a one-element fp32 tensor on the params' device.
 
     Lists of equal length; ``momentum_bufs`` empty means no momentum buffer. A single
     contiguous tensor per list (an arena) takes the flat kernel, anything else the table.
@@ -96,7 +110,8 @@ def rmsprop_step_(params, grads, square_avgs, momentum_bufs, *, lr, alpha, eps, 
         p, g, ms = params[0], grads[0], square_avgs[0]
         buf = momentum_bufs[0] if has_mom else ms
         launch(_rmsprop_flat_kernel, (triton.cdiv(p.numel(), BLOCK),), p, g, ms, buf,
-               p.numel(), *scalars, STYLE_TF=style_tf, HAS_MOM=has_mom, BLOCK=BLOCK)
+               p.numel(), *scalars, STYLE_TF=style_tf, HAS_MOM=has_mom,
+               LR_IS_PTR=isinstance(lr, torch.Tensor), BLOCK=BLOCK)
         return
     groups = {}
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -115,4 +130,4 @@ def rmsprop_step_(params, grads, square_avgs, momentum_bufs, *, lr, alpha, eps, 
         block_map = torch.tensor(blocks, dtype=torch.int64).to(device, non_blocking=True)
         launch(_rmsprop_table_kernel, (len(blocks),), table, block_map, *scalars,
                P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], STYLE_TF=style_tf,
-               HAS_MOM=has_mom, BLOCK=BLOCK)
+               HAS_MOM=has_mom, LR_IS_PTR=isinstance(lr, torch.Tensor), BLOCK=BLOCK)

@@ -1,0 +1,144 @@
+"""Every layer's local problem at once: matched-loss gradients of all layers in two launches.
+
+LocoProp's inner loop computes, for every layer l and T times over, the gradient of that
+layer's local objective (``matched_loss_grad``). On small layers the per-layer launches cost
+more than the arithmetic, so ``LayerGroup`` holds the inputs, targets and deltas of all
+layers in flat arenas and, on the triton backend, runs stage 1 of every layer in one launch
+and stage 2 of every layer in another (``triton_kernels/grouped_matched_loss_grad.py``).
+Other backends run the same math layer by layer through ``matched_loss_grad`` (the results
+are the same; only the launch count differs).
+
+Layout. Parameters of all layers live in one flat buffer in ``nn.Sequential`` order:
+W_0 (d_out, d_in), b_0 (d_out,) if the layer has a bias, W_1, b_1, ...; ``param_shapes``
+gives it. Gradients and prox anchors use the same layout.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import backends
+from .activations import get_activation
+from .arena import Arena, layout_offsets, split_views
+from .ops import matched_loss_grad
+from .validation import check_number, check_tensor, fail_value
+
+OP = "LayerGroup"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One Linear + f layer: sizes, the activation of its local loss, whether it has a bias."""
+
+    d_in: int
+    d_out: int
+    activation: str
+    bias: bool = True
+
+
+def param_shapes(layers: Sequence[LayerSpec]) -> list:
+    """Shapes of the flat parameter layout: W_0, b_0, W_1, b_1, ... (b_l only with a bias)."""
+    shapes = []
+    for layer in layers:
+        shapes.append((layer.d_out, layer.d_in))
+        if layer.bias:
+            shapes.append((layer.d_out,))
+    return shapes
+
+
+class LayerGroup:
+    """The inputs, targets and scratch of all layers' local problems for one batch size.
+
+    ``inputs[l]`` (B, d_in_l) and ``targets[l]`` (B, d_out_l) are views the caller fills
+    (once per outer step); ``matched_loss_grads_`` then writes every layer's gradient into a
+    flat gradient buffer (``param_shapes`` layout). Build once per (layers, batch, device,
+    dtype): the triton backend's tile tables are made here, not per call.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], batch: int, *, device, dtype=torch.float32,
+                 backend: Optional[str] = None, precision: str = "ieee"):
+        if not layers:
+            fail_value(OP, "layers", "at least one LayerSpec", "an empty list")
+        for i, layer in enumerate(layers):
+            get_activation(layer.activation, op=f"locoprop.{OP}")
+            if layer.d_in < 1 or layer.d_out < 1:
+                fail_value(OP, f"layers[{i}]", "d_in >= 1 and d_out >= 1", layer)
+        if not isinstance(batch, int) or batch < 1:
+            fail_value(OP, "batch", "an int >= 1", batch)
+        self.layers = list(layers)
+        self.batch = batch
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.precision = precision
+        self.param_shapes = param_shapes(self.layers)
+        self.num_params = layout_offsets(self.param_shapes)[-1]
+        self.inputs = Arena([(batch, l.d_in) for l in self.layers], dtype=dtype, device=device)
+        self.targets = Arena([(batch, l.d_out) for l in self.layers], dtype=dtype,
+                             device=device)
+        self.backend = backends.resolve(OP, backend, self.device)
+        self._plan = None
+        if self.backend.name == "triton":
+            self._kernels = importlib.import_module(
+                "locoprop_kernels.triton_kernels.grouped_matched_loss_grad")
+            self.deltas = Arena([(batch, l.d_out) for l in self.layers], dtype=torch.float32,
+                                device=device)
+            self._plan = self._kernels.plan(batch, self._layer_rows(), self.device)
+
+    def _layer_rows(self) -> list:
+        rows, p = [], 0
+        offsets = layout_offsets(self.param_shapes)
+        for i, layer in enumerate(self.layers):
+            w_off = offsets[p]
+            b_off = offsets[p + 1] if layer.bias else None
+            p += 2 if layer.bias else 1
+            rows.append(dict(x_off=self.inputs.offsets[i], w_off=w_off, b_off=b_off,
+                             yd_off=self.targets.offsets[i], d_in=layer.d_in,
+                             d_out=layer.d_out, code=get_activation(layer.activation).code))
+        return rows
+
+    def _check_flat(self, arg: str, t, dtype=None) -> None:
+        check_tensor(OP, arg, t, shape=(self.num_params,), device=self.device, dtype=dtype,
+                     what=" (the flat parameter layout)")
+        if not t.is_contiguous():
+            fail_value(OP, arg, "a contiguous flat buffer", f"strides {t.stride()}")
+
+    def matched_loss_grads_(self, params: torch.Tensor, grads: torch.Tensor, *,
+                            scale: float = 1.0, anchors: Optional[torch.Tensor] = None,
+                            eta: Optional[float] = None) -> None:
+        """grads <- every layer's matched-loss gradient at ``params`` (flat buffers):
+
+            grad_W_l = scale * D_l^T X_l [+ (W_l - W0_l)/eta],  D_l = f_l(X_l W_l^T + b_l) - Y_l
+            grad_b_l = scale * sum_n D_l[n] [+ (b_l - b0_l)/eta]
+
+        with X_l = ``inputs[l]``, Y_l = ``targets[l]``, W0 = ``anchors`` (needed with eta).
+        """
+        self._check_flat("params", params, dtype=self.dtype)
+        self._check_flat("grads", grads)
+        check_number(OP, "scale", scale)
+        if eta is not None:
+            check_number(OP, "eta", eta, low=0.0, low_open=True)
+            self._check_flat("anchors", anchors, dtype=self.dtype)
+        if self._plan is not None:
+            self._kernels.grouped_matched_loss_grad_(
+                self._plan, self.inputs.buffer, params, self.targets.buffer,
+                self.deltas.buffer, grads, scale=scale, anchors=anchors, eta=eta,
+                precision=self.precision)
+            return
+        p_views = split_views(params, self.param_shapes)
+        g_views = split_views(grads, self.param_shapes)
+        a_views = split_views(anchors, self.param_shapes) if eta is not None else None
+        p = 0
+        for i, layer in enumerate(self.layers):
+            k = 2 if layer.bias else 1
+            w, b = p_views[p], (p_views[p + 1] if layer.bias else None)
+            out = (g_views[p], g_views[p + 1] if layer.bias else None)
+            anchor = (a_views[p], a_views[p + 1] if layer.bias else None) if a_views else (None, None)
+            matched_loss_grad(self.inputs[i], w, b, self.targets[i], layer.activation,
+                              scale=scale, anchor_weight=anchor[0], anchor_bias=anchor[1],
+                              eta=eta, backend=self.backend.name, precision=self.precision,
+                              out=out)
+            p += k
+
