@@ -236,10 +236,13 @@ def local_targets(preact: Tensor, grad_preact: Tensor, activation: str, gamma: f
 
 # ---------------------------------------------------------------- rmsprop_step_
 
-def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, alpha, eps, momentum,
-                   style):
+def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, lr_tensor, alpha, eps,
+                   momentum, style):
     check_choice(op, "style", style, STYLES)
     check_number(op, "lr", lr, low=0.0)
+    if lr_tensor is not None and len(params) > 0:
+        check_tensor(op, "lr", lr_tensor, shape=(1,), dtype=torch.float32,
+                     device=params[0].device, what=" (a one-element fp32 tensor on the params' device)")
     check_number(op, "alpha", alpha, low=0.0, high=1.0)
     check_number(op, "eps", eps, low=0.0, low_open=True)
     check_number(op, "momentum", momentum, low=0.0)
@@ -275,22 +278,33 @@ def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, alpha, eps
 @torch.library.custom_op("locoprop::rmsprop_step_",
                          mutates_args=("params", "square_avgs", "momentum_bufs"))
 def _rmsprop_step_op(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor],
-                     momentum_bufs: List[Tensor], lr: float, alpha: float, eps: float,
-                     momentum: float, style: str, backend: str) -> None:
+                     momentum_bufs: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
+                     alpha: float, eps: float, momentum: float, style: str,
+                     backend: str) -> None:
     op = "rmsprop_step_"
-    _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, alpha, eps, momentum,
-                   style)
+    _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, lr_tensor, alpha, eps,
+                   momentum, style)
     be = backends.resolve(op, backend or None, params[0].device)
     for i, p in enumerate(params):
         _check_backend_dtype(op, be, f"params[{i}]", p)
+    if lr_tensor is not None:
+        # Read on the device by the kernels that can (no host sync: CUDA-graph safe), as a
+        # 0-d tensor by the reference; other backends take its value.
+        if be.name == "triton":
+            lr = lr_tensor
+        elif be.name == "reference":
+            lr = lr_tensor.view(())
+        else:
+            lr = float(lr_tensor.item())
     be.rmsprop_step_(list(params), list(grads), list(square_avgs), list(momentum_bufs),
-                     float(lr), float(alpha), float(eps), float(momentum), style)
+                     lr, float(alpha), float(eps), float(momentum), style)
 
 
 @_rmsprop_step_op.register_fake
-def _(params, grads, square_avgs, momentum_bufs, lr, alpha, eps, momentum, style, backend):
-    _check_rmsprop("rmsprop_step_", params, grads, square_avgs, momentum_bufs, lr, alpha, eps,
-                   momentum, style)
+def _(params, grads, square_avgs, momentum_bufs, lr, lr_tensor, alpha, eps, momentum, style,
+      backend):
+    _check_rmsprop("rmsprop_step_", params, grads, square_avgs, momentum_bufs, lr, lr_tensor,
+                   alpha, eps, momentum, style)
 
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
@@ -307,7 +321,8 @@ def _as_list(op: str, arg: str, value) -> list:
 
 
 def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: TensorOrList,
-                  momentum_bufs: Optional[TensorOrList], *, lr: float, alpha: float = 0.9,
+                  momentum_bufs: Optional[TensorOrList], *, lr: Union[float, Tensor],
+                  alpha: float = 0.9,
                   eps: float = 1e-5, momentum: float = 0.999, style: str = "tf",
                   backend: Optional[str] = None) -> None:
     """One RMSProp step on every tensor, in place; one kernel launch for all of them.
@@ -318,6 +333,9 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
         ms = alpha ms + (1 - alpha) g^2;  avg = sqrt(ms) + eps;
         momentum > 0: buf = momentum buf + g / avg, p -= lr buf;  else p -= lr g / avg
     Each argument is a Tensor (e.g. a flat arena) or a list of Tensors of matching shapes.
+    ``lr`` is a float or a one-element fp32 tensor on the params' device; the triton and
+    reference backends read the tensor without a host sync (a captured CUDA graph then
+    picks up its current value at every replay).
     Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or fp32,
     state fp32. ``momentum_bufs`` may be None when momentum == 0.
     """
@@ -327,11 +345,14 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
         ("momentum_bufs", momentum_bufs))}
     check_call_types(op, tensors=[(f"{name}[{i}]", t) for name, ts in lists.items()
                                   for i, t in enumerate(ts)],
-                     numbers=[("lr", lr), ("alpha", alpha), ("eps", eps), ("momentum", momentum)],
+                     numbers=[("alpha", alpha), ("eps", eps), ("momentum", momentum)],
                      strings=[("style", style)])
     _check_backend_arg(op, backend)
-    _rmsprop_step_op(*lists.values(), float(lr), float(alpha), float(eps), float(momentum),
-                     style, backend or "")
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    if lr_tensor is None:
+        check_number(op, "lr", lr)
+    _rmsprop_step_op(*lists.values(), 0.0 if lr_tensor is not None else float(lr), lr_tensor,
+                     float(alpha), float(eps), float(momentum), style, backend or "")
 
 
 __all__ = ["matched_loss_grad", "local_targets", "rmsprop_step_"]

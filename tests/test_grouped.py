@@ -108,17 +108,16 @@ def test_bad_group_arguments():
         group.matched_loss_grads_(torch.zeros(group.num_params), torch.zeros(3))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_rmsprop_reads_lr_from_device_tensor(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", ["tf", "torch"])
+def test_rmsprop_reads_lr_from_device_tensor(backend, style):
     """lr as a one-element device tensor (what a captured CUDA graph needs) == lr as float."""
-    if backend != "triton":
-        pytest.skip("device-tensor lr is a triton-backend feature")
-    from locoprop_kernels.triton_kernels import rmsprop_step_ as kernel_step
     p = torch.randn(100, device=DEVICE)
     g = torch.randn(100, device=DEVICE)
     p2, ms, ms2 = p.clone(), torch.ones_like(p), torch.ones_like(p)
     mom, mom2 = torch.zeros_like(p), torch.zeros_like(p)
-    kernel_step([p], [g], [ms], [mom], lr=0.01, alpha=0.9, eps=1e-5, momentum=0.9, style="tf")
-    kernel_step([p2], [g], [ms2], [mom2], lr=torch.tensor([0.01], device=DEVICE), alpha=0.9,
-                eps=1e-5, momentum=0.9, style="tf")
-    assert torch.equal(p, p2) and torch.equal(mom, mom2)
+    lk.rmsprop_step_(p, g, ms, mom, lr=0.01, momentum=0.9, style=style, backend=backend)
+    lk.rmsprop_step_(p2, g, ms2, mom2, lr=torch.tensor([0.01], device=DEVICE), momentum=0.9,
+                     style=style, backend=backend)
+    torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mom, mom2, rtol=1e-6, atol=1e-7)

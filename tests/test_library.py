@@ -49,7 +49,7 @@ def test_opcheck_rmsprop(backend, style):
     ms = [torch.ones(s, device=DEVICE) for s in shapes]
     bufs = [torch.zeros(s, device=DEVICE) for s in shapes]
     torch.library.opcheck(ops._rmsprop_step_op,
-                          (params, grads, ms, bufs, 0.1, 0.9, 1e-5, 0.9, style, backend))
+                          (params, grads, ms, bufs, 0.1, None, 0.9, 1e-5, 0.9, style, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
