@@ -1,0 +1,68 @@
+"""InnerLoop: T RMSProp steps on all layers' local problems == a plain per-layer loop."""
+import pytest
+import torch
+
+from locoprop_kernels import reference
+from locoprop_kernels.arena import split_views
+from locoprop_kernels.grouped import LayerGroup, LayerSpec
+from locoprop_kernels.inner_loop import InnerLoop, inner_lr_factors
+
+from conftest import BACKENDS, DEVICE, rel_err
+
+LAYERS = [LayerSpec(5, 7, "tanh"), LayerSpec(7, 3, "identity"), LayerSpec(3, 6, "sigmoid"),
+          LayerSpec(6, 4, "softmax", bias=False)]
+
+
+def _plain_loop(layers, xs, ys, params, T, lr, floor, eta, scale):
+    """DESIGN section 2 written out: per layer, T steps of TF RMSProp, float64."""
+    shapes = [s for l in layers for s in ([(l.d_out, l.d_in), (l.d_out,)] if l.bias else [(l.d_out, l.d_in)])]
+    p = [v.clone() for v in split_views(params.double(), shapes)]
+    anchors = [v.clone() for v in p]
+    ms = [torch.ones_like(v) for v in p]
+    mom = [torch.zeros_like(v) for v in p]
+    for t in range(T):
+        lr_t = lr * max(1 - t / T, floor)
+        k = 0
+        for i, l in enumerate(layers):
+            w, b = p[k], p[k + 1] if l.bias else None
+            gw, gb = reference.matched_loss_grad(xs[i].double(), w, b, ys[i].double(), l.activation,
+                                                 scale=scale, eta=eta, anchor_weight=anchors[k],
+                                                 anchor_bias=anchors[k + 1] if l.bias else None)
+            for j, g in zip((k, k + 1), (gw, gb)):
+                if g is None:
+                    continue
+                ms[j] = 0.9 * ms[j] + 0.1 * g * g
+                mom[j] = 0.999 * mom[j] + lr_t * g / torch.sqrt(ms[j] + 1e-5)
+                p[j] = p[j] - mom[j]
+            k += 2 if l.bias else 1
+    return torch.cat([v.flatten() for v in p])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eta", [None, 2.0])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_inner_loop_matches_plain_loop(backend, eta, cuda_graph):
+    B, T, lr = 9, 4, 1e-2
+    group = LayerGroup(LAYERS, B, device=DEVICE, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for x, y, l in zip(group.inputs.views(), group.targets.views(), LAYERS):
+        x.copy_(torch.randn(x.shape, generator=g))
+        y.copy_(torch.rand(y.shape, generator=g))
+    params = (0.5 * torch.randn(group.num_params, generator=g)).to(DEVICE)
+    start = params.clone()
+    loop = InnerLoop(group, params, torch.ones_like(params), torch.zeros_like(params),
+                     inner_steps=T, lr=lr, eta=eta, scale=1.0 / B, cuda_graph=cuda_graph)
+    loop.run()
+    want = _plain_loop(LAYERS, group.inputs.views(), group.targets.views(), start, T, lr, 0.25,
+                       eta, 1.0 / B)
+    assert rel_err(params, want) <= 1e-5
+    if DEVICE == "cpu":
+        assert loop.graph_state == "eager"
+
+
+def test_inner_lr_schedule():
+    assert inner_lr_factors(10, 0.25) == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.30000000000000004,
+                                          0.25, 0.25]
+    with pytest.raises(ValueError, match="'inner_steps'"):
+        InnerLoop(LayerGroup(LAYERS, 2, device=DEVICE), torch.zeros(1), torch.zeros(1),
+                  torch.zeros(1), inner_steps=0)
