@@ -1,0 +1,95 @@
+// The C++ side of the one activation table (locoprop_kernels/activations.py).
+//
+// The integer codes are the table's `code` column: Python passes them through unchanged.
+// Adding an activation is one enum value, one branch in `apply_elementwise` (or a row-wise
+// kernel, like softmax) and one case in `dispatch_activation`.
+//
+// The fp32 functions below avoid libm on purpose: a loop that calls expf/tanhf does not
+// vectorise without -ffast-math, and the epilogues evaluate f on every element of every
+// layer's (B, d_out) output, ten times per outer step. `exp_fp32` is a range reduction
+// plus a degree-7 polynomial (max relative error ~2 ulp on the range we use), written with
+// selects instead of branches so that the compiler vectorises it and nvcc compiles it.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "portable.h"
+
+namespace locoprop {
+
+enum class Activation : int { Identity = 0, Tanh = 1, Sigmoid = 2, Softmax = 3, Relu = 4 };
+
+// e^x for x <= 88 (arguments are clamped to [-87.3, 88]: e^-87.3 is the smallest normal
+// float, e^88 < FLT_MAX). Every caller passes x <= 0 except sigmoid's e^-z, where a
+// clamped value changes 1/(1+e^-z) by less than 1e-38.
+LOCOPROP_HD float exp_fp32(float x) {
+  x = x < -87.33654f ? -87.33654f : (x > 88.0f ? 88.0f : x);
+  // x = n ln2 + r with n an integer, |r| <= ln2/2. Adding and subtracting 1.5 * 2^23 rounds
+  // to the nearest integer in the fp32 adder (no rint call to block vectorisation).
+  const float shifter = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  // ln2 split in two so that n * ln2_hi is exact (ln2_hi has 9 low zero bits).
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  // Taylor series of e^r to r^7 / 7!: truncation error < |r|^8/8! <= 1.4e-9 for |r| <= 0.347.
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // 2^n built directly in the exponent field; n is in [-126, 127] after the clamp.
+  return p * bits_float(uint32_t(int32_t(n) + 127) << 23);
+}
+
+// Below this |z| tanh uses its odd Taylor series: (1 - e^{-2z}) / (1 + e^{-2z}) loses about
+// eps / |z| relative precision to cancellation near 0. At 0.2 the first dropped term (z^11)
+// is ~2e-10 relative, and the exp form's error above it ~2e-7. Same split as the Triton side.
+constexpr float kTanhSeriesBelow = 0.2f;
+
+LOCOPROP_HD float tanh_fp32(float z) {
+  const float a = z < 0.0f ? -z : z;
+  const float t = exp_fp32(-2.0f * a);
+  const float far = (1.0f - t) / (1.0f + t);
+  const float a2 = a * a;
+  // tanh a = a (1 - a^2/3 + 2a^4/15 - 17a^6/315 + 62a^8/2835), Horner form.
+  const float near = a * (1.0f + a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f +
+                     a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f)))));
+  const float r = a < kTanhSeriesBelow ? near : far;
+  return z < 0.0f ? -r : r;
+}
+
+LOCOPROP_HD float sigmoid_fp32(float z) { return 1.0f / (1.0f + exp_fp32(-z)); }
+
+// f(z) for the element-wise activations (every code but Softmax, which is row-wise and
+// handled by the kernels: max, sum of exp, then the division).
+template <Activation A> LOCOPROP_HD float apply_elementwise(float z) {
+  if constexpr (A == Activation::Tanh) {
+    return tanh_fp32(z);
+  } else if constexpr (A == Activation::Sigmoid) {
+    return sigmoid_fp32(z);
+  } else if constexpr (A == Activation::Relu) {
+    return z > 0.0f ? z : 0.0f;
+  } else {
+    return z;
+  }
+}
+
+template <Activation A> using ActivationTag = std::integral_constant<Activation, A>;
+
+// The one switch from a run-time code to a compile-time activation: `fn(ActivationTag<A>{})`.
+template <typename Fn> void dispatch_activation(int code, Fn&& fn) {
+  switch (static_cast<Activation>(code)) {
+    case Activation::Identity: fn(ActivationTag<Activation::Identity>{}); return;
+    case Activation::Tanh: fn(ActivationTag<Activation::Tanh>{}); return;
+    case Activation::Sigmoid: fn(ActivationTag<Activation::Sigmoid>{}); return;
+    case Activation::Softmax: fn(ActivationTag<Activation::Softmax>{}); return;
+    case Activation::Relu: fn(ActivationTag<Activation::Relu>{}); return;
+  }
+  throw std::invalid_argument("locoprop: unknown activation code " + std::to_string(code));
+}
+
+}  // namespace locoprop

@@ -1,0 +1,174 @@
+"""The "cpp" backend: the C++ (OpenMP) and CUDA C++ kernels of ``locoprop_kernels._C``.
+
+The GEMMs stay in PyTorch (its BLAS on the CPU, cuBLAS on the GPU); everything around them is
+one pass of ours over raw pointers (``csrc/``, no torch headers):
+
+    matched_loss_grad   Z = X W^T                       torch.mm          (B, d_out) fp32
+                        Z <- scale (f(Z + b) - Y)       _C, one pass      (D, already scaled)
+                        grad_W = D^T X                  torch.mm(out=)    (d_out, d_in)
+                        grad_W += (W - W0)/eta; grad_b = sum_n D + (b - b0)/eta   _C, one pass
+    local_targets       Y = f(Z) - gamma G              _C, one pass
+    rmsprop_step_       every tensor, one pass          _C, one call for all layers
+
+Half storage (fp16/bf16) is upcast for the GEMMs, so the math is fp32 everywhere; the kernels
+read and write the storage dtype directly. ``LAUNCHES["cpp"]`` counts calls into ``_C``
+(``locoprop_kernels.testing.count_launches().cpp``). CUDA tensors need an extension built
+with ``LOCOPROP_CUDA=ON`` (``_C.build_info()["cuda"]``); their kernels run on the current
+stream.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional
+
+import torch  # first: _C links libgomp.so.1 by soname and must find torch's copy loaded
+
+from . import _C
+from .activations import get_activation
+
+#: Calls into the C++/CUDA kernels since import; ``testing.count_launches`` reads it.
+LAUNCHES = collections.Counter()
+
+#: Storage dtype -> the ``Dtype`` code of ``csrc/storage.h``.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+IDENTITY = get_activation("identity").code
+RMSPROP_COLUMNS = 7  # csrc/cpu/kernels.h kRmspropColumns: p, g, ms, buf, numel, p/g dtype
+
+
+def build_info() -> dict:
+    """What the extension was built with: {'cpu', 'openmp', 'max_threads', 'cuda', ...}."""
+    return dict(_C.build_info())
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _into(out: Optional[torch.Tensor], dtype: torch.dtype, fill: Callable) -> None:
+    """Run ``fill(buffer)`` on ``out`` itself when it is contiguous and of ``dtype`` (the
+    kernels' storage dtype), else on a scratch buffer copied into ``out`` afterwards."""
+    if out is None or (out.is_contiguous() and out.dtype == dtype):
+        fill(out)
+        return
+    tmp = torch.empty(out.shape, dtype=dtype, device=out.device)
+    fill(tmp)
+    out.copy_(tmp)
+
+
+class _Kernels:
+    """The four entry points for one device type; CUDA ones get the current stream."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda and not _C.build_info()["cuda"]:
+            raise ValueError("locoprop: backend 'cpp' got CUDA tensors, but locoprop_kernels._C "
+                             "was built without CUDA (reinstall with LOCOPROP_CUDA=ON), or use "
+                             "backend 'triton'")
+        self.device = device
+
+    def _call(self, name: str, *args):
+        LAUNCHES["cpp"] += 1
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            return getattr(_C, "cuda_" + name)(*args, stream)
+        return getattr(_C, name)(*args)
+
+    def __getattr__(self, name):
+        return lambda *args: self._call(name, *args)
+
+
+class CppBackend:
+    """The C++/CUDA kernels behind the backend interface of ``backends.py``."""
+
+    name = "cpp"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    # ------------------------------------------------------------ matched_loss_grad
+
+    def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
+                               anchor_bias, eta, out_weight, out_bias, precision):
+        """grad_W = scale D^T X [+ (W - W0)/eta], grad_b = scale sum_n D [+ (b - b0)/eta]
+        with D = f(X W^T + b) - Y, into ``out_weight`` (d_out, d_in) / ``out_bias`` (d_out,).
+        Two C++ calls (one when there is nothing to do after the GEMM); ``precision`` is
+        PyTorch's matmul setting here (fp32 GEMMs)."""
+        kernels = _Kernels(x.device)
+        code = get_activation(activation).code
+        dtype = DTYPE_CODES[x.dtype]
+        B, d_in = x.shape
+        d_out = weight.shape[0]
+        x32 = _fp32(x)
+        bias = None if bias is None else bias.contiguous()
+        target = target.contiguous()
+
+        # Stage 1: D (scaled) in place on the GEMM's output.
+        delta = torch.mm(x32, _fp32(weight).T)
+        kernels.matched_loss_delta(delta.data_ptr(), _ptr(bias), target.data_ptr(), dtype, B,
+                                   d_out, code, float(scale))
+
+        # Stage 2: the weight GEMM, straight into out_weight when it is fp32 and contiguous.
+        has_prox = eta is not None
+        direct = (x.dtype == torch.float32 and out_weight.dtype == torch.float32
+                  and out_weight.is_contiguous())
+        grad_w32 = out_weight if direct else torch.empty((d_out, d_in), device=x.device)
+        torch.mm(delta.T, x32, out=grad_w32)
+        weight_part = has_prox or not direct
+        if not weight_part and bias is None:
+            return
+        if has_prox:
+            weight, anchor_weight = weight.contiguous(), anchor_weight.contiguous()
+            if bias is not None:
+                anchor_bias = anchor_bias.contiguous()
+        inv_eta = 1.0 / eta if has_prox else 0.0
+
+        def finish(gw, gb):
+            kernels.matched_loss_finish(
+                grad_w32.data_ptr(), _ptr(weight) if has_prox else 0,
+                _ptr(anchor_weight) if has_prox else 0, _ptr(gw) if weight_part else 0,
+                delta.data_ptr(), _ptr(bias) if has_prox else 0,
+                _ptr(anchor_bias) if has_prox else 0, _ptr(gb), dtype, B, d_out, d_in,
+                has_prox, inv_eta)
+
+        _into(out_weight if weight_part else None, x.dtype,
+              lambda gw: _into(out_bias, x.dtype, lambda gb: finish(gw, gb)))
+
+    # ------------------------------------------------------------ local_targets
+
+    def local_targets_into(self, preact, grad_preact, activation, gamma, variant, out):
+        """Y = f(Z) - gamma G (variant "M") or Z - gamma G ("S"), one C++ call."""
+        kernels = _Kernels(preact.device)
+        code = IDENTITY if variant == "S" else get_activation(activation).code
+        z, g = preact.contiguous(), grad_preact.contiguous()
+        B, n = z.shape
+        _into(out, z.dtype, lambda y: kernels.local_targets(
+            z.data_ptr(), g.data_ptr(), y.data_ptr(), DTYPE_CODES[z.dtype], B, n, code,
+            float(gamma)))
+
+    # ------------------------------------------------------------ rmsprop_step_
+
+    def rmsprop_step_(self, params, grads, square_avgs, momentum_bufs, lr, alpha, eps,
+                      momentum, style):
+        """One RMSProp step on every tensor in one C++ call (a table of addresses)."""
+        kernels = _Kernels(params[0].device)
+        style_tf = style == "tf"
+        has_momentum = len(momentum_bufs) > 0 and (style_tf or momentum != 0.0)
+        bufs = momentum_bufs if has_momentum else [None] * len(params)
+        # In-place tensors with gaps or odd strides are updated through contiguous copies.
+        work = [[t if t is None or t.is_contiguous() else t.contiguous() for t in ts]
+                for ts in (params, square_avgs, bufs)]
+        grads = [g.contiguous() for g in grads]
+        table = []
+        for p, g, ms, buf in zip(work[0], grads, work[1], work[2]):
+            table += (p.data_ptr(), g.data_ptr(), ms.data_ptr(), _ptr(buf), p.numel(),
+                      DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype])
+        lr = float(lr)
+        # 1 - alpha is formed in float64 and rounded once, as torch does with its scalars.
+        kernels.rmsprop_multi(table, lr, float(alpha), float(1.0 - alpha), float(eps),
+                              float(momentum), style_tf, has_momentum)
+        for originals, copies in zip((params, square_avgs, bufs), work):
+            for t, w in zip(originals, copies):
+                if t is not w:
+                    t.copy_(w)
