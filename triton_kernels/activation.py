@@ -40,7 +40,8 @@ def apply_elementwise(z, ACT: tl.constexpr):
     elif ACT == SIGMOID:
         return 1.0 / (1.0 + tl.exp(-z))
     elif ACT == RELU:
-        return tl.maximum(z, 0.0)
+        # Not tl.maximum: it drops a NaN operand (fmax), and relu(NaN) must stay NaN.
+        return tl.where(z < 0.0, 0.0, z)
     else:
         return z
 
@@ -48,7 +49,10 @@ def apply_elementwise(z, ACT: tl.constexpr):
 @triton.jit
 def online_softmax_update(m, s, z):
     """Fold a tile z (rows x cols, -inf outside the row) into the running row max m and
-    the running sum s of exp(z - m); returns the new (m, s). Stable for |z| up to fp32 max."""
+    the running sum s of exp(z - m); returns the new (m, s). Stable for |z| up to fp32 max.
+    While a row has seen only -inf, m_new is -inf and exp(-inf - (-inf)) would be NaN: the
+    exponents then use 0 as the shift (every term is exp(-inf) = 0, s stays 0)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    s_new = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_new = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
     return m_new, s_new
