@@ -1,0 +1,645 @@
+"""Property tests (hypothesis): every op on every backend against the float64 reference.
+
+Each property draws shapes (1, odd primes, small powers of two and one size past a 64-wide
+tile), activations, dtypes, scale/prox settings and memory layouts (transposed, strided,
+offset, stride-0 ``.expand``), builds the inputs from a drawn seed, and compares the op with
+``reference.py`` run in float64 on the same (already rounded) inputs.
+
+Tolerances, normwise (``max|got - want| / max|want|``, see ``conftest.rel_err``):
+- fp32: 1e-5, as the other tests.
+- fp64 (reference backend only): 1e-12.
+- fp16 / bf16 storage with fp32 math: the output is the fp32 result rounded once to the half
+  format, an error of at most half an ulp of each element (2^-11 fp16, 2^-8 bf16 relative),
+  so the bound is one ulp of the largest element: 2^-10 (fp16) and 2^-7 (bf16); RMSProp
+  params are rounded once per step, so ``steps`` ulps there.
+
+Extreme values (logits of +-1e4, targets outside f's range, zeros, denormals) must give
+finite results wherever the math is finite, within ``1e-5 * max|want| + 1e-30`` (the absolute
+term lets denormal results flush to zero, as GPUs may). Non-finite inputs (NaN, +-inf) must
+never crash and must give NaN / +-inf exactly where the float64 reference does.
+
+Run time: sizes stay small (the Triton interpreter costs ~10 ms a launch). By default every
+property is derandomized (the same examples every CI run, no example database); set
+``LOCOPROP_FUZZ=<factor>`` to run ``factor`` times more random examples, e.g. before a release.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import locoprop_kernels as lk
+from locoprop_kernels import backends, reference
+from locoprop_kernels.activations import ACTIVATIONS
+
+from conftest import BACKENDS, DEVICE, f64, rel_err
+
+FUZZ = int(os.environ.get("LOCOPROP_FUZZ", "0"))
+
+
+def fuzz_settings(max_examples: int):
+    """Derandomized, database-free settings for CI; ``LOCOPROP_FUZZ`` scales and randomizes."""
+    return settings(max_examples=max_examples * max(FUZZ, 1), deadline=None,
+                    derandomize=not FUZZ, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+ACT_NAMES = list(ACTIVATIONS)
+# 1, primes, powers of two, and 65 (past one 64-wide tile: multi-tile loops and the online
+# softmax across column tiles).
+SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 31, 32, 33, 65])
+SMALL_SIZES = st.sampled_from([1, 2, 3, 5, 7, 8, 16, 17])
+SEEDS = st.integers(0, 2 ** 31 - 1)
+HALF_TOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, **HALF_TOL}
+LAYOUTS_2D = ["contiguous", "transposed", "strided", "offset"]
+
+
+def backend_dtypes(backend):
+    return backends.resolve("tests", backend, torch.device(DEVICE)).dtypes
+
+
+def arrange(t, layout):
+    """A tensor with t's values in the given memory layout (2-D or 1-D)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "transposed":             # column-major (2-D); 1-D stays contiguous
+        return t.T.contiguous().T if t.dim() == 2 else t.contiguous()
+    if layout == "strided":                # every other element of a wider buffer
+        wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype,
+                          device=t.device)
+        out = wide[..., ::2]
+        out.copy_(t)
+        return out
+    if layout == "offset":                 # a view at a storage offset
+        flat = torch.full((t.numel() + 3,), float("nan"), dtype=t.dtype, device=t.device)
+        out = flat[3:].view(t.shape)
+        out.copy_(t)
+        return out
+    raise AssertionError(layout)
+
+
+def expanded(t, kind):
+    """Stride-0 versions of t: its first row repeated ("row") or one value everywhere
+    ("scalar"); "none" returns t itself."""
+    if kind == "row":
+        return t[:1].expand_as(t)
+    if kind == "scalar":
+        return t.reshape(-1)[:1].reshape([1] * t.dim()).expand_as(t)
+    return t
+
+
+def assert_close(got, want, tol, *, atol=0.0, what=""):
+    """Normwise relative error <= tol (plus an absolute floor), want in float64."""
+    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+    bound = tol * want.abs().max().item() + atol if want.numel() else 0.0
+    assert err <= bound, f"{what}: max abs err {err:.3e} > {bound:.3e} (rel {rel_err(got, want):.3e})"
+
+
+def assert_same_nonfinite(got, want, tol, what=""):
+    """NaN and +-inf exactly where the reference has them; the finite rest within tol."""
+    got_d = got.double().cpu()
+    want = want.cpu()
+    nan_got, nan_want = got_d.isnan(), want.isnan()
+    assert torch.equal(nan_got, nan_want), (
+        f"{what}: NaN pattern differs ({int(nan_got.sum())} got vs {int(nan_want.sum())} want)")
+    for name, fn in (("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert torch.equal(fn(got_d), fn(want)), f"{what}: {name} pattern differs"
+    finite = want.isfinite()
+    if finite.any():
+        assert_close(got_d[finite], want[finite], tol, atol=1e-30, what=what)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- matched_loss_grad
+
+def make_layer(seed, B, d_in, d_out, activation, bias, target_in_range, dtype):
+    """x, weight, bias, target, anchor_weight, anchor_bias on DEVICE in dtype."""
+    g = gen(seed)
+    x = torch.randn(B, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+    b = torch.randn(d_out, generator=g) if bias else None
+    if target_in_range:
+        y = ACTIVATIONS[activation].f(torch.randn(B, d_out, generator=g))
+    else:  # outside f's range: negative probabilities, |tanh| > 1, rows not summing to 1
+        y = 3.0 * torch.randn(B, d_out, generator=g) + 1.5
+    w0 = w + 0.1 * torch.randn(d_out, d_in, generator=g)
+    b0 = b + 0.1 * torch.randn(d_out, generator=g) if bias else None
+    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return to(x), to(w), to(b), to(y), to(w0), to(b0)
+
+
+@st.composite
+def layer_cases(draw, dtypes):
+    return dict(
+        seed=draw(SEEDS), B=draw(SIZES), d_in=draw(SIZES), d_out=draw(SIZES),
+        activation=draw(st.sampled_from(ACT_NAMES)), bias=draw(st.booleans()),
+        target_in_range=draw(st.booleans()), dtype=draw(st.sampled_from(dtypes)),
+        scale=draw(st.sampled_from([1.0, "1/B", 0.37, 8.0])),
+        eta=draw(st.sampled_from([None, None, 0.5, 1e-3, 100.0])),
+        x_layout=draw(st.sampled_from(LAYOUTS_2D)), w_layout=draw(st.sampled_from(LAYOUTS_2D)),
+        b_layout=draw(st.sampled_from(["contiguous", "strided", "offset"])),
+        y_layout=draw(st.sampled_from(LAYOUTS_2D + ["row", "scalar"])),
+        out=draw(st.sampled_from([None, "arena", "transposed"])),
+    )
+
+
+def run_matched_loss_grad(case, backend):
+    """The op on the case's layouts, and the float64 reference on the same values."""
+    x, w, b, y, w0, b0 = make_layer(case["seed"], case["B"], case["d_in"], case["d_out"],
+                                    case["activation"], case["bias"], case["target_in_range"],
+                                    case["dtype"])
+    scale = 1.0 / case["B"] if case["scale"] == "1/B" else case["scale"]
+    eta = case["eta"]
+    x = arrange(x, case["x_layout"])
+    w = arrange(w, case["w_layout"])
+    b = None if b is None else arrange(b, case["b_layout"])
+    y = expanded(y, case["y_layout"]) if case["y_layout"] in ("row", "scalar") \
+        else arrange(y, case["y_layout"])
+    kw = dict(scale=scale, eta=eta, anchor_weight=w0 if eta else None,
+              anchor_bias=b0 if eta else None)
+    out = None
+    if case["out"] == "arena":
+        arena = lk.Arena([(2,), w.shape, (w.shape[0],)], dtype=w.dtype, device=DEVICE,
+                         fill=-7.0)
+        out = (arena.views()[1], arena.views()[2] if b is not None else None)
+    elif case["out"] == "transposed":
+        out = (torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=DEVICE).T,
+               torch.empty(2 * w.shape[0], dtype=w.dtype, device=DEVICE)[::2]
+               if b is not None else None)
+    gw, gb = lk.matched_loss_grad(x, w, b, y, case["activation"], backend=backend, out=out, **kw)
+    if out is not None:
+        assert gw is out[0] and gb is out[1]
+    rw, rb = reference.matched_loss_grad(f64(x), f64(w), f64(b), f64(y), case["activation"],
+                                         scale=scale, eta=eta,
+                                         anchor_weight=f64(kw["anchor_weight"]),
+                                         anchor_bias=f64(kw["anchor_bias"]))
+    if case["out"] == "arena":
+        assert (arena.buffer[:2] == -7).all(), "out= wrote outside its arena slices"
+    return (gw, gb), (rw, rb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(100)
+@given(case=layer_cases(dtypes=[torch.float32, torch.float64]))
+def test_matched_loss_grad_property(backend, case):
+    if case["dtype"] not in backend_dtypes(backend):
+        case["dtype"] = torch.float32  # fp64 runs on the reference backend only
+    (gw, gb), (rw, rb) = run_matched_loss_grad(case, backend)
+    tol = TOL[case["dtype"]]
+    assert gw.dtype == case["dtype"] and gw.shape == rw.shape
+    assert_close(gw, rw, tol, what="grad_weight")
+    if rb is None:
+        assert gb is None
+    else:
+        assert_close(gb, rb, tol, what="grad_bias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(40)
+@given(case=layer_cases(dtypes=[torch.float16, torch.bfloat16]))
+def test_matched_loss_grad_half_property(backend, case):
+    """Half storage, fp32 math: within one half ulp-of-the-max of the float64 reference."""
+    if case["dtype"] not in backend_dtypes(backend):
+        return
+    (gw, gb), (rw, rb) = run_matched_loss_grad(case, backend)
+    assert gw.dtype == case["dtype"]
+    assert_close(gw, rw, HALF_TOL[case["dtype"]], what="grad_weight")
+    if rb is not None:
+        assert_close(gb, rb, HALF_TOL[case["dtype"]], what="grad_bias")
+
+
+# ---------------------------------------------------------------- local_targets
+
+@st.composite
+def target_cases(draw, dtypes):
+    return dict(
+        seed=draw(SEEDS), B=draw(SIZES), N=draw(SIZES), activation=draw(st.sampled_from(ACT_NAMES)),
+        variant=draw(st.sampled_from(["M", "S"])), dtype=draw(st.sampled_from(dtypes)),
+        gamma=draw(st.sampled_from([10.0, 1.0, 0.0, -2.5, 1e3])),
+        z_scale=draw(st.sampled_from([0.1, 3.0, 30.0])),
+        z_layout=draw(st.sampled_from(LAYOUTS_2D)),
+        g_layout=draw(st.sampled_from(LAYOUTS_2D + ["row", "scalar"])),
+    )
+
+
+def run_local_targets(case, backend):
+    g = gen(case["seed"])
+    shape = (case["B"], case["N"])
+    z = (case["z_scale"] * torch.randn(*shape, generator=g)).to(DEVICE, case["dtype"])
+    grad = (torch.randn(*shape, generator=g) / case["B"]).to(DEVICE, case["dtype"])
+    z = arrange(z, case["z_layout"])
+    grad = expanded(grad, case["g_layout"]) if case["g_layout"] in ("row", "scalar") \
+        else arrange(grad, case["g_layout"])
+    y = lk.local_targets(z, grad, case["activation"], case["gamma"], variant=case["variant"],
+                         backend=backend)
+    want = reference.local_targets(f64(z), f64(grad), case["activation"], case["gamma"],
+                                   variant=case["variant"])
+    assert y.shape == shape and y.dtype == case["dtype"] and y.is_contiguous()
+    return y, want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(100)
+@given(case=target_cases(dtypes=[torch.float32, torch.float64]))
+def test_local_targets_property(backend, case):
+    if case["dtype"] not in backend_dtypes(backend):
+        case["dtype"] = torch.float32
+    y, want = run_local_targets(case, backend)
+    assert_close(y, want, TOL[case["dtype"]], what="targets")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(40)
+@given(case=target_cases(dtypes=[torch.float16, torch.bfloat16]))
+def test_local_targets_half_property(backend, case):
+    if case["dtype"] not in backend_dtypes(backend):
+        return
+    y, want = run_local_targets(case, backend)
+    assert_close(y, want, HALF_TOL[case["dtype"]], what="targets")
+
+
+# ---------------------------------------------------------------- rmsprop_step_
+
+SHAPES = st.one_of(st.tuples(SIZES), st.tuples(SMALL_SIZES, SMALL_SIZES))
+
+
+@st.composite
+def rmsprop_cases(draw, dtypes):
+    momentum = draw(st.sampled_from([0.0, 0.5, 0.999]))
+    return dict(
+        seed=draw(SEEDS), shapes=draw(st.lists(SHAPES, min_size=1, max_size=4)),
+        dtype=draw(st.sampled_from(dtypes)), grad_fp32=draw(st.booleans()),
+        style=draw(st.sampled_from(["tf", "torch"])), momentum=momentum,
+        bufs=draw(st.booleans()) if momentum == 0.0 else True,
+        lr=draw(st.sampled_from([1e-5, 1e-2, 0.3, 0.0])),
+        alpha=draw(st.sampled_from([0.9, 0.99, 0.0, 1.0])),
+        eps=draw(st.sampled_from([1e-5, 1e-8, 0.1])), steps=draw(st.integers(1, 3)),
+        layout=draw(st.sampled_from(["list", "arena", "strided"])),
+        grad_layout=draw(st.sampled_from(["contiguous", "transposed", "expanded"])),
+        ms_init=draw(st.sampled_from(["style", "random"])),
+    )
+
+
+def run_rmsprop(case, backend, grad_fn=None):
+    """``steps`` steps of the op and of the float64 reference: returns both states and, per
+    param, the sum over the steps of the reference's max|p_t|."""
+    g = gen(case["seed"])
+    dtype, shapes = case["dtype"], [tuple(s) for s in case["shapes"]]
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_dtype = torch.float32 if case["grad_fp32"] and dtype != torch.float64 else dtype
+    params = [torch.randn(s, generator=g).to(DEVICE, dtype) for s in shapes]
+    if case["ms_init"] == "random":
+        ms = [torch.rand(s, generator=g).to(DEVICE, state_dtype) for s in shapes]
+    else:
+        ms = [torch.full(s, 1.0 if case["style"] == "tf" else 0.0, dtype=state_dtype,
+                         device=DEVICE) for s in shapes]
+    bufs = [(0.1 * torch.randn(s, generator=g)).to(DEVICE, state_dtype) for s in shapes] \
+        if case["bufs"] else None
+    want = [[p.double() for p in params], [m.double() for m in ms],
+            None if bufs is None else [b.double() for b in bufs]]
+    if case["layout"] == "arena":
+        arenas = [lk.Arena.from_tensors(ts) for ts in (params, ms) + ((bufs,) if bufs else ())]
+        views = [a.views() for a in arenas]
+        args = [a.buffer for a in arenas] + ([] if bufs else [None])
+    elif case["layout"] == "strided":
+        views = [[arrange(t, "strided") for t in ts] for ts in (params, ms) + ((bufs,) if bufs else ())]
+        args = views + ([] if bufs else [None])
+    else:
+        views = [params, ms] + ([bufs] if bufs else [])
+        args = views + ([] if bufs else [None])
+    traj = [0.0] * len(shapes)  # sum over steps of max|p_t|: the half-storage error bound
+    for step in range(case["steps"]):
+        grads = [(torch.randn(s, generator=g) * 2.0).to(DEVICE, grad_dtype) for s in shapes]
+        if grad_fn is not None:
+            grads = [grad_fn(t, i, step) for i, t in enumerate(grads)]
+        if case["grad_layout"] == "transposed":
+            grads = [arrange(t, "transposed") for t in grads]
+        elif case["grad_layout"] == "expanded":
+            grads = [expanded(t, "scalar") for t in grads]
+        if case["layout"] == "arena":
+            flat_g = lk.Arena.from_tensors(grads, dtype=grad_dtype).buffer
+            call_grads = flat_g
+        else:
+            call_grads = grads
+        lk.rmsprop_step_(args[0], call_grads, args[1], args[2], lr=case["lr"],
+                         alpha=case["alpha"], eps=case["eps"], momentum=case["momentum"],
+                         style=case["style"], backend=backend)
+        reference.rmsprop_step_(want[0], [t.double() for t in grads], want[1], want[2],
+                                lr=case["lr"], alpha=case["alpha"], eps=case["eps"],
+                                momentum=case["momentum"], style=case["style"])
+        for i, p in enumerate(want[0]):
+            traj[i] += p.abs().max().item()
+    got = [views[0], views[1], views[2] if bufs else None]
+    return got, want, traj
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(80)
+@given(case=rmsprop_cases(dtypes=[torch.float32, torch.float64]))
+def test_rmsprop_property(backend, case):
+    if case["dtype"] not in backend_dtypes(backend):
+        case["dtype"] = torch.float32
+    got, want, _ = run_rmsprop(case, backend)
+    tol = TOL[case["dtype"]]
+    for name, gs, ws in zip(("params", "square_avgs", "momentum_bufs"), got, want):
+        if ws is None:
+            continue
+        for i, (t, w) in enumerate(zip(gs, ws)):
+            assert t.dtype == (case["dtype"] if name == "params" else t.dtype)
+            assert_close(t, w, tol, what=f"{name}[{i}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(40)
+@given(case=rmsprop_cases(dtypes=[torch.float16, torch.bfloat16]))
+def test_rmsprop_half_property(backend, case):
+    """Half params, fp32 state. The step does not depend on p, so p's error is the sum of its
+    per-step roundings, each at most half an ulp of |p_t|: the bound is one ulp of max|p_t|
+    summed over the steps. The fp32 state does not depend on p and keeps fp32 accuracy."""
+    if case["dtype"] not in backend_dtypes(backend):
+        return
+    got, want, traj = run_rmsprop(case, backend)
+    for i, (t, w) in enumerate(zip(got[0], want[0])):
+        assert t.dtype == case["dtype"]
+        err = (t.double() - w).abs().max().item()
+        assert err <= HALF_TOL[case["dtype"]] * traj[i], f"params[{i}]: {err:.3e}"
+    for name, gs, ws in zip(("square_avgs", "momentum_bufs"), got[1:], want[1:]):
+        for i, (t, w) in enumerate(zip(gs or [], ws or [])):
+            assert t.dtype == torch.float32
+            assert_close(t, w, 1e-5, what=f"{name}[{i}]")
+
+
+# ---------------------------------------------------------------- extreme values
+
+def spread_logits(g, rows, cols, magnitude=1e4):
+    """(rows, cols) values of magnitude 0.5..1 x ``magnitude`` with a random sign, distinct
+    per row by at least magnitude / (2 cols): a softmax of them is one-hot to fp32 precision,
+    so rounding the logits (an ulp of 1e4 is ~1e-3) cannot move the result."""
+    ranks = torch.stack([torch.randperm(cols, generator=g) for _ in range(rows)]).double()
+    sign = torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0)
+    return (sign * magnitude * (0.5 + 0.5 * ranks / cols)).float()
+
+
+def denormalize(t, g):
+    """About half of t's entries scaled into fp32's subnormal range (|v| < 1.2e-38)."""
+    pick = torch.rand(t.shape, generator=g) < 0.5
+    return torch.where(pick, t * 1e-40, t)
+
+
+EXTREME_KINDS = ["logits_1e4", "zeros", "denormal", "all_denormal", "target_far", "huge_x"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(60)
+@given(seed=SEEDS, B=SIZES, d_in=SIZES, d_out=SIZES, activation=st.sampled_from(ACT_NAMES),
+       kind=st.sampled_from(EXTREME_KINDS), prox=st.booleans())
+def test_matched_loss_grad_extremes_stay_finite(backend, seed, B, d_in, d_out, activation,
+                                                kind, prox):
+    g = gen(seed)
+    x, w, b, y, w0, b0 = [t.cpu() for t in
+                          make_layer(seed, B, d_in, d_out, activation, True, True, torch.float32)]
+    if kind == "logits_1e4":      # |z| ~ 1e4 through the bias, x W^T stays O(1)
+        w = w * 1e-2
+        b = spread_logits(g, 1, d_out)[0]
+    elif kind == "zeros":
+        x, y = torch.zeros_like(x), torch.zeros_like(y)
+    elif kind == "denormal":
+        x, w, y = denormalize(x, g), denormalize(w, g), denormalize(y, g)
+    elif kind == "all_denormal":
+        x, y = x * 1e-40, y * 1e-40
+    elif kind == "target_far":    # far outside every f's range
+        y = 1e3 * torch.randn(B, d_out, generator=g)
+    elif kind == "huge_x":        # large inputs, moderate logits
+        x, w = x * 1e4, w * 1e-4
+    x, w, b, y, w0, b0 = [t.to(DEVICE) for t in (x, w, b, y, w0, b0)]
+    kw = dict(eta=0.5, anchor_weight=w0, anchor_bias=b0) if prox else {}
+    gw, gb = lk.matched_loss_grad(x, w, b, y, activation, backend=backend, **kw)
+    rw, rb = reference.matched_loss_grad(f64(x), f64(w), f64(b), f64(y), activation,
+                                         **{k: f64(v) if isinstance(v, torch.Tensor) else v
+                                            for k, v in kw.items()})
+    assert rw.isfinite().all() and rb.isfinite().all()  # the math is finite here
+    assert gw.isfinite().all() and gb.isfinite().all(), f"{kind}: non-finite result"
+    assert_close(gw, rw, 1e-5, atol=1e-30, what=f"{kind} grad_weight")
+    assert_close(gb, rb, 1e-5, atol=1e-30, what=f"{kind} grad_bias")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(60)
+@given(seed=SEEDS, B=SIZES, N=SIZES, activation=st.sampled_from(ACT_NAMES),
+       variant=st.sampled_from(["M", "S"]),
+       kind=st.sampled_from(["logits_1e4", "zeros", "denormal", "huge_grad"]))
+def test_local_targets_extremes_stay_finite(backend, seed, B, N, activation, variant, kind):
+    g = gen(seed)
+    z = torch.randn(B, N, generator=g)
+    grad = torch.randn(B, N, generator=g) / B
+    if kind == "logits_1e4":
+        z = spread_logits(g, B, N)
+    elif kind == "zeros":
+        z, grad = torch.zeros_like(z), torch.zeros_like(grad)
+    elif kind == "denormal":
+        z, grad = denormalize(z, g), denormalize(grad, g)
+    elif kind == "huge_grad":
+        grad = 1e30 * grad
+    z, grad = z.to(DEVICE), grad.to(DEVICE)
+    y = lk.local_targets(z, grad, activation, 10.0, variant=variant, backend=backend)
+    want = reference.local_targets(f64(z), f64(grad), activation, 10.0, variant=variant)
+    assert want.isfinite().all()
+    assert y.isfinite().all(), f"{kind}: non-finite targets"
+    assert_close(y, want, 1e-5, atol=1e-30, what=kind)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(50)
+@given(case=rmsprop_cases(dtypes=[torch.float32]),
+       kind=st.sampled_from(["huge", "zeros", "denormal"]))
+def test_rmsprop_extremes_stay_finite(backend, case, kind):
+    """Gradients of 1e4 (g^2 = 1e8 fits fp32 state), exact zeros (with ms = 0 the "torch"
+    step is 0 / eps) and subnormal gradients."""
+    scale = {"huge": 1e4, "zeros": 0.0, "denormal": 1e-40}[kind]
+    got, want, _ = run_rmsprop(case, backend, grad_fn=lambda t, i, step: t * scale)
+    for name, gs, ws in zip(("params", "square_avgs", "momentum_bufs"), got, want):
+        for i, (t, w) in enumerate(zip(gs or [], ws or [])):
+            assert w.isfinite().all()
+            assert t.isfinite().all(), f"{kind}: non-finite {name}[{i}]"
+            assert_close(t, w, 1e-5, atol=1e-30, what=f"{kind} {name}[{i}]")
+
+
+# ---------------------------------------------------------------- NaN and inf propagate
+
+NONFINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+def poison(t, g, value, count):
+    """t with ``value`` written at ``count`` positions drawn from g (a new tensor)."""
+    t = t.clone()
+    flat = t.view(-1)
+    for i in torch.randint(0, flat.numel(), (count,), generator=g).tolist():
+        flat[i] = value
+    return t
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) on NaN/inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(60)
+@given(seed=SEEDS, B=SIZES, d_in=SMALL_SIZES, d_out=SIZES, activation=st.sampled_from(ACT_NAMES),
+       where=st.sampled_from(["x", "weight", "bias", "target", "anchor_weight"]),
+       value=NONFINITE, count=st.integers(1, 3))
+def test_matched_loss_grad_nonfinite_propagates(backend, seed, B, d_in, d_out, activation,
+                                                where, value, count):
+    g = gen(seed + 1)
+    x, w, b, y, w0, b0 = make_layer(seed, B, d_in, d_out, activation, True, True, torch.float32)
+    args = dict(x=x, weight=w, bias=b, target=y, anchor_weight=w0)
+    args[where] = poison(args[where].cpu(), g, value, count).to(DEVICE)
+    prox = dict(eta=0.5, anchor_weight=args["anchor_weight"], anchor_bias=b0)
+    gw, gb = lk.matched_loss_grad(args["x"], args["weight"], args["bias"], args["target"],
+                                  activation, backend=backend, **prox)
+    rw, rb = reference.matched_loss_grad(f64(args["x"]), f64(args["weight"]), f64(args["bias"]),
+                                         f64(args["target"]), activation, eta=0.5,
+                                         anchor_weight=f64(prox["anchor_weight"]),
+                                         anchor_bias=f64(b0))
+    assert_same_nonfinite(gw, rw, 1e-5, what=f"{where}={value} grad_weight")
+    assert_same_nonfinite(gb, rb, 1e-5, what=f"{where}={value} grad_bias")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) on NaN/inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(60)
+@given(seed=SEEDS, B=SIZES, N=SIZES, activation=st.sampled_from(ACT_NAMES),
+       variant=st.sampled_from(["M", "S"]), where=st.sampled_from(["preact", "grad_preact"]),
+       value=NONFINITE, count=st.integers(1, 3), gamma=st.sampled_from([10.0, 0.0]))
+def test_local_targets_nonfinite_propagates(backend, seed, B, N, activation, variant, where,
+                                            value, count, gamma):
+    g = gen(seed)
+    t = {"preact": 3 * torch.randn(B, N, generator=g), "grad_preact": torch.randn(B, N, generator=g)}
+    t[where] = poison(t[where], g, value, count)
+    z, grad = t["preact"].to(DEVICE), t["grad_preact"].to(DEVICE)
+    y = lk.local_targets(z, grad, activation, gamma, variant=variant, backend=backend)
+    want = reference.local_targets(f64(z), f64(grad), activation, gamma, variant=variant)
+    assert_same_nonfinite(y, want, 1e-5, what=f"{where}={value}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) on NaN/inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz_settings(50)
+@given(case=rmsprop_cases(dtypes=[torch.float32]), value=NONFINITE, count=st.integers(1, 3))
+def test_rmsprop_nonfinite_propagates(backend, case, value, count):
+    """Non-finite gradients poison exactly the elements (and state) the math says."""
+    g = gen(case["seed"] + 7)
+    got, want, _ = run_rmsprop(case, backend,
+                               grad_fn=lambda t, i, step: poison(t.cpu(), g, value, count).to(DEVICE)
+                               if step == 0 and i == 0 else t)
+    for name, gs, ws in zip(("params", "square_avgs", "momentum_bufs"), got, want):
+        for i, (t, w) in enumerate(zip(gs or [], ws or [])):
+            assert_same_nonfinite(t, w, 1e-5, what=f"{name}[{i}]")
+
+
+# ---------------------------------------------------------------- regressions found by fuzzing
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_propagates_nan(backend):
+    """relu(NaN) is NaN (torch.relu), not 0. Triton's tl.maximum(z, 0) dropped the NaN (fixed
+    in a17a4aa); so does a C++ ``z > 0 ? z : 0``."""
+    z = torch.tensor([[float("nan"), -1.0, 2.0]], device=DEVICE)
+    y = lk.local_targets(z, torch.zeros_like(z), "relu", 1.0, backend=backend)
+    assert y[0, 0].isnan() and y[0, 1] == 0 and y[0, 2] == 2
+    x = torch.tensor([[float("nan")], [1.0]], device=DEVICE)
+    gw, gb = lk.matched_loss_grad(x, torch.ones(1, 1, device=DEVICE), torch.zeros(1, device=DEVICE),
+                                  torch.zeros(2, 1, device=DEVICE), "relu", backend=backend)
+    assert gb.isnan().all() and gw.isnan().all()  # D = [NaN, 1]: dropping the NaN gives gb = 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_column_tile_of_minus_inf(backend):
+    """Logits of -inf filling a whole first column tile (64 wide) and finite ones after:
+    softmax gives those columns 0; the online max/sum must not form exp(-inf - (-inf))."""
+    g = gen(0)
+    N = 80
+    z = torch.randn(3, N, generator=g)
+    z[:, :64] = float("-inf")
+    z = z.to(DEVICE)
+    y = lk.local_targets(z, torch.zeros_like(z), "softmax", 1.0, backend=backend)
+    assert y.isfinite().all() and y[:, :64].abs().max() <= 1e-30  # 0, or a flushed exp
+    assert_close(y, reference.local_targets(f64(z), f64(torch.zeros_like(z)), "softmax", 1.0),
+                 1e-5)
+    x = torch.randn(3, 4, generator=g).to(DEVICE)
+    w = torch.randn(N, 4, generator=g).to(DEVICE)
+    b = torch.randn(N, generator=g)
+    b[:64] = float("-inf")
+    b = b.to(DEVICE)
+    t = torch.softmax(torch.randn(3, N, generator=g), -1).to(DEVICE)
+    gw, gb = lk.matched_loss_grad(x, w, b, t, "softmax", backend=backend)
+    rw, rb = reference.matched_loss_grad(f64(x), f64(w), f64(b), f64(t), "softmax")
+    assert gw.isfinite().all() and gb.isfinite().all()
+    assert_close(gw, rw, 1e-5) and assert_close(gb, rb, 1e-5)
+
+
+# ---------------------------------------------------------------- determinism
+
+def bits(t):
+    """The raw bits of a float tensor (NaNs compare equal to themselves)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bitwise_repeatable(run, runs=3):
+    first = [bits(t).clone() for t in run()]
+    for _ in range(runs - 1):
+        again = run()
+        assert all(torch.equal(a, bits(b)) for a, b in zip(first, again)), "results differ"
+
+
+# Multi-tile in every dimension (64-wide tiles): the reductions cross program boundaries.
+DET_B, DET_IN, DET_OUT = 130, 70, 67
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["tanh", "softmax"])
+def test_matched_loss_grad_deterministic(backend, activation):
+    x, w, b, y, w0, b0 = make_layer(5, DET_B, DET_IN, DET_OUT, activation, True, True,
+                                    torch.float32)
+    assert_bitwise_repeatable(lambda: lk.matched_loss_grad(
+        x, w, b, y, activation, scale=1.0 / DET_B, eta=0.5, anchor_weight=w0, anchor_bias=b0,
+        backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_local_targets_deterministic(backend, activation):
+    g = gen(6)
+    z = (3 * torch.randn(DET_B, DET_OUT, generator=g)).to(DEVICE)
+    grad = torch.randn(DET_B, DET_OUT, generator=g).to(DEVICE)
+    assert_bitwise_repeatable(lambda: [lk.local_targets(z, grad, activation, 10.0,
+                                                        backend=backend)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["arena", "list"])
+def test_rmsprop_deterministic(backend, layout):
+    shapes = [(DET_OUT, DET_IN), (DET_OUT,), (3000,)]
+    g = gen(7)
+    start = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+    grads = [[torch.randn(s, generator=g).to(DEVICE) for s in shapes] for _ in range(3)]
+
+    def run():
+        params = [p.clone() for p in start]
+        ms = [torch.ones_like(p) for p in start]
+        bufs = [torch.zeros_like(p) for p in start]
+        for step_grads in grads:
+            if layout == "arena":
+                arenas = [lk.Arena.from_tensors(ts) for ts in (params, step_grads, ms, bufs)]
+                lk.rmsprop_step_(*[a.buffer for a in arenas], lr=1e-2, backend=backend)
+                params, ms, bufs = (arenas[i].views() for i in (0, 2, 3))
+            else:
+                lk.rmsprop_step_(params, step_grads, ms, bufs, lr=1e-2, backend=backend)
+        return params + ms + bufs
+
+    assert_bitwise_repeatable(run)
