@@ -1,0 +1,391 @@
+"""The LocoProp trainer: an ``nn.Sequential`` of Linear + activation layers, trained by local
+loss optimization with the official semantics (DESIGN.md sections 2 and 4).
+
+One outer step ``opt.step(x, y)`` on a batch of B rows:
+
+1. forward, keeping each layer's input X_l (B, d_in_l) and pre-activation Z_l (B, d_out_l);
+   the last Linear's Z is the logits and L = ``loss_fn(logits, y)`` (a mean over the batch);
+2. one backward pass for G_l = dL/dZ_l of every layer (no weight gradients are formed);
+3. targets  M: Y_l = f_l(Z_l) - gamma G_l      S: Y_l = Z_l - gamma G_l (local f = identity);
+4. T inner iterations t = 0..T-1, X_l and Y_l fixed: every layer's local gradient
+
+       D_l = f_l(X_l W_l^T + b_l) - Y_l
+       grad W_l = scale D_l^T X_l [+ (W_l - W0_l)/eta],   grad b_l = scale sum_n D_l[n] [+ ...]
+
+   goes into one flat gradient arena, then ONE ``rmsprop_step_`` over the whole parameter
+   arena takes the step with lr_t = lr * max(1 - t/T, lr_floor).
+
+Parameters, gradients and RMSProp state are flat arenas in the layout W_0, b_0, W_1, b_1, ...
+(``grouped.param_shapes``); the model's ``weight``/``bias`` become ``nn.Parameter`` views of the
+parameter arena, so the model keeps working (forward, ``state_dict``, ``load_state_dict``,
+evaluation) and always shows the trained values. Build the trainer BEFORE anything else keeps
+references to the model's parameters (another optimizer, an EMA), and do not move the model
+(``.to()``) afterwards: both would see the replaced tensors.
+
+Paths for step 4 (same math, different launch counts):
+- per-layer (default except triton on CUDA): ``matched_loss_grad(..., out=arena views)`` per
+  layer, then one ``rmsprop_step_``; data-parallel training (``process_group``) uses this one.
+- grouped (``grouped=True``; default for triton on CUDA): ``LayerGroup`` runs all layers'
+  matched-loss gradients in two launches and ``InnerLoop`` the T iterations, optionally
+  replayed as one CUDA graph (``cuda_graph=True``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import backends, ops
+from .activations import get_activation
+from .arena import Arena, split_views
+from .distributed import DataParallel
+from .grouped import LayerGroup, LayerSpec, param_shapes
+from .inner_loop import InnerLoop, inner_lr_factors
+from .validation import check_choice, check_number, fail_type, fail_value
+
+OP = "LocoProp"
+
+#: Activation modules the trainer understands, by type -> the activation table's name.
+ACTIVATION_MODULES = {nn.Identity: "identity", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
+                      nn.ReLU: "relu", nn.Softmax: "softmax"}
+
+
+# ----------------------------------------------------------------------------- the model
+
+def _activation_name(module: nn.Module, index: int) -> Optional[str]:
+    """The table name of an activation module, None if ``module`` is not one."""
+    name = ACTIVATION_MODULES.get(type(module))
+    if name == "softmax" and module.dim not in (-1, 1):
+        # Our softmax is over the row of a (B, d) pre-activation: dim -1 (or 1, the same axis).
+        fail_value(OP, f"model[{index}]", "nn.Softmax over the features (dim=-1 or dim=1)",
+                   f"nn.Softmax(dim={module.dim})")
+    return name
+
+
+def parse_sequential(model: nn.Module, output_activation: str) -> tuple:
+    """(linears, layer activations) of a supported model, else a ValueError/TypeError.
+
+    ``model`` is an ``nn.Sequential`` of ``nn.Linear`` layers, each followed by at most one
+    activation module (none = identity); widths must chain. The last Linear's output is the
+    logits: its activation is ``output_activation`` (the f of its local loss), and a module
+    after it, if any, must be that same activation (or Identity): it only shapes the model's
+    own forward output.
+    """
+    if not isinstance(model, nn.Sequential):
+        fail_type(OP, "model", "an nn.Sequential of nn.Linear + activation modules",
+                  type(model).__name__)
+    get_activation(output_activation, op=f"locoprop.{OP}")
+    linears, acts = [], []
+    for i, module in enumerate(model):
+        if isinstance(module, nn.Linear):
+            if linears and len(acts) < len(linears):
+                acts.append("identity")  # Linear directly after Linear: f = identity
+            if linears and module.in_features != linears[-1].out_features:
+                fail_value(OP, f"model[{i}]", f"an nn.Linear with in_features = "
+                           f"{linears[-1].out_features} (the previous layer's out_features)",
+                           f"in_features = {module.in_features}")
+            linears.append(module)
+            continue
+        name = _activation_name(module, i)
+        if name is None:
+            supported = ", ".join(f"nn.{t.__name__}" for t in ACTIVATION_MODULES)
+            fail_value(OP, f"model[{i}]", f"nn.Linear or an activation module ({supported})",
+                       f"{type(module).__name__}")
+        if not linears or len(acts) == len(linears):
+            fail_value(OP, f"model[{i}]", "an activation directly after an nn.Linear",
+                       f"{type(module).__name__} after "
+                       f"{type(model[i - 1]).__name__ if i else 'nothing'}")
+        acts.append(name)
+    if not linears:
+        fail_value(OP, "model", "at least one nn.Linear", "none")
+    if len(acts) == len(linears) and acts[-1] not in ("identity", output_activation):
+        fail_value(OP, f"model[{len(model) - 1}]",
+                   f"no activation after the last nn.Linear, or the output_activation "
+                   f"'{output_activation}' (the last Linear's output is the logits)",
+                   f"{type(model[len(model) - 1]).__name__} ('{acts[-1]}')")
+    acts = acts[:len(linears) - 1] + [output_activation]
+    first = linears[0].weight
+    for i, lin in enumerate(linears):
+        for p in (lin.weight, lin.bias):
+            if p is not None and (p.dtype != first.dtype or p.device != first.device):
+                fail_value(OP, "model", f"all parameters of one dtype and device "
+                           f"({first.dtype}, {first.device})",
+                           f"{p.dtype}, {p.device} in Linear {i}")
+    if first.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        fail_type(OP, "model", "floating-point parameters", first.dtype)
+    return linears, acts
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class LocoProp:
+    """LocoProp for an ``nn.Sequential`` of Linear + activation layers; see the module docstring.
+
+    Official defaults (the google-research notebook): variant M, gamma 10, T = 10 inner
+    RMSProp steps in TF1 style (square averages start at 1, lr inside the momentum), lr 1e-5,
+    alpha 0.9, eps 1e-5, momentum 0.999, lr floor 0.25, scale 1 (local losses summed over the
+    batch), no prox term. ``opt.lr`` is the outer learning rate (the schedule is the
+    caller's). Extra options: ``grouped``, ``cuda_graph`` (see the module docstring),
+    ``precision`` ("ieee" or "tf32" fp32 dots on the GPU), ``process_group`` (data-parallel:
+    ``docs/guarantees.md``).
+    """
+
+    def __init__(self, model: nn.Sequential, loss_fn: Callable, *,
+                 output_activation: str = "sigmoid", variant: str = "M", gamma: float = 10.0,
+                 lr: float = 1e-5, inner_steps: int = 10, alpha: float = 0.9,
+                 eps: float = 1e-5, momentum: float = 0.999, style: str = "tf",
+                 lr_floor: float = 0.25, eta: Optional[float] = None, scale: float = 1.0,
+                 backend: Optional[str] = None, grouped: Optional[bool] = None,
+                 cuda_graph: bool = False, precision: str = "ieee", process_group=None):
+        if not callable(loss_fn):
+            fail_type(OP, "loss_fn", "a callable loss_fn(logits, y)", type(loss_fn).__name__)
+        check_choice(OP, "variant", variant, ops.VARIANTS)
+        check_choice(OP, "style", style, ops.STYLES)
+        check_choice(OP, "precision", precision, ops.PRECISIONS)
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
+        check_number(OP, "gamma", gamma)
+        check_number(OP, "lr", lr, low=0.0)
+        check_number(OP, "alpha", alpha, low=0.0, high=1.0)
+        check_number(OP, "eps", eps, low=0.0, low_open=True)
+        check_number(OP, "momentum", momentum, low=0.0)
+        check_number(OP, "lr_floor", lr_floor, low=0.0)
+        check_number(OP, "scale", scale)
+        if eta is not None:
+            check_number(OP, "eta", eta, low=0.0, low_open=True)
+        if backend is not None and backend not in backends.NAMES:
+            fail_value(OP, "backend", f"None or one of {list(backends.NAMES)}", repr(backend))
+
+        linears, acts = parse_sequential(model, output_activation)
+        self.model, self.loss_fn = model, loss_fn
+        self.variant, self.gamma = variant, float(gamma)
+        self.inner_steps, self.lr_floor = inner_steps, float(lr_floor)
+        self.alpha, self.eps, self.momentum, self.style = (float(alpha), float(eps),
+                                                           float(momentum), style)
+        self.eta, self.scale, self.precision = (None if eta is None else float(eta),
+                                                float(scale), precision)
+        self.activations = acts                                  # f_l in the forward pass
+        local = acts if variant == "M" else ["identity"] * len(acts)
+        self.layers = [LayerSpec(lin.in_features, lin.out_features, act, lin.bias is not None)
+                       for lin, act in zip(linears, local)]     # f_l of the local losses
+        self.linears = linears
+
+        weight = linears[0].weight
+        self.device, self.dtype = weight.device, weight.dtype
+        be = backends.resolve(OP, backend, self.device)
+        if backend is None and self.dtype not in be.dtypes:
+            be = backends.resolve(OP, "reference", self.device)  # e.g. fp64 on auto
+        if self.dtype not in be.dtypes:
+            fail_type(OP, "model", f"parameters of a dtype the '{be.name}' backend supports "
+                      f"{[str(d) for d in be.dtypes]}", self.dtype)
+        self.backend = be.name
+        self.dp = DataParallel.for_group(process_group)
+        if grouped is None:
+            grouped = be.name == "triton" and self.device.type == "cuda" and not self.dp.active
+        if grouped and self.dp.active:
+            fail_value(OP, "grouped", "False with a process group (the grouped inner loop "
+                       "has no per-iteration all-reduce)", grouped)
+        self.grouped, self.cuda_graph = bool(grouped), bool(cuda_graph)
+
+        # The arenas. State (and gradients) are fp32 for fp32/half params, fp64 for fp64.
+        self.shapes = param_shapes(self.layers)
+        state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        tensors = [t.detach() for lin in linears for t in (lin.weight, lin.bias)
+                   if t is not None]
+        self.params = Arena.from_tensors(tensors)
+        self.grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
+        self.square_avgs = Arena(self.shapes, dtype=state_dtype, device=self.device,
+                                 fill=1.0 if style == "tf" else 0.0)
+        self.momentum_bufs = Arena(self.shapes, dtype=state_dtype, device=self.device)
+        self._anchors = (torch.empty_like(self.params.buffer) if self.eta is not None
+                         else None)
+        self._rebind_model_parameters()
+        self.dp.broadcast_(self._state_buffers())
+
+        self._lr = float(lr)
+        self.steps = 0
+        self._inner = {}  # batch size -> InnerLoop (grouped path)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _rebind_model_parameters(self) -> None:
+        """Make every Linear's weight/bias an nn.Parameter viewing the parameter arena."""
+        views = iter(self.params.views())
+        for lin in self.linears:
+            requires = lin.weight.requires_grad
+            lin.weight = nn.Parameter(next(views), requires_grad=requires)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(next(views), requires_grad=requires)
+
+    def _state_buffers(self) -> list:
+        return [self.params.buffer, self.square_avgs.buffer, self.momentum_bufs.buffer]
+
+    def _layer_params(self, views) -> list:
+        """[(W_l, b_l or None)] from views in the flat layout."""
+        out, it = [], iter(views)
+        for layer in self.layers:
+            out.append((next(it), next(it) if layer.bias else None))
+        return out
+
+    @property
+    def lr(self) -> float:
+        """The outer learning rate; inner iteration t uses lr * max(1 - t/T, lr_floor)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        check_number(OP, "lr", value, low=0.0)
+        self._lr = float(value)
+
+    # ------------------------------------------------------------------ the outer step
+
+    def _forward_backward(self, x: torch.Tensor, y):
+        """(L, [X_l], [Z_l], [G_l]): one forward, one backward for every dL/dZ_l."""
+        inputs, preacts = [], []
+        a = x
+        with torch.enable_grad():
+            for l, lin in enumerate(self.linears):
+                inputs.append(a.detach())
+                w = lin.weight.detach()
+                b = None if lin.bias is None else lin.bias.detach()
+                z = nn.functional.linear(a, w, b)
+                if l == 0:
+                    # The weights are detached: Z_0 is the leaf every later Z depends on, so
+                    # the backward pass forms dL/dZ_l (and dL/dX_l) and no weight gradient.
+                    z.requires_grad_(True)
+                preacts.append(z)
+                if l < len(self.linears) - 1:
+                    a = get_activation(self.activations[l]).f(z)
+            local_loss = self.loss_fn(z, y)
+            if not isinstance(local_loss, torch.Tensor) or local_loss.numel() != 1:
+                fail_value(OP, "loss_fn", "a callable returning a one-element loss tensor",
+                           type(local_loss).__name__ if not isinstance(local_loss, torch.Tensor)
+                           else f"a tensor of shape {tuple(local_loss.shape)}")
+            backward_loss, loss = self.dp.global_loss(local_loss.reshape(()), x.shape[0])
+            grads = torch.autograd.grad(backward_loss, preacts)
+        return loss, inputs, [z.detach() for z in preacts], grads
+
+    def step(self, x: torch.Tensor, y) -> torch.Tensor:
+        """One outer LocoProp step on the batch (x, y); returns L before the update, as a
+        0-d tensor on the model's device (no host synchronisation)."""
+        if not isinstance(x, torch.Tensor):
+            fail_type(OP, "x", "a torch.Tensor", type(x).__name__)
+        if x.device != self.device:
+            fail_type(OP, "x", f"device {self.device} (the model's device)", x.device)
+        if x.dim() != 2 or x.shape[1] != self.layers[0].d_in or x.shape[0] == 0:
+            fail_value(OP, "x", f"shape (B >= 1, {self.layers[0].d_in})", tuple(x.shape))
+        if x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)  # the model's forward would need the parameters' dtype
+        loss, inputs, preacts, dzs = self._forward_backward(x, y)
+        targets = [ops.local_targets(z, g, act, self.gamma, variant=self.variant,
+                                     backend=self.backend)
+                   for z, g, act in zip(preacts, dzs, self.activations)]
+        if self.grouped:
+            self._inner_grouped(inputs, targets)
+        else:
+            self._inner_per_layer(inputs, targets)
+        self.steps += 1
+        return loss
+
+    def _inner_per_layer(self, inputs, targets) -> None:
+        """T iterations: per-layer matched-loss gradients into the arena, one RMSProp step."""
+        eta = self.dp.local_eta(self.eta)
+        if self._anchors is not None:
+            self._anchors.copy_(self.params.buffer)  # the prox centre: params at entry
+            anchors = self._layer_params(split_views(self._anchors, self.shapes))
+        else:
+            anchors = [(None, None)] * len(self.layers)
+        params = self._layer_params(self.params.views())
+        grads = self._layer_params(self.grads.views())
+        for lr_factor in inner_lr_factors(self.inner_steps, self.lr_floor):
+            for layer, X, Y, (w, b), (w0, b0), out in zip(self.layers, inputs, targets, params,
+                                                          anchors, grads):
+                ops.matched_loss_grad(X, w, b, Y, layer.activation, scale=self.scale,
+                                      anchor_weight=w0, anchor_bias=b0, eta=eta,
+                                      backend=self.backend, precision=self.precision, out=out)
+            self.dp.all_reduce_grads_(self.grads.buffer)
+            ops.rmsprop_step_(self.params.buffer, self.grads.buffer, self.square_avgs.buffer,
+                              self.momentum_bufs.buffer, lr=self._lr * lr_factor,
+                              alpha=self.alpha, eps=self.eps, momentum=self.momentum,
+                              style=self.style, backend=self.backend)
+
+    def _inner_grouped(self, inputs, targets) -> None:
+        """The same T iterations through LayerGroup + InnerLoop (one per batch size)."""
+        batch = inputs[0].shape[0]
+        loop = self._inner.get(batch)
+        if loop is None:
+            group = LayerGroup(self.layers, batch, device=self.device, dtype=self.dtype,
+                               backend=self.backend, precision=self.precision)
+            loop = InnerLoop(group, self.params.buffer, self.square_avgs.buffer,
+                             self.momentum_bufs.buffer, inner_steps=self.inner_steps,
+                             lr=self._lr, lr_floor=self.lr_floor, alpha=self.alpha,
+                             eps=self.eps, momentum=self.momentum, style=self.style,
+                             scale=self.scale, eta=self.eta, grads=self.grads.buffer,
+                             cuda_graph=self.cuda_graph)
+            self._inner[batch] = loop
+        for view, X in zip(loop.group.inputs.views(), inputs):
+            view.copy_(X)
+        for view, Y in zip(loop.group.targets.views(), targets):
+            view.copy_(Y)
+        if loop.lr != self._lr:
+            loop.set_lr(self._lr)
+        loop.run()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _layer_records(self) -> list:
+        return [dict(d_in=l.d_in, d_out=l.d_out, activation=l.activation, bias=l.bias)
+                for l in self.layers]
+
+    def state_dict(self) -> dict:
+        """Everything that changes in training (parameters, RMSProp state, lr, step count)
+        plus the layer layout and settings; tensors are copies."""
+        return {
+            "params": self.params.buffer.detach().clone(),
+            "square_avgs": self.square_avgs.buffer.clone(),
+            "momentum_bufs": self.momentum_bufs.buffer.clone(),
+            "lr": self._lr,
+            "steps": self.steps,
+            "layers": self._layer_records(),
+            "settings": dict(variant=self.variant, gamma=self.gamma,
+                             inner_steps=self.inner_steps, alpha=self.alpha, eps=self.eps,
+                             momentum=self.momentum, style=self.style,
+                             lr_floor=self.lr_floor, eta=self.eta, scale=self.scale),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore ``state_dict()``'s output (any device; copied to this trainer's device and
+        dtypes). Every check runs before anything is written: a state from another model
+        raises a ValueError naming the first mismatch and leaves the trainer unchanged."""
+        if not isinstance(state_dict, dict):
+            fail_type(OP, "state_dict", "a dict from LocoProp.state_dict()",
+                      type(state_dict).__name__)
+        missing = [k for k in ("params", "square_avgs", "momentum_bufs", "lr", "steps",
+                               "layers") if k not in state_dict]
+        if missing:
+            fail_value(OP, "state_dict", "the keys of LocoProp.state_dict()",
+                       f"a dict without {missing}")
+        mine, theirs = self._layer_records(), list(state_dict["layers"])
+        if len(theirs) != len(mine):
+            fail_value(OP, "state_dict", f"{len(mine)} layers", f"{len(theirs)} layers")
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if dict(b) != a:
+                fail_value(OP, "state_dict", f"layer {i} = {a}", f"layer {i} = {dict(b)}")
+        n = self.params.buffer.numel()
+        for key in ("params", "square_avgs", "momentum_bufs"):
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor) or t.shape != (n,):
+                fail_value(OP, f"state_dict['{key}']", f"a tensor of shape ({n},)",
+                           tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__)
+        check_number(OP, "state_dict['lr']", state_dict["lr"], low=0.0)
+        with torch.no_grad():
+            self.params.buffer.copy_(state_dict["params"])
+            self.square_avgs.buffer.copy_(state_dict["square_avgs"])
+            self.momentum_bufs.buffer.copy_(state_dict["momentum_bufs"])
+        self._lr = float(state_dict["lr"])
+        self.steps = int(state_dict["steps"])
+        self.dp.broadcast_(self._state_buffers())
+
+
+__all__ = ["LocoProp", "parse_sequential"]
