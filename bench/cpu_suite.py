@@ -69,10 +69,11 @@ def compare(entries: dict, repeats: int, warmup: int = 2) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def make_layers(seed=0):
+def make_layers(seed=0, sizes=SIZES):
+    """Glorot-scale weights and biases of the autoencoder: [W_0, b_0, W_1, b_1, ...]."""
     g = torch.Generator().manual_seed(seed)
     shapes = []
-    for d_in, d_out in zip(SIZES[:-1], SIZES[1:]):
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
         shapes += [(d_out, d_in), (d_out,)]
     tensors = [(torch.rand(s, generator=g) - 0.5) * 0.1 for s in shapes]
     return shapes, tensors
@@ -155,8 +156,8 @@ class OuterStep:
     forward, one backward for G = dL/dZ, targets, then T x (every layer's matched_loss_grad
     into a flat gradient buffer + one rmsprop_step_ over the flat parameter buffer)."""
 
-    def __init__(self, backend, seed=0, gamma=10.0, lr=1e-5):
-        shapes, tensors = make_layers(seed)
+    def __init__(self, backend, seed=0, gamma=10.0, lr=1e-5, sizes=SIZES):
+        shapes, tensors = make_layers(seed, sizes)
         self.backend, self.gamma, self.lr = backend, gamma, lr
         self.params = lk.Arena.from_tensors(tensors)
         self.grads = lk.Arena(shapes)
@@ -195,14 +196,14 @@ class GemmFloor:
     """The outer step's GEMMs alone: 8 forward addmm, 7 backward mm (G_l W_l), and
     T x 8 x 2 inner mm, into preallocated outputs (the cheapest form of the same calls)."""
 
-    def __init__(self):
-        _, tensors = make_layers(0)
+    def __init__(self, sizes=SIZES, batch=BATCH):
+        _, tensors = make_layers(0, sizes)
         self.w = tensors[0::2]
         self.b = tensors[1::2]
-        self.z = [torch.empty(BATCH, w.shape[0]) for w in self.w]
-        self.dx = [torch.empty(BATCH, w.shape[1]) for w in self.w]
+        self.z = [torch.empty(batch, w.shape[0]) for w in self.w]
+        self.dx = [torch.empty(batch, w.shape[1]) for w in self.w]
         self.gw = [torch.empty_like(w) for w in self.w]
-        self.x = [torch.randn(BATCH, w.shape[1]) for w in self.w]
+        self.x = [torch.randn(batch, w.shape[1]) for w in self.w]
 
     def __call__(self, x):
         a = x
