@@ -1,6 +1,7 @@
 """Data-parallel LocoProp: 2 CPU processes (gloo) x batch B/2 == 1 process x batch B.
 
-Each worker is started with ``torch.multiprocessing`` (spawn) and a file:// rendezvous in the
+Two levels: ``lk.LocoProp`` itself (its ``process_group`` support), and a LocoProp-M loop
+written from the ops with ``DataParallel`` (the collectives on their own). Each worker is started with ``torch.multiprocessing`` (spawn) and a file:// rendezvous in the
 test's tmp dir (no ports). Workers save their final parameters and losses; the test compares
 them with a single-process run of the same steps in float64: equal to 1e-9 relative, and
 bit-identical across ranks. A counting wrapper around ``torch.distributed.all_reduce``
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 import locoprop_kernels as lk
 from locoprop_kernels.distributed import DataParallel
@@ -83,6 +85,31 @@ def locoprop_steps(shapes, params, x, dp: DataParallel, *, outer=OUTER, inner=IN
     return flat.buffer.clone(), losses
 
 
+def bce(logits, x):
+    """The official loss, a mean over the rows it is given (each rank: its shard)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+def make_model(params):
+    """nn.Sequential(Linear, Tanh, Linear, Linear) holding ``params`` (fp64)."""
+    lins = [nn.Linear(d_in, d_out).double() for d_in, d_out in zip(SIZES, SIZES[1:])]
+    with torch.no_grad():
+        for l, lin in enumerate(lins):
+            lin.weight.copy_(params[2 * l])
+            lin.bias.copy_(params[2 * l + 1])
+    return nn.Sequential(lins[0], nn.Tanh(), lins[1], lins[2])
+
+
+def trainer_steps(params, x, h=HYPER, process_group=None):
+    """OUTER steps of lk.LocoProp (official M semantics, fp64); (flat params, losses, opt)."""
+    opt = lk.LocoProp(make_model(params), bce, output_activation="sigmoid", gamma=h["gamma"],
+                      lr=h["lr"], inner_steps=INNER, alpha=h["alpha"], eps=h["eps"],
+                      momentum=h["momentum"], style=h["style"], lr_floor=h["floor"],
+                      eta=h["eta"], scale=h["scale"], process_group=process_group)
+    losses = [opt.step(x, x).item() for _ in range(OUTER)]
+    return opt.params.buffer.clone(), losses, opt
+
+
 def _worker(rank, world, init_file, out_dir, splits):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -106,6 +133,17 @@ def _worker(rank, world, init_file, out_dir, splits):
             flat, losses = locoprop_steps(shapes, params, x[lo:lo + split[rank]], dp)
             results[name] = dict(params=flat, losses=losses, all_reduces=calls["all_reduce"],
                                  world=dp.world_size)
+            calls["all_reduce"] = 0
+            flat, losses, opt = trainer_steps(params, x[lo:lo + split[rank]])
+            sd = opt.state_dict()
+            results["trainer-" + name] = dict(params=flat, losses=losses,
+                                              all_reduces=calls["all_reduce"],
+                                              world=opt.dp.world_size, state=sd)
+            # load_state_dict leaves every rank with rank 0's state (rank 1 loads another)
+            if rank == 1:
+                sd = dict(sd, params=sd["params"] * 2, square_avgs=sd["square_avgs"] + 1)
+            opt.load_state_dict(sd)
+            results["trainer-" + name]["reloaded"] = opt.state_dict()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -138,6 +176,28 @@ def test_two_ranks_equal_one_process(two_rank_results, split):
     # identical state on every rank, bit for bit
     assert torch.equal(ranks[0][split]["params"], ranks[1][split]["params"])
     assert ranks[0][split]["losses"] == ranks[1][split]["losses"]
+
+
+@pytest.mark.parametrize("split", ["equal", "unequal"])
+def test_trainer_two_ranks_equal_one_process(two_rank_results, split):
+    """lk.LocoProp picks up the initialised process group: 2 ranks x shards == 1 process x
+    the whole batch, rank 1's different initial weights replaced by rank 0's."""
+    splits, ranks = two_rank_results
+    _, params, x = make_problem(batch=sum(splits[split]))
+    want, want_losses, _ = trainer_steps(params, x)
+    assert rel_err(want, lk.Arena.from_tensors(params).buffer) > 1e-3
+    for r in ranks:
+        got = r["trainer-" + split]
+        assert got["world"] == WORLD
+        assert rel_err(got["params"], want) <= 1e-9
+        assert got["losses"] == pytest.approx(want_losses, rel=1e-9)
+        assert got["all_reduces"] == OUTER * (INNER + 1)
+    a, b = ranks[0]["trainer-" + split], ranks[1]["trainer-" + split]
+    for key in ("params", "square_avgs", "momentum_bufs"):
+        assert torch.equal(a["state"][key], b["state"][key]), key
+        assert torch.equal(a["reloaded"][key], b["reloaded"][key]), f"after load: {key}"
+        assert torch.equal(a["reloaded"][key], a["state"][key]), f"after load: {key}"
+    assert a["losses"] == b["losses"]
 
 
 def test_inactive_without_torch_distributed():
