@@ -378,13 +378,19 @@ class LocoProp:
             if not isinstance(t, torch.Tensor) or t.shape != (n,):
                 fail_value(OP, f"state_dict['{key}']", f"a tensor of shape ({n},)",
                            tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__)
+            if not t.is_floating_point() or t.device.type == "meta":
+                fail_value(OP, f"state_dict['{key}']", "a floating-point tensor with data",
+                           f"{t.dtype} on {t.device}")
         check_number(OP, "state_dict['lr']", state_dict["lr"], low=0.0)
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            fail_value(OP, "state_dict['steps']", "an int >= 0", repr(steps))
         with torch.no_grad():
             self.params.buffer.copy_(state_dict["params"])
             self.square_avgs.buffer.copy_(state_dict["square_avgs"])
             self.momentum_bufs.buffer.copy_(state_dict["momentum_bufs"])
         self._lr = float(state_dict["lr"])
-        self.steps = int(state_dict["steps"])
+        self.steps = steps
         self.dp.broadcast_(self._state_buffers())
 
 
