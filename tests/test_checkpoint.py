@@ -197,7 +197,7 @@ def test_load_into_another_dtype():
 @pytest.mark.parametrize("direction", ["cuda->cpu", "cpu->cuda"])
 def test_load_across_devices(direction):
     """Saved on one device type, loaded on the other: the same state, and the resumed runs
-    agree (fp32; the devices' kernels differ, so to 1e-5, not bit for bit)."""
+    agree (fp32; the devices' kernels differ, so to 1e-4, not bit for bit)."""
     src, dst = direction.split("->")
     xs = batches(4)
     a = lk.LocoProp(make_model(device=src), bce, **H)
@@ -211,5 +211,5 @@ def test_load_across_devices(direction):
         assert torch.equal(getattr(b, key).buffer.cpu(), sd[key].cpu())
     for x in xs[2:]:
         la, lb = a.step(x.to(src), x.to(src)), b.step(x.to(dst), x.to(dst))
-        assert abs(la.item() - lb.item()) <= 1e-5 * abs(la.item())
+        assert abs(la.item() - lb.item()) <= 1e-4 * abs(la.item())
     torch.testing.assert_close(b.params.buffer.cpu(), a.params.buffer.cpu(), rtol=1e-4, atol=1e-5)
