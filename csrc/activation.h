@@ -72,7 +72,7 @@ template <Activation A> LOCOPROP_HD float apply_elementwise(float z) {
   } else if constexpr (A == Activation::Sigmoid) {
     return sigmoid_fp32(z);
   } else if constexpr (A == Activation::Relu) {
-    return z > 0.0f ? z : 0.0f;
+    return z < 0.0f ? 0.0f : z;  // NaN stays NaN, as torch.relu
   } else {
     return z;
   }

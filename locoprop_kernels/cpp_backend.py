@@ -113,7 +113,8 @@ class CppBackend:
         has_prox = eta is not None
         direct = (x.dtype == torch.float32 and out_weight.dtype == torch.float32
                   and out_weight.is_contiguous())
-        grad_w32 = out_weight if direct else torch.empty((d_out, d_in), device=x.device)
+        grad_w32 = out_weight if direct else torch.empty((d_out, d_in), dtype=torch.float32,
+                                                         device=x.device)
         torch.mm(delta.T, x32, out=grad_w32)
         weight_part = has_prox or not direct
         if not weight_part and bias is None:
@@ -159,7 +160,9 @@ class CppBackend:
         # In-place tensors with gaps or odd strides are updated through contiguous copies.
         work = [[t if t is None or t.is_contiguous() else t.contiguous() for t in ts]
                 for ts in (params, square_avgs, bufs)]
-        grads = [g.contiguous() for g in grads]
+        # The table: 7 int64 per tensor (csrc/cpu/kernels.h). Plain Python on purpose: for the
+        # autoencoder's 16 tensors it costs tens of microseconds, the kernel about a millisecond.
+        grads = [g.contiguous() for g in grads]  # kept alive until the kernel has run
         table = []
         for p, g, ms, buf in zip(work[0], grads, work[1], work[2]):
             table += (p.data_ptr(), g.data_ptr(), ms.data_ptr(), _ptr(buf), p.numel(),

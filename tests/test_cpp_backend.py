@@ -264,6 +264,19 @@ def test_rmsprop_non_contiguous_params():
         torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
 
 
+def test_rmsprop_expanded_grads():
+    """Stride-0 grads are copied to contiguous buffers that must outlive the kernel call."""
+    shapes = [(300, 7), (64,), (5000,)]
+    params, ms, bufs = _state(shapes, 4, fill=1.0)
+    grads = [_randn(*((1,) + s[1:]), seed=9 + i).expand(s) for i, s in enumerate(shapes)]
+    want = [[t.clone() for t in ts] for ts in (params, ms, bufs)]
+    lk.rmsprop_step_(params, grads, ms, bufs, lr=0.1, style="tf", backend="cpp")
+    reference.rmsprop_step_(want[0], grads, want[1], want[2], lr=0.1, alpha=0.9, eps=1e-5,
+                            momentum=0.999, style="tf")
+    for got, w in zip(params + ms + bufs, want[0] + want[1] + want[2]):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+
+
 def test_rmsprop_table_is_checked():
     with pytest.raises(ValueError, match="rmsprop table"):
         _C.rmsprop_multi([1, 2, 3], 0.1, 0.9, 0.1, 1e-5, 0.0, True, False)

@@ -8,7 +8,9 @@
 // where torch.optim.RMSprop(foreach=True) streams the same tensors through ~6 separate
 // foreach kernels. Tensors come as a table (one row of addresses, size and dtypes per
 // tensor; a flat arena is a table of one row). The work is cut into fixed chunks that never
-// straddle two tensors, and one OpenMP loop with a static schedule hands out the chunks.
+// straddle two tensors, and one OpenMP loop hands them out. The schedule is dynamic: every
+// chunk costs the same, but on a shared 2-core machine one thread is often descheduled for a
+// whole time slice, and a static split would make the other wait for its half.
 // sqrt and division are the IEEE ones (no -ffast-math), so "torch" tracks
 // torch.optim.RMSprop(foreach=False) to rounding.
 #include <algorithm>
@@ -75,7 +77,7 @@ void run(const int64_t* table, int64_t n_tensors, const Scalars& s) {
     for (int64_t start = 0; start < numel; start += kChunk) chunks.emplace_back(t, start);
   }
   const int64_t n_chunks = int64_t(chunks.size());
-#pragma omp parallel for schedule(static) if (total >= kParallelMin)
+#pragma omp parallel for schedule(dynamic) if (total >= kParallelMin)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t* row = table + chunks[c].first * kRmspropColumns;
     const int64_t begin = chunks[c].second;
