@@ -20,6 +20,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 AUTOENCODER = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
