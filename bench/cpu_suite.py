@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import locoprop_kernels as lk
-from locoprop_kernels import reference
+from locoprop_kernels import backends, reference
 from locoprop_kernels.activations import get_activation
 
 SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
@@ -100,7 +100,16 @@ def bench_rmsprop(repeats):
             p.grad = gr.clone()
         return torch.optim.RMSprop(ps, foreach=foreach, **kw).step
 
+    def backend_only():
+        """The cpp backend object called directly: kernel + table, no op-layer validation."""
+        be = backends.resolve("rmsprop_step_", "cpp", torch.device("cpu"))
+        state = [[t.clone() for t in tensors], grads, [torch.zeros_like(t) for t in tensors],
+                 [torch.zeros_like(t) for t in tensors]]
+        return lambda: be.rmsprop_step_(*state, kw["lr"], kw["alpha"], kw["eps"],
+                                        kw["momentum"], "torch")
+
     entries = {"cpp (16 tensors)": ours("cpp"), "cpp (flat arena)": ours("cpp", arena=True),
+               "cpp backend, no op-layer checks (16 tensors)": backend_only(),
                "reference": ours("reference"),
                "torch.optim.RMSprop(foreach=True)": torch_optim(True),
                "torch.optim.RMSprop(foreach=False)": torch_optim(False)}

@@ -77,8 +77,17 @@ class _Kernels:
             return getattr(_C, "cuda_" + name)(*args, stream)
         return getattr(_C, name)(*args)
 
-    def __getattr__(self, name):
-        return lambda *args: self._call(name, *args)
+    def matched_loss_delta(self, *args):
+        self._call("matched_loss_delta", *args)
+
+    def matched_loss_finish(self, *args):
+        self._call("matched_loss_finish", *args)
+
+    def local_targets(self, *args):
+        self._call("local_targets", *args)
+
+    def rmsprop_multi(self, *args):
+        self._call("rmsprop_multi", *args)
 
 
 class CppBackend:
@@ -93,8 +102,9 @@ class CppBackend:
                                anchor_bias, eta, out_weight, out_bias, precision):
         """grad_W = scale D^T X [+ (W - W0)/eta], grad_b = scale sum_n D [+ (b - b0)/eta]
         with D = f(X W^T + b) - Y, into ``out_weight`` (d_out, d_in) / ``out_bias`` (d_out,).
-        Two C++ calls (one when there is nothing to do after the GEMM); ``precision`` is
-        PyTorch's matmul setting here (fp32 GEMMs)."""
+        Two C++ calls (one when there is nothing to do after the GEMM). ``precision`` is not
+        used: the GEMMs are PyTorch's, in fp32 (on CUDA ``torch.backends.cuda.matmul``
+        settings decide whether they use TF32)."""
         kernels = _Kernels(x.device)
         code = get_activation(activation).code
         dtype = DTYPE_CODES[x.dtype]
