@@ -301,6 +301,7 @@ def main(argv=None):
     torch.manual_seed(0)
     benches = {"rmsprop": bench_rmsprop, "matched_loss": bench_matched_loss,
                "outer_step": bench_outer_step}
+    load_before = os.getloadavg()
     groups = {}
     for name, fn in benches.items():
         if args.only and name not in args.only:
@@ -318,6 +319,8 @@ def main(argv=None):
     info = {"machine": machine(), "command": command.strip(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": BATCH, "sizes": SIZES,
             "inner_steps": INNER_STEPS, "repeats": args.repeats,
+            # The machine is shared: other processes' load stretches every entry of a round.
+            "load_average_before_after": [load_before, os.getloadavg()],
             "cpp_build": lk.cpp_backend.build_info() if _has_cpp() else None,
             "groups": {g: {"baseline": base, "median_s": res} for g, (res, base) in groups.items()},
             "targets": checks}
@@ -325,7 +328,9 @@ def main(argv=None):
     (RESULTS / f"{args.name}.json").write_text(json.dumps(info, indent=2) + "\n")
     md = [f"# CPU suite: {info['machine']}", "",
           f"Command: `{info['command']}` (torch {torch.__version__}, {info['threads']} threads, "
-          f"fp32, batch {BATCH}, T = {INNER_STEPS}, medians of {args.repeats}).", "",
+          f"fp32, batch {BATCH}, T = {INNER_STEPS}, medians of {args.repeats} round-robin "
+          f"rounds; 1-minute load average {load_before[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after, on a machine shared with other jobs).", "",
           report, ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
                          for k, v in checks.items()]
     (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
