@@ -183,6 +183,7 @@ def run_matched_loss_grad(case, backend):
     return (gw, gb), (rw, rb)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter): exp/cast overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(100)
 @given(case=layer_cases(dtypes=[torch.float32, torch.float64]))
@@ -199,6 +200,7 @@ def test_matched_loss_grad_property(backend, case):
         assert_close(gb, rb, tol, what="grad_bias")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter): exp/cast overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(40)
 @given(case=layer_cases(dtypes=[torch.float16, torch.bfloat16]))
@@ -243,6 +245,7 @@ def run_local_targets(case, backend):
     return y, want
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter): exp/cast overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(100)
 @given(case=target_cases(dtypes=[torch.float32, torch.float64]))
@@ -253,6 +256,7 @@ def test_local_targets_property(backend, case):
     assert_close(y, want, TOL[case["dtype"]], what="targets")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter): exp/cast overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(40)
 @given(case=target_cases(dtypes=[torch.float16, torch.bfloat16]))
@@ -365,6 +369,7 @@ def test_rmsprop_property(backend, case):
             assert_close(t, w, tol, atol=tol * ps[i], what=f"{name}[{i}]")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter): exp/cast overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(40)
 @given(case=rmsprop_cases(dtypes=[torch.float16, torch.bfloat16]))
