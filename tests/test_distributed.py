@@ -215,3 +215,32 @@ def test_inactive_without_torch_distributed():
 def test_group_without_init_is_a_clear_error():
     with pytest.raises(ValueError, match="process_group"):
         DataParallel.for_group(object())
+
+
+def test_torchrun_script_matches_one_process(tmp_path):
+    """bench/autoencoder_torchrun.py under torchrun (2 gloo processes) gives the losses of the
+    same script in one process (fp32: summation order differs, so to 1e-5)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "autoencoder_torchrun.py"
+    args = ["--dataset", "synthetic", "--train-subset", "32", "--batch", "16", "--epochs", "2",
+            "--lr", "1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # CPU backends only; no interpreter needed
+    runs = {}
+    for name, launcher in (("one", [sys.executable, str(script)]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={WORLD}", str(script)])):
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run(launcher + args + ["--out", str(out)], env=env, timeout=300,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads(out.read_text())
+    assert runs["one"]["world_size"] == 1 and runs["two"]["world_size"] == WORLD
+    one = [e["train_loss"] for e in runs["one"]["epochs"]]
+    two = [e["train_loss"] for e in runs["two"]["epochs"]]
+    assert one[-1] < one[0]  # it trained
+    assert two == pytest.approx(one, rel=1e-5)
