@@ -144,6 +144,12 @@ def _worker(rank, world, init_file, out_dir, splits):
                 sd = dict(sd, params=sd["params"] * 2, square_avgs=sd["square_avgs"] + 1)
             opt.load_state_dict(sd)
             results["trainer-" + name]["reloaded"] = opt.state_dict()
+        # an explicit process group (not the default one) takes the same path
+        shapes, params, x = make_problem(batch=sum(splits["equal"]))
+        lo, n = sum(splits["equal"][:rank]), splits["equal"][rank]
+        group = dist.new_group(ranks=list(range(world)))
+        flat, losses, opt = trainer_steps(params, x[lo:lo + n], process_group=group)
+        results["trainer-group"] = dict(params=flat, losses=losses, group_used=opt.dp.group is group)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -198,6 +204,14 @@ def test_trainer_two_ranks_equal_one_process(two_rank_results, split):
         assert torch.equal(a["reloaded"][key], b["reloaded"][key]), f"after load: {key}"
         assert torch.equal(a["reloaded"][key], a["state"][key]), f"after load: {key}"
     assert a["losses"] == b["losses"]
+
+
+def test_trainer_explicit_process_group(two_rank_results):
+    _, ranks = two_rank_results
+    for r in ranks:
+        assert r["trainer-group"]["group_used"]
+        assert rel_err(r["trainer-group"]["params"], r["trainer-equal"]["params"]) <= 1e-12
+        assert r["trainer-group"]["losses"] == pytest.approx(r["trainer-equal"]["losses"], rel=1e-12)
 
 
 def test_inactive_without_torch_distributed():
