@@ -157,6 +157,9 @@ def run_one(name: str, lr: Optional[float], split: data.Split, *, epochs: int, s
                    batch_loss=batch_sum.item() / n)
         record["epochs"].append(row)
         bar.set_postfix(train=f"{row['train_loss']:.1f}", test=f"{row['test_loss']:.1f}")
+        if not progress:  # a log line per epoch instead of the bars (nohup runs, CI)
+            print(f"{method.label} epoch {epoch}: train {row['train_loss']:.2f} test "
+                  f"{row['test_loss']:.2f} ({wall:.0f} s)", file=sys.stderr, flush=True)
         if not math.isfinite(row["train_loss"]):
             record["status"] = f"diverged at epoch {epoch}"
             break
