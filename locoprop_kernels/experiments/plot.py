@@ -31,8 +31,11 @@ def plot(result: dict, path: Path) -> None:
         by_time.plot([row["wall_s"] for row in rows], [row["train_loss"] for row in rows],
                      marker="o", ms=3, **style)
     if result["dataset"] == "mnist":
-        by_epoch.plot(OFFICIAL_LOG["epochs"], OFFICIAL_LOG["train_loss"], "k*", ms=9,
-                      label="official LocoProp-M log")
+        last = max(row["epoch"] for r in runs for row in r["epochs"]) if runs else 0
+        shown = [(e, v) for e, v in zip(OFFICIAL_LOG["epochs"], OFFICIAL_LOG["train_loss"])
+                 if e <= last]
+        if shown:
+            by_epoch.plot(*zip(*shown), "k*", ms=9, label="official LocoProp-M log")
     for ax, xlabel in ((by_epoch, "epoch (LocoProp: epoch 1 at lr = 0)"),
                        (by_time, "training wall time (s)")):
         ax.set_yscale("log")
