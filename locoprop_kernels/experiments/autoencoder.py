@@ -188,6 +188,11 @@ def best_runs(runs: list) -> dict:
     return best
 
 
+def full_mnist(result: dict) -> bool:
+    """Whether the official log is comparable: all 60000 MNIST training images."""
+    return result["dataset"] == "mnist" and result["train_size"] == 60000
+
+
 def table(result: dict) -> str:
     """A markdown table: train loss after the report epochs, final test loss, s/epoch."""
     runs = result["runs"]
@@ -200,7 +205,7 @@ def table(result: dict) -> str:
              f"({result['train_size']} train / {result['test_size']} test), "
              f"{result['device']}; * = best lr of its optimizer", "", head,
              "|" + "---|" * (len(shown) + 3)]
-    if result["dataset"] == "mnist":
+    if full_mnist(result):
         log = dict(zip(OFFICIAL_LOG["epochs"], OFFICIAL_LOG["train_loss"]))
         lines.append("| official LocoProp-M log (TF1) | "
                      + " | ".join(f"{log[e]:.1f}" if e in log else "" for e in shown)

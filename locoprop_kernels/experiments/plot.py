@@ -15,7 +15,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only: no display on these machines
     import matplotlib.pyplot as plt
 
-    from .autoencoder import OFFICIAL_LOG, best_runs
+    from .autoencoder import OFFICIAL_LOG, best_runs, full_mnist
 
     runs = [r for r in result["runs"] if len(r["epochs"]) > 1]
     best = best_runs(runs)
@@ -30,7 +30,7 @@ def plot(result: dict, path: Path) -> None:
                       marker="o", ms=3, **style)
         by_time.plot([row["wall_s"] for row in rows], [row["train_loss"] for row in rows],
                      marker="o", ms=3, **style)
-    if result["dataset"] == "mnist":
+    if full_mnist(result):
         last = max(row["epoch"] for r in runs for row in r["epochs"]) if runs else 0
         shown = [(e, v) for e, v in zip(OFFICIAL_LOG["epochs"], OFFICIAL_LOG["train_loss"])
                  if e <= last]
