@@ -281,3 +281,16 @@ def test_trailing_sigmoid_and_softmax_models_are_accepted():
     assert last < first
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
     assert lk.LocoProp(model, bce, backend="reference").layers[0].activation == "sigmoid"
+
+
+def test_grouped_triton_path_equals_reference():
+    """The path the trainer takes by default on CUDA (grouped launches), here interpreted."""
+    xs = batches(2, dtype=torch.float32)
+    a = make_model(dtype=torch.float32, sizes=[7, 4, 7], acts=[nn.Tanh])
+    b = make_model(dtype=torch.float32, sizes=[7, 4, 7], acts=[nn.Tanh])
+    opt_a = lk.LocoProp(a, bce, backend="triton", grouped=True, lr=1e-2)
+    opt_b = lk.LocoProp(b, bce, backend="reference", lr=1e-2)
+    for x in xs:
+        opt_a.step(x, x)
+        opt_b.step(x, x)
+    assert rel_err(opt_a.params.buffer, opt_b.params.buffer) <= 1e-5
