@@ -297,7 +297,11 @@ def main(argv=None):
     parser.add_argument("--name", default="cpu-2core")
     parser.add_argument("--only", nargs="*", default=None,
                         help="groups to run (rmsprop, matched_loss, outer_step)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (the C++ kernels share its OpenMP pool)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     benches = {"rmsprop": bench_rmsprop, "matched_loss": bench_matched_loss,
                "outer_step": bench_outer_step}
