@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +120,9 @@ def _sync(device: torch.device) -> None:
 
 def run_one(name: str, lr: Optional[float], split: data.Split, *, epochs: int, seed: int,
             device: torch.device, dtype: torch.dtype, batch: int, backend: Optional[str],
-            progress: bool) -> dict:
-    """Train one optimizer for ``epochs`` epochs; its record (losses per epoch, times)."""
+            progress: bool, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train one optimizer for ``epochs`` epochs; its record (losses per epoch, times).
+    ``on_epoch(record)`` is called after every epoch (e.g. to save a long run as it goes)."""
     from tqdm.auto import tqdm
 
     d = split.train.shape[1]
@@ -162,6 +163,9 @@ def run_one(name: str, lr: Optional[float], split: data.Split, *, epochs: int, s
                   f"{row['test_loss']:.2f} ({wall:.0f} s)", file=sys.stderr, flush=True)
         if not math.isfinite(row["train_loss"]):
             record["status"] = f"diverged at epoch {epoch}"
+        if on_epoch is not None:
+            on_epoch(record)
+        if record["status"] != "ok":
             break
     bar.close()
     return record
@@ -299,9 +303,13 @@ def main(argv=None) -> dict:
             continue
         for lr in sweeps[name]:
             try:
+                done = list(result["runs"])
                 record = run_one(name, lr, split, epochs=args.epochs, seed=args.seed,
                                  device=device, dtype=dtype, batch=args.batch,
-                                 backend=args.backend, progress=not args.no_progress)
+                                 backend=args.backend, progress=not args.no_progress,
+                                 on_epoch=lambda rec: _write(output, {**result,
+                                                                      "runs": done + [rec]},
+                                                             args.merge))
             except Exception as error:  # noqa: BLE001 - one failing peer must not end the run
                 label = name if lr is None else f"{name} lr={lr:g}"
                 print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
