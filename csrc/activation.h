@@ -41,8 +41,11 @@ LOCOPROP_HD float exp_fp32(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // 2^n built directly in the exponent field; n is in [-126, 127] after the clamp.
-  return p * bits_float(uint32_t(int32_t(n) + 127) << 23);
+  // 2^n built directly in the exponent field; n is in [-126, 127] after the clamp. A NaN x
+  // gives a NaN p (through r) whatever the scale, but converting a NaN n to an integer is
+  // undefined behaviour in C++: it goes through a select of 0 first.
+  const float n_finite = n == n ? n : 0.0f;
+  return p * bits_float(uint32_t(int32_t(n_finite) + 127) << 23);
 }
 
 // Below this |z| tanh uses its odd Taylor series: (1 - e^{-2z}) / (1 + e^{-2z}) loses about
