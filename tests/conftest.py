@@ -20,6 +20,10 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["reference", "triton"] + (["cpp"] if backends.cpp_available() else [])
 
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+#: For tests that run the triton backend on CPU tensors: that needs the interpreter, which is
+#: off where a GPU is present (there the backend refuses CPU tensors with a ValueError).
+requires_interpreter = pytest.mark.skipif(
+    HAS_CUDA, reason="triton on CPU tensors runs only under the interpreter (no GPU)")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

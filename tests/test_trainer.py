@@ -15,7 +15,7 @@ from torch import nn
 
 import locoprop_kernels as lk
 
-from conftest import rel_err
+from conftest import DEVICE, rel_err, requires_interpreter
 
 SIZES = [7, 5, 3, 7]                      # odd widths; an autoencoder: output width = input
 ACTS = [nn.Tanh, nn.Identity]             # hidden activations; the output layer's f: sigmoid
@@ -219,6 +219,7 @@ def test_load_state_dict_rejects_another_model_and_changes_nothing():
     assert torch.equal(opt.params.buffer, before)
 
 
+@requires_interpreter
 def test_one_rmsprop_launch_per_inner_iteration():
     """All layers' parameters take one RMSProp launch per inner iteration (triton)."""
     T = 3
@@ -285,9 +286,9 @@ def test_trailing_sigmoid_and_softmax_models_are_accepted():
 
 def test_grouped_triton_path_equals_reference():
     """The path the trainer takes by default on CUDA (grouped launches), here interpreted."""
-    xs = batches(2, dtype=torch.float32)
-    a = make_model(dtype=torch.float32, sizes=[7, 4, 7], acts=[nn.Tanh])
-    b = make_model(dtype=torch.float32, sizes=[7, 4, 7], acts=[nn.Tanh])
+    xs = [x.to(DEVICE) for x in batches(2, dtype=torch.float32)]
+    a = make_model(dtype=torch.float32, sizes=[7, 4, 7], acts=[nn.Tanh]).to(DEVICE)
+    b = make_model(dtype=torch.float32, sizes=[7, 4, 7], acts=[nn.Tanh]).to(DEVICE)
     opt_a = lk.LocoProp(a, bce, backend="triton", grouped=True, lr=1e-2)
     opt_b = lk.LocoProp(b, bce, backend="reference", lr=1e-2)
     for x in xs:
