@@ -335,7 +335,9 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
     Each argument is a Tensor (e.g. a flat arena) or a list of Tensors of matching shapes.
     ``lr`` is a float or a one-element fp32 tensor on the params' device; the triton and
     reference backends read the tensor without a host sync (a captured CUDA graph then
-    picks up its current value at every replay).
+    picks up its current value at every replay). Capturing the step in a CUDA graph needs
+    one contiguous tensor per argument (an arena, as ``LocoProp`` uses): the triton list form
+    copies its address table from the host at every call, which a capture does not allow.
     Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or fp32,
     state fp32. ``momentum_bufs`` may be None when momentum == 0.
     """
