@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU (the device tool: 15 minutes of device time per issue,
+# every start counted). From the repository root on the device machine:
+#
+#     bash bench/device_run.sh            # everything below, logs and results under $OUT
+#
+# Ordered by value per minute, each step under its own time limit so that one slow step
+# (first-call Triton compiles, torch.compile of the unrolled reference loop) cannot eat the
+# rest: build with CUDA, the GPU tests, the GPU suite at batch 1000 fp32 (the issue's headline
+# configuration), the CUDA RMSProp bandwidth, then the wider suite configurations and the rest
+# of the tests if time is left. Results land in $OUT (and bench/results/ on the device copy);
+# commit them here with the card's name. A step that fails or times out is recorded in
+# $OUT/steps.txt and the run goes on.
+set -uo pipefail
+OUT=${OUT:-/tmp/locoprop-device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STEPS="$OUT/steps.txt"
+: > "$STEPS"
+
+# One device call may run 600 s; DEADLINE (s) leaves room for the reply. A step whose limit
+# would pass it is cut to what is left, and skipped when under 20 s are left.
+DEADLINE=${DEADLINE:-540}
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, record rc
+  local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if (( left < 20 )); then echo "$name skipped: ${left}s left" | tee -a "$STEPS"; return; fi
+  (( limit > left )) && limit=$left
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc limit=${limit}s took=$((SECONDS - t0))s" | tee -a "$STEPS"
+  tail -n 15 "$OUT/$name.log"
+}
+
+step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, \
+triton.__version__, torch.cuda.get_device_name())'; which nvcc cmake ninja; \
+$PY -m pybind11 --version; $PY -m pytest --version; $PY -c 'import hypothesis'"
+
+# The editable install builds locoprop_kernels._C with the CUDA kernels (sm_90 for Hopper).
+step build 180 env LOCOPROP_CUDA=ON LOCOPROP_REQUIRE_EXT=1 \
+  $PY -m pip install --no-deps --no-build-isolation -e .
+step build_info 60 $PY -c "from locoprop_kernels import cpp_backend; print(cpp_backend.build_info())"
+
+# GPU-only tests first (native bf16/fp16 dots, tf32, wide softmax rows, CUDA C++, the CUDA
+# graph inner loop, cross-device checkpoints), then the per-op tests on CUDA tensors.
+step tests_gpu 180 $PY -m pytest -q --timeout 120 tests/test_gpu.py tests/test_cpp_backend.py \
+  tests/test_inner_loop.py tests/test_grouped.py tests/test_checkpoint.py tests/test_trainer.py
+step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b1000-fp32" \
+  --batches 1000 --dtypes float32
+step rmsprop_bandwidth 90 $PY bench/cuda_rmsprop_bandwidth.py
+cp bench/results/cuda-rmsprop-*.json "$OUT/" 2>/dev/null
+step suite_b4096_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b4096-fp32" \
+  --batches 4096 --dtypes float32
+step suite_bf16 180 $PY bench/gpu_suite.py --out "$OUT/suite-bf16" \
+  --batches 1000,4096 --dtypes bfloat16
+step tests_rest 300 $PY -m pytest -q --timeout 120 tests
+echo "=== summary"
+cat "$STEPS"
+cat "$OUT"/suite-b1000-fp32/*.md 2>/dev/null
