@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test install bench clean cuda-check demo
+.PHONY: test install bench clean cuda-check triton-check demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ cuda-check: $(STAMP)
 	$(CXX) -std=c++17 -fsyntax-only -Wall -Werror -DLOCOPROP_WITH_CUDA \
 	  -DLOCOPROP_CUDA_ARCHS='"$(CUDA_ARCH)"' $$($(PY) -m pybind11 --includes) csrc/bindings.cpp
 	@echo "cuda-check: csrc/cuda compiles for sm_$(CUDA_ARCH)"
+
+# Compile every Triton kernel variant the launchers produce for sm_90 with the installed
+# Triton, no GPU needed: the tests run the kernels under the interpreter, which never
+# compiles them. Fails on a compile error or a dot precision that is not what was asked.
+triton-check: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) tools/triton_compile_check.py --arch $(CUDA_ARCH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

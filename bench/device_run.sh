@@ -52,6 +52,10 @@ step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b1000-fp32" \
   --batches 1000 --dtypes float32
 step rmsprop_bandwidth 90 $PY bench/cuda_rmsprop_bandwidth.py
 cp bench/results/cuda-rmsprop-*.json "$OUT/" 2>/dev/null
+# A/B: the same configuration with 8 warps per program (the 64-wide tile kernels spill at 4;
+# see LOCOPROP_TRITON_WARPS in triton_kernels/_launch.py). Compare with suite_b1000_fp32.
+step suite_b1000_fp32_8warps 150 env LOCOPROP_TRITON_WARPS=8 $PY bench/gpu_suite.py \
+  --out "$OUT/suite-b1000-fp32-8warps" --batches 1000 --dtypes float32
 step suite_b4096_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b4096-fp32" \
   --batches 4096 --dtypes float32
 step suite_bf16 180 $PY bench/gpu_suite.py --out "$OUT/suite-bf16" \

@@ -266,6 +266,7 @@ def main(argv=None):
     batches = [8] if args.smoke else [int(b) for b in args.batches.split(",")]
     dtypes = ["float32"] if args.smoke else args.dtypes.split(",")
     results = {"device": device_name(device), "torch": torch.__version__,
+               "triton_warps": os.environ.get("LOCOPROP_TRITON_WARPS") or "default (4)",
                "command": " ".join(["python", *sys.argv]), "T": 10, "smoke": args.smoke,
                "ops": op_rows(device, reps, warmup, args.smoke), "outer": {}}
     for batch in batches:

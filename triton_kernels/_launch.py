@@ -7,9 +7,20 @@ import os
 LAUNCHES = collections.Counter()
 
 
+#: Environment variable: warps per program for every launch (Triton's default, 4, when unset).
+#: A knob for timing on a GPU without an edit: at 4 warps the sm_90 compile of the 64-wide
+#: tile kernels spills to local memory (up to ~1.6 KB per thread for the softmax epilogue,
+#: ~4.9 KB for the half-precision weight gradient), at 8 it spills <= 0.45 KB
+#: (tools/triton_compile_check.py --num-warps N). Which is faster is not measured yet.
+WARPS_ENV = "LOCOPROP_TRITON_WARPS"
+
+
 def launch(kernel, grid, *args, **kwargs):
     """Launch ``kernel[grid](*args, **kwargs)`` and count it."""
     LAUNCHES["triton"] += 1
+    warps = os.environ.get(WARPS_ENV)
+    if warps:
+        kwargs.setdefault("num_warps", int(warps))
     kernel[grid](*args, **kwargs)
 
 
