@@ -19,11 +19,13 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from locoprop_kernels.experiments import autoencoder  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-AUTOENCODER = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+AUTOENCODER = autoencoder.layer_sizes()
 BASELINE = "eager"
 _RESULTS = defaultdict(dict)  # group -> name -> median seconds
 

@@ -34,10 +34,11 @@ import torch
 import locoprop_kernels as lk
 from locoprop_kernels import backends, reference
 from locoprop_kernels.activations import get_activation
+from locoprop_kernels.experiments import autoencoder
 
-SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
 # tanh hidden layers, a linear 30-unit code layer, sigmoid output (its logits feed L).
-ACTS = ["tanh", "tanh", "tanh", "identity", "tanh", "tanh", "tanh", "sigmoid"]
+SIZES = autoencoder.layer_sizes()
+ACTS = autoencoder.layer_activations(len(SIZES) - 1)
 BATCH = 1000
 INNER_STEPS = 10
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,9 +31,11 @@ if not torch.cuda.is_available():
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels import reference  # noqa: E402
+from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
-SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
-ACTS = ["tanh", "tanh", "tanh", "identity", "tanh", "tanh", "tanh", "sigmoid"]
+# The official autoencoder: tanh hidden layers, a linear 30-unit code layer, sigmoid output.
+SIZES = autoencoder.layer_sizes()
+ACTS = autoencoder.layer_activations(len(SIZES) - 1)
 
 
 def device_name(device: str) -> str:

@@ -35,6 +35,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from locoprop_kernels.activations import ACTIVATIONS  # noqa: E402
+from locoprop_kernels.experiments import autoencoder  # noqa: E402
+from locoprop_kernels.grouped import LayerGroup, LayerSpec  # noqa: E402
 from locoprop_kernels.triton_kernels import (  # noqa: E402
     grouped_matched_loss_grad as grouped, local_targets, matched_loss_grad, rmsprop)
 
@@ -44,8 +46,8 @@ POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
 DOT_KERNELS = ("_delta_kernel", "_weight_grad_kernel", "_grouped_delta_kernel",
                "_grouped_weight_grad_kernel")
 # The deep autoencoder's layers (DESIGN section 2): the grouped kernels' real table.
-AUTOENCODER = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
-AUTOENCODER_ACTS = ["tanh"] * 3 + ["identity"] + ["tanh"] * 3 + ["sigmoid"]
+AUTOENCODER = autoencoder.layer_sizes()
+AUTOENCODER_ACTS = autoencoder.layer_activations(len(AUTOENCODER) - 1)
 
 
 def arg_type(value) -> str:
@@ -168,20 +170,19 @@ def grouped_cases(compiler: Compiler) -> None:
         if dtype != torch.float32 and precision != "ieee":
             continue
         batch = 1000 if name == "autoencoder" else 3
-        rows, x_off, p_off, y_off = [], 0, 0, 0
-        for d_in, d_out, act in zip(sizes, sizes[1:], acts):
-            rows.append(dict(x_off=x_off, w_off=p_off, b_off=p_off + d_out * d_in,
-                             yd_off=y_off, d_in=d_in, d_out=d_out,
-                             code=ACTIVATIONS[act].code))
-            x_off, p_off, y_off = x_off + batch * d_in, p_off + d_out * (d_in + 1), \
-                y_off + batch * d_out
-        plan = grouped.plan(batch, rows, "cpu")
-        params = torch.empty(p_off, dtype=dtype)
+        # The trainer's layout (LayerGroup's arenas and layer rows), planned as the triton
+        # backend plans it; the reference backend only stands in for building the group.
+        group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
+                            in zip(sizes, sizes[1:], acts)], batch, device="cpu", dtype=dtype,
+                           backend="reference")
+        plan = grouped.plan(batch, group._layer_rows(), "cpu")
+        params = torch.empty(group.num_params, dtype=dtype)
         compiler.context = f"{dtype} {name}"
         grouped.grouped_matched_loss_grad_(
-            plan, torch.empty(x_off, dtype=dtype), params, torch.empty(y_off, dtype=dtype),
-            torch.empty(y_off), torch.empty(p_off), anchors=params if has_prox else None,
-            eta=0.5 if has_prox else None, precision=precision)
+            plan, group.inputs.buffer, params, group.targets.buffer,
+            torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
+            anchors=params if has_prox else None, eta=0.5 if has_prox else None,
+            precision=precision)
 
 
 def rmsprop_cases(compiler: Compiler) -> None:

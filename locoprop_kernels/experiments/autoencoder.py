@@ -45,6 +45,11 @@ OFFICIAL_LOG = {"epochs": [2, 3, 5, 10, 14], "train_loss": [122.7, 80.7, 65.2, 5
 
 # ----------------------------------------------------------------------------- model, loss
 
+def layer_sizes(d: int = 784) -> list:
+    """Widths of the official autoencoder for d-pixel images: d-1000-500-250-30-250-500-1000-d."""
+    return [d] + HIDDEN + [d]
+
+
 def layer_activations(n_layers: int) -> list:
     """f of each Linear: tanh, the code layer identity, the output layer sigmoid (its local
     loss only: the model itself returns logits)."""
@@ -64,7 +69,7 @@ def glorot_uniform_(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 def build_model(d: int, *, seed: int = 0, device="cpu", dtype=torch.float32) -> nn.Sequential:
     """The official autoencoder for d-pixel images, Glorot-initialised from ``seed``."""
-    sizes = [d] + HIDDEN + [d]
+    sizes = layer_sizes(d)
     g = torch.Generator().manual_seed(seed)
     acts = layer_activations(len(sizes) - 1)
     mods = []
