@@ -86,6 +86,14 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
 
 
 @triton.jit
+def _add_prox(grad, p_ptr, p0_ptr, offs, mask, inv_eta):
+    """grad + (P - P0) / eta on a tile: the prox term's gradient, in fp32."""
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p0 = tl.load(p0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return grad + (p - p0) * inv_eta
+
+
+@triton.jit
 def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
                       pid_n, pid_k, B, N, K, scale, inv_eta, has_bias,
                       HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,17 +118,13 @@ def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr
     w_ok = (outs[:, None] < N) & (ins[None, :] < K)
     grad = acc * scale
     if HAS_PROX:
-        w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
-        w0 = tl.load(w0_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
-        grad += (w - w0) * inv_eta
+        grad = _add_prox(grad, w_ptr, w0_ptr, w_offs, w_ok, inv_eta)
     tl.store(gw_ptr + w_offs, grad.to(gw_ptr.dtype.element_ty), mask=w_ok)
     b_ok = ((outs < N) & (tl.full((BLOCK_N,), pid_k, tl.int32) == 0)
             & (tl.full((BLOCK_N,), has_bias, tl.int32) != 0))
     grad_b = acc_b * scale
     if HAS_PROX:
-        b = tl.load(b_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
-        b0 = tl.load(b0_ptr + outs, mask=b_ok, other=0.0).to(tl.float32)
-        grad_b += (b - b0) * inv_eta
+        grad_b = _add_prox(grad_b, b_ptr, b0_ptr, outs, b_ok, inv_eta)
     tl.store(gb_ptr + outs, grad_b.to(gb_ptr.dtype.element_ty), mask=b_ok)
 
 
