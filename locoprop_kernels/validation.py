@@ -7,6 +7,7 @@ what was given. Shape/dtype checks work on fake tensors too (``register_fake`` c
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -106,17 +107,12 @@ def _is_fake(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or isinstance(t, _fake_tensor_type())
 
 
+@functools.lru_cache(maxsize=None)
 def _fake_tensor_type() -> type:
     # Imported on first use (torch._subclasses pulls in much of torch._dynamo's dependencies),
     # then cached: the aliasing check runs on every call of every op.
-    global _FAKE_TENSOR
-    if _FAKE_TENSOR is None:
-        from torch._subclasses.fake_tensor import FakeTensor
-        _FAKE_TENSOR = FakeTensor
-    return _FAKE_TENSOR
-
-
-_FAKE_TENSOR = None
+    from torch._subclasses.fake_tensor import FakeTensor
+    return FakeTensor
 
 
 def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) -> None:
