@@ -106,8 +106,9 @@ def bench_rmsprop(repeats):
         be = backends.resolve("rmsprop_step_", "cpp", torch.device("cpu"))
         state = [[t.clone() for t in tensors], grads, [torch.zeros_like(t) for t in tensors],
                  [torch.zeros_like(t) for t in tensors]]
-        return lambda: be.rmsprop_step_(*state, kw["lr"], kw["alpha"], kw["eps"],
-                                        kw["momentum"], "torch")
+        options = lk.RMSpropOptions(style="torch", alpha=kw["alpha"], eps=kw["eps"],
+                                    momentum=kw["momentum"])
+        return lambda: be.rmsprop_step_(*state, [], kw["lr"], options)
 
     entries = {"cpp (16 tensors)": ours("cpp"), "cpp (flat arena)": ours("cpp", arena=True),
                "cpp backend, no op-layer checks (16 tensors)": backend_only(),
@@ -326,7 +327,7 @@ def main(argv=None):
             "inner_steps": INNER_STEPS, "repeats": args.repeats,
             # The machine is shared: other processes' load stretches every entry of a round.
             "load_average_before_after": [load_before, os.getloadavg()],
-            "cpp_build": lk.cpp_backend.build_info() if _has_cpp() else None,
+            "cpp_build": _cpp_build_info(),
             "groups": {g: {"baseline": base, "median_s": res} for g, (res, base) in groups.items()},
             "targets": checks}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -341,12 +342,10 @@ def main(argv=None):
     (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
 
 
-def _has_cpp() -> bool:
-    try:
-        importlib.import_module("locoprop_kernels.cpp_backend")
-        return True
-    except ImportError:
-        return False
+def _cpp_build_info():
+    if not backends.cpp_available():
+        return None
+    return importlib.import_module("locoprop_kernels.backends.cpp").build_info()
 
 
 if __name__ == "__main__":

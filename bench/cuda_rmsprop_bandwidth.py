@@ -21,7 +21,7 @@ import torch
 
 import locoprop_kernels as lk
 from gpu_suite import SIZES, median_ms  # the same timing as the GPU suite (bench/ is on the path)
-from locoprop_kernels import cpp_backend
+from locoprop_kernels.backends import cpp as cpp_backend
 
 BIG_ARENA = 1 << 26  # 256 MB per fp32 stream: far past L2 (50 MB on H100), kernel-bound
 

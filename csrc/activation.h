@@ -1,8 +1,11 @@
 // The C++ side of the one activation table (locoprop_kernels/activations.py).
 //
-// The integer codes are the table's `code` column: Python passes them through unchanged.
-// Adding an activation is one enum value, one branch in `apply_elementwise` (or a row-wise
-// kernel, like softmax) and one case in `dispatch_activation`.
+// The integer codes are the table's `code` column: Python passes them through unchanged, and
+// `_C.ACTIVATION_CODES` exports `kActivations` below so that a test can hold the two tables
+// side by side. Adding an element-wise activation is one enum value, one row of
+// `kActivations` and one branch in `apply_elementwise`, all in this header: the dispatch is
+// generated from `kActivations`, and every kernel, CPU or CUDA, calls `apply_elementwise<A>`
+// for all codes but Softmax (the one row-wise activation, which has its own kernels).
 //
 // The fp32 functions below avoid libm on purpose: a loop that calls expf/tanhf does not
 // vectorise without -ffast-math, and the epilogues evaluate f on every element of every
@@ -11,6 +14,8 @@
 // selects instead of branches so that the compiler vectorises it and nvcc compiles it.
 #pragma once
 
+#include <cstddef>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -19,7 +24,29 @@
 
 namespace locoprop {
 
-enum class Activation : int { Identity = 0, Tanh = 1, Sigmoid = 2, Softmax = 3, Relu = 4 };
+enum class Activation : int {
+  Identity = 0,
+  Tanh = 1,
+  Sigmoid = 2,
+  Softmax = 3,
+  Relu = 4,
+  LeakyRelu = 5,
+};
+
+// Every activation with the name locoprop_kernels/activations.py gives it.
+struct ActivationName {
+  Activation code;
+  const char* name;
+};
+
+inline constexpr ActivationName kActivations[] = {
+    {Activation::Identity, "identity"}, {Activation::Tanh, "tanh"},
+    {Activation::Sigmoid, "sigmoid"},   {Activation::Softmax, "softmax"},
+    {Activation::Relu, "relu"},         {Activation::LeakyRelu, "leaky_relu"},
+};
+
+// nn.LeakyReLU's default negative slope.
+constexpr float kLeakyReluSlope = 0.01f;
 
 // e^x for x <= 88 (arguments are clamped to [-87.3, 88]: e^-87.3 is the smallest normal
 // float, e^88 < FLT_MAX). Every caller passes x <= 0 except sigmoid's e^-z, where a
@@ -76,6 +103,10 @@ template <Activation A> LOCOPROP_HD float apply_elementwise(float z) {
     return sigmoid_fp32(z);
   } else if constexpr (A == Activation::Relu) {
     return z < 0.0f ? 0.0f : z;  // NaN stays NaN, as torch.relu
+  } else if constexpr (A == Activation::LeakyRelu) {
+    // select_float, not `?:`: GCC will not if-convert the multiply under a condition, and a
+    // branch would keep the loops scalar. NaN * slope stays NaN, -0 stays -0.
+    return select_float(z > 0.0f, z, kLeakyReluSlope * z);
   } else {
     return z;
   }
@@ -84,15 +115,18 @@ template <Activation A> LOCOPROP_HD float apply_elementwise(float z) {
 template <Activation A> using ActivationTag = std::integral_constant<Activation, A>;
 
 // The one switch from a run-time code to a compile-time activation: `fn(ActivationTag<A>{})`.
-template <typename Fn> void dispatch_activation(int code, Fn&& fn) {
-  switch (static_cast<Activation>(code)) {
-    case Activation::Identity: fn(ActivationTag<Activation::Identity>{}); return;
-    case Activation::Tanh: fn(ActivationTag<Activation::Tanh>{}); return;
-    case Activation::Sigmoid: fn(ActivationTag<Activation::Sigmoid>{}); return;
-    case Activation::Softmax: fn(ActivationTag<Activation::Softmax>{}); return;
-    case Activation::Relu: fn(ActivationTag<Activation::Relu>{}); return;
+// It walks `kActivations` at compile time (one `if` per row), so a new row is dispatched with
+// no edit here.
+template <std::size_t I = 0, typename Fn> void dispatch_activation(int code, Fn&& fn) {
+  if constexpr (I < std::size(kActivations)) {
+    if (code == int(kActivations[I].code)) {
+      fn(ActivationTag<kActivations[I].code>{});
+      return;
+    }
+    dispatch_activation<I + 1>(code, fn);
+  } else {
+    throw std::invalid_argument("locoprop: unknown activation code " + std::to_string(code));
   }
-  throw std::invalid_argument("locoprop: unknown activation code " + std::to_string(code));
 }
 
 }  // namespace locoprop

@@ -2,33 +2,60 @@
 //
 // Every tensor crosses as an integer address (`tensor.data_ptr()` in Python) with its sizes
 // and an integer dtype code, so the core has no torch headers and other frameworks can call
-// it too. The caller (locoprop_kernels/cpp_backend.py) guarantees contiguous buffers of the
+// it too. The caller (locoprop_kernels/backends/cpp.py) guarantees contiguous buffers of the
 // stated sizes. The GIL is released while a kernel runs. CUDA entry points take the stream
 // as an integer (`torch.cuda.current_stream().cuda_stream`) and exist only in a CUDA build;
-// `build_info()` says which parts were built.
+// `build_info()` says which parts were built. The integer codes the kernels take are
+// exported from their one C++ definition: ACTIVATION_CODES (activation.h), DTYPE_CODES
+// (storage.h), RMSPROP_TABLE_COLUMNS (rmsprop.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <charconv>
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "activation.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
+#include "rmsprop.h"
+#include "storage.h"
 #if defined(LOCOPROP_WITH_CUDA)
 #include "cuda/kernels.h"
 #endif
 
 namespace py = pybind11;
-using locoprop::cpu::kRmspropColumns;
+using locoprop::kRmspropColumns;
+using locoprop::RmspropOptions;
 
 namespace {
 
 template <typename T = void> T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
-void check_table(const std::vector<int64_t>& table) {
+// The size of the table; its rows are checked by the kernels' entry points
+// (check_rmsprop_table), which throw std::invalid_argument: ValueError here.
+int64_t table_rows(const std::vector<int64_t>& table) {
   if (table.empty() || table.size() % kRmspropColumns != 0)
     throw std::invalid_argument("rmsprop table: expected a non-empty multiple of " +
-                                std::to_string(kRmspropColumns) + " integers per tensor");
+                                std::to_string(kRmspropColumns) + " integers (" +
+                                std::to_string(kRmspropColumns) + " per tensor), got " +
+                                std::to_string(table.size()));
+  return int64_t(table.size()) / kRmspropColumns;
+}
+
+// Floats in their shortest round-trip form ("0.99", not "0.99000001").
+std::string repr(const RmspropOptions& o) {
+  auto num = [](float v) {
+    char buf[32];
+    const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;
+    return std::string(buf, end);
+  };
+  auto flag = [](bool b) { return b ? std::string("True") : std::string("False"); };
+  return "RmspropOptions(style_tf=" + flag(o.style_tf) + ", alpha=" + num(o.alpha) +
+         ", one_minus_alpha=" + num(o.one_minus_alpha) + ", eps=" + num(o.eps) +
+         ", weight_decay=" + num(o.weight_decay) + ", momentum=" + num(o.momentum) +
+         ", centered=" + flag(o.centered) + ", maximize=" + flag(o.maximize) + ")";
 }
 
 py::dict build_info() {
@@ -42,15 +69,35 @@ py::dict build_info() {
 #else
   info["cuda"] = false;
 #endif
-  info["rmsprop_columns"] = kRmspropColumns;
   return info;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "locoprop-kernels C++/CUDA kernels (raw pointers; see locoprop_kernels/cpp_backend.py)";
+  m.doc() = "locoprop-kernels C++/CUDA kernels (raw pointers; see locoprop_kernels/backends/cpp.py)";
   m.def("build_info", &build_info, "Which parts were built: {'cpu', 'openmp', 'cuda', ...}");
+
+  py::dict activation_codes;
+  for (const auto& a : locoprop::kActivations) activation_codes[a.name] = int(a.code);
+  m.attr("ACTIVATION_CODES") = activation_codes;
+  py::dict dtype_codes;
+  for (const auto& d : locoprop::kDtypes) dtype_codes[d.name] = int(d.code);
+  m.attr("DTYPE_CODES") = dtype_codes;
+  m.attr("RMSPROP_TABLE_COLUMNS") = int(kRmspropColumns);
+
+  py::class_<RmspropOptions>(m, "RmspropOptions",
+                             "Everything of an RMSProp update but lr (csrc/rmsprop.h)")
+      .def(py::init<>())
+      .def_readwrite("style_tf", &RmspropOptions::style_tf)
+      .def_readwrite("alpha", &RmspropOptions::alpha)
+      .def_readwrite("one_minus_alpha", &RmspropOptions::one_minus_alpha)
+      .def_readwrite("eps", &RmspropOptions::eps)
+      .def_readwrite("weight_decay", &RmspropOptions::weight_decay)
+      .def_readwrite("momentum", &RmspropOptions::momentum)
+      .def_readwrite("centered", &RmspropOptions::centered)
+      .def_readwrite("maximize", &RmspropOptions::maximize)
+      .def("__repr__", &repr);
 
   m.def("matched_loss_delta",
         [](uintptr_t z, uintptr_t bias, uintptr_t target, int dtype, int64_t B, int64_t n,
@@ -79,15 +126,16 @@ PYBIND11_MODULE(_C, m) {
         },
         "y = f(z) - gamma * g, (B, n)");
   m.def("rmsprop_multi",
-        [](const std::vector<int64_t>& table, float lr, float alpha, float one_minus_alpha,
-           float eps, float momentum, bool style_tf, bool has_momentum) {
-          check_table(table);
+        [](const std::vector<int64_t>& table, float lr, const RmspropOptions& options) {
+          const int64_t rows = table_rows(table);
+          const RmspropOptions o = options;  // a copy: the kernel runs without the GIL
           py::gil_scoped_release nogil;
-          locoprop::cpu::rmsprop_multi(table.data(), int64_t(table.size()) / kRmspropColumns, lr,
-                                       alpha, one_minus_alpha, eps, momentum, style_tf,
-                                       has_momentum);
+          locoprop::cpu::rmsprop_multi(table.data(), rows, lr, o);
         },
-        "One RMSProp step for all tensors; table rows: p, g, ms, buf, numel, p_dtype, g_dtype");
+        py::arg("table"), py::arg("lr"), py::arg("options"),
+        "One RMSProp step for all tensors. Table rows (RMSPROP_TABLE_COLUMNS int64 each): "
+        "param, grad, square_avg, momentum_buf (0 if momentum == 0), grad_avg (0 if not "
+        "centered) addresses, numel, param dtype code, grad dtype code");
 
 #if defined(LOCOPROP_WITH_CUDA)
   m.def("cuda_matched_loss_delta",
@@ -117,13 +165,13 @@ PYBIND11_MODULE(_C, m) {
                                         ptr(stream));
         });
   m.def("cuda_rmsprop_multi",
-        [](const std::vector<int64_t>& table, float lr, float alpha, float one_minus_alpha,
-           float eps, float momentum, bool style_tf, bool has_momentum, uintptr_t stream) {
-          check_table(table);
+        [](const std::vector<int64_t>& table, float lr, const RmspropOptions& options,
+           uintptr_t stream) {
+          const int64_t rows = table_rows(table);
+          const RmspropOptions o = options;
           py::gil_scoped_release nogil;
-          locoprop::cuda::rmsprop_multi(table.data(), int64_t(table.size()) / kRmspropColumns,
-                                        lr, alpha, one_minus_alpha, eps, momentum, style_tf,
-                                        has_momentum, ptr(stream));
-        });
+          locoprop::cuda::rmsprop_multi(table.data(), rows, lr, o, ptr(stream));
+        },
+        py::arg("table"), py::arg("lr"), py::arg("options"), py::arg("stream"));
 #endif
 }

@@ -1,7 +1,9 @@
 // Things every kernel file needs, on the host and (under nvcc) on the device: a qualifier
-// macro and bit casts. No torch, no CUDA runtime headers: a plain C++17 header.
+// macro, bit casts and the correctly rounded sqrt and division. No torch, no CUDA runtime
+// headers: a plain C++17 header.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -28,6 +30,33 @@ LOCOPROP_HD float bits_float(uint32_t u) {
   float f;
   memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// c ? a : b on the bits: the same value, but a select the vectoriser takes even where `a` is
+// float arithmetic (which GCC will not evaluate unconditionally while FP traps may be on).
+LOCOPROP_HD float select_float(bool c, float a, float b) {
+  const uint32_t mask = c ? ~0u : 0u;
+  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+}
+
+// IEEE (correctly rounded) sqrt and division on both sides, so that an optimizer tracks its
+// PyTorch twin to rounding. On the device the _rn intrinsics keep them exact even under
+// --use_fast_math; on the host std::sqrt and '/' are exact as long as nothing builds with
+// -ffast-math (the CMake flags only drop errno, which lets the vectoriser use sqrtps).
+LOCOPROP_HD float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+LOCOPROP_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
 }
 
 }  // namespace locoprop

@@ -1,6 +1,6 @@
 // Storage dtypes: tensors are stored as fp32, fp16 or bf16, the math is always fp32.
 //
-// `Dtype` codes travel from Python as plain integers (cpp_backend.py's DTYPE_CODES). The
+// `Dtype` codes travel from Python as plain integers (`_C.DTYPE_CODES`, from `kDtypes`). The
 // conversions are written with integer bit operations so that the same code runs on the CPU
 // (where the loops stay vectorisable: no library calls, no branches the compiler cannot
 // turn into selects) and on the GPU. Rounding is round-to-nearest-even, like torch's casts.
@@ -11,6 +11,15 @@
 namespace locoprop {
 
 enum class Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// Every storage dtype with torch's name for it.
+struct DtypeName {
+  Dtype code;
+  const char* name;
+};
+
+inline constexpr DtypeName kDtypes[] = {
+    {Dtype::F32, "float32"}, {Dtype::F16, "float16"}, {Dtype::BF16, "bfloat16"}};
 
 // Distinct 16-bit storage types, so that templates dispatch on them.
 struct f16 { uint16_t bits; };

@@ -4,27 +4,35 @@ Each transfer function f of a LocoProp layer has a convex potential F with dF/dz
 (DESIGN.md section 2). A layer's local loss is ``F(z) - y.z`` per row, so its gradient in z is
 ``f(z) - y``: the "matched" loss.
 
-| name     | f(z)                  | F(z) per row          | row-wise |
-|----------|-----------------------|-----------------------|----------|
-| tanh     | tanh z                | sum log cosh z        | no       |
-| sigmoid  | 1 / (1 + exp(-z))     | sum softplus z        | no       |
-| softmax  | exp z / sum exp z     | logsumexp z           | yes      |
-| identity | z                     | sum z^2 / 2           | no       |
-| relu     | max(z, 0)             | sum relu(z)^2 / 2     | no       |
+| name       | f(z)                   | F(z) per row                  | modules                  |
+|------------|------------------------|-------------------------------|--------------------------|
+| identity   | z                      | sum z^2 / 2                   | nn.Identity              |
+| tanh       | tanh z                 | sum log cosh z                | nn.Tanh                  |
+| sigmoid    | 1 / (1 + exp(-z))      | sum softplus z                | nn.Sigmoid               |
+| softmax    | exp z / sum exp z      | logsumexp z  (row-wise)       | nn.Softmax(dim=-1)       |
+| relu       | max(z, 0)              | sum relu(z)^2 / 2             | nn.ReLU                  |
+| leaky_relu | z > 0 ? z : 0.01 z     | sum z leaky_relu(z) / 2       | nn.LeakyReLU(0.01)       |
 
-``code`` is the integer every compiled backend switches on (a Triton ``tl.constexpr`` and the
-C++ ``Activation`` enum in ``csrc/activation.h``): adding an activation is one row here, one
-branch in ``triton_kernels/activation.py`` and one in ``csrc/activation.h``.
+``code`` is the integer every compiled backend switches on: a Triton ``tl.constexpr`` in
+``triton_kernels/activation.py`` and the C++ ``Activation`` enum in ``csrc/activation.h``
+(exported as ``_C.ACTIVATION_CODES``); tests/test_activation_table.py checks that both agree
+with this table. Adding an activation is one row here, one branch in each of those two files.
+``modules`` are the ``nn.Module`` types that compute f; ``module_mismatch`` says why an
+instance of one of them computes something else (a softmax over another dim, another slope).
 This module imports only torch: the reference and the kernels both read it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F_nn
+from torch import nn
+
+#: nn.LeakyReLU()'s default slope, the only one the kernels implement.
+LEAKY_RELU_SLOPE = 0.01
 
 
 def _log_cosh(z: torch.Tensor) -> torch.Tensor:
@@ -33,30 +41,69 @@ def _log_cosh(z: torch.Tensor) -> torch.Tensor:
     return a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
 
 
+def _any_instance(module: nn.Module) -> Optional[str]:
+    return None
+
+
+def _softmax_mismatch(module: nn.Module) -> Optional[str]:
+    # Our softmax is over the row of a (B, d) pre-activation: dim -1 (or 1, the same axis).
+    if module.dim in (-1, 1):
+        return None
+    return f"nn.Softmax over the features (dim=-1 or dim=1), got nn.Softmax(dim={module.dim})"
+
+
+def _leaky_relu_mismatch(module: nn.Module) -> Optional[str]:
+    if module.negative_slope == LEAKY_RELU_SLOPE:
+        return None
+    return (f"nn.LeakyReLU with negative_slope {LEAKY_RELU_SLOPE} (the only slope the kernels "
+            f"implement), got negative_slope {module.negative_slope}")
+
+
 @dataclass(frozen=True)
 class Activation:
-    """One transfer function: its name, code, f, potential F (summed over the last dim)."""
+    """One transfer function: name, code, f, potential F (summed over the last dim), the
+    module types that compute it and why an instance of them might not."""
 
     name: str
     code: int
     f: Callable[[torch.Tensor], torch.Tensor]
     potential: Callable[[torch.Tensor], torch.Tensor]
-    row_wise: bool = False  # f of one element depends on its whole row (softmax)
+    modules: tuple = ()
+    module_mismatch: Callable[[nn.Module], Optional[str]] = _any_instance
 
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", 0, lambda z: z, lambda z: 0.5 * (z * z).sum(-1)),
-        Activation("tanh", 1, torch.tanh, lambda z: _log_cosh(z).sum(-1)),
-        Activation("sigmoid", 2, torch.sigmoid, lambda z: F_nn.softplus(z).sum(-1)),
+        Activation("identity", 0, lambda z: z, lambda z: 0.5 * (z * z).sum(-1), (nn.Identity,)),
+        Activation("tanh", 1, torch.tanh, lambda z: _log_cosh(z).sum(-1), (nn.Tanh,)),
+        Activation("sigmoid", 2, torch.sigmoid, lambda z: F_nn.softplus(z).sum(-1),
+                   (nn.Sigmoid,)),
         Activation("softmax", 3, lambda z: torch.softmax(z, dim=-1),
-                   lambda z: torch.logsumexp(z, dim=-1), row_wise=True),
-        Activation("relu", 4, torch.relu, lambda z: 0.5 * (torch.relu(z) ** 2).sum(-1)),
+                   lambda z: torch.logsumexp(z, dim=-1), (nn.Softmax,), _softmax_mismatch),
+        Activation("relu", 4, torch.relu, lambda z: 0.5 * (torch.relu(z) ** 2).sum(-1),
+                   (nn.ReLU,)),
+        Activation("leaky_relu", 5, lambda z: F_nn.leaky_relu(z, LEAKY_RELU_SLOPE),
+                   lambda z: 0.5 * (z * F_nn.leaky_relu(z, LEAKY_RELU_SLOPE)).sum(-1),
+                   (nn.LeakyReLU,), _leaky_relu_mismatch),
     )
 }
 
 NAMES = tuple(ACTIVATIONS)
+
+
+def activation_of_module(module: nn.Module, *, op: str = "locoprop",
+                         arg: str = "model") -> Optional[Activation]:
+    """The table entry whose f ``module`` computes; None when it is no activation module.
+    A ValueError naming ``op`` and ``arg`` when it is one of the types but computes another
+    function (e.g. ``nn.LeakyReLU(0.2)``)."""
+    for act in ACTIVATIONS.values():
+        if type(module) in act.modules:
+            problem = act.module_mismatch(module)
+            if problem is not None:
+                raise ValueError(f"{op}: argument '{arg}' expected {problem}")
+            return act
+    return None
 
 
 def get_activation(name: str, *, op: str = "locoprop") -> Activation:

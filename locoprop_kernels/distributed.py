@@ -111,7 +111,3 @@ class DataParallel:
     def local_eta(self, eta: Optional[float]) -> Optional[float]:
         """The prox strength each replica uses so that the sum over replicas has 1/eta once."""
         return None if eta is None else eta * self.world_size
-
-    def barrier(self) -> None:
-        if self.active:
-            _dist().barrier(group=self.group)

@@ -3,10 +3,10 @@
 LocoProp's inner loop computes, for every layer l and T times over, the gradient of that
 layer's local objective (``matched_loss_grad``). On small layers the per-layer launches cost
 more than the arithmetic, so ``LayerGroup`` holds the inputs, targets and deltas of all
-layers in flat arenas and, on the triton backend, runs stage 1 of every layer in one launch
-and stage 2 of every layer in another (``triton_kernels/grouped_matched_loss_grad.py``).
-Other backends run the same math layer by layer through ``matched_loss_grad`` (the results
-are the same; only the launch count differs).
+layers in flat arenas and asks its backend for a grouped entry
+(``Backend.grouped_matched_loss_grad``): on triton, stage 1 of every layer is one launch and
+stage 2 of every layer another. Backends without one run the same math layer by layer through
+``matched_loss_grad`` (the results are the same; only the launch count differs).
 
 Layout. Parameters of all layers live in one flat buffer in ``nn.Sequential`` order:
 W_0 (d_out, d_in), b_0 (d_out,) if the layer has a bias, W_1, b_1, ...; ``param_shapes``
@@ -14,7 +14,6 @@ gives it. Gradients and prox anchors use the same layout.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -78,16 +77,12 @@ class LayerGroup:
         self.inputs = Arena([(batch, l.d_in) for l in self.layers], dtype=dtype, device=device)
         self.targets = Arena([(batch, l.d_out) for l in self.layers], dtype=dtype,
                              device=device)
-        self.backend = backends.resolve(OP, backend, self.device)
-        self._plan = None
-        if self.backend.name == "triton":
-            self._kernels = importlib.import_module(
-                "locoprop_kernels.triton_kernels.grouped_matched_loss_grad")
-            self.deltas = Arena([(batch, l.d_out) for l in self.layers], dtype=torch.float32,
-                                device=device)
-            self._plan = self._kernels.plan(batch, self._layer_rows(), self.device)
+        self.backend = backends.resolve(OP, backend, self.device, dtype)
+        self._grouped = self.backend.grouped_matched_loss_grad(self)
 
-    def _layer_rows(self) -> list:
+    def layer_table(self) -> list:
+        """One dict per layer: offsets of X_l (``x_off``), W_l, b_l (None without bias) and
+        Y_l (``yd_off``) in their flat buffers, d_in, d_out and the activation code."""
         rows, p = [], 0
         offsets = layout_offsets(self.param_shapes)
         for i, layer in enumerate(self.layers):
@@ -121,11 +116,8 @@ class LayerGroup:
         if eta is not None:
             check_number(OP, "eta", eta, low=0.0, low_open=True)
             self._check_flat("anchors", anchors, dtype=self.dtype)
-        if self._plan is not None:
-            self._kernels.grouped_matched_loss_grad_(
-                self._plan, self.inputs.buffer, params, self.targets.buffer,
-                self.deltas.buffer, grads, scale=scale, anchors=anchors, eta=eta,
-                precision=self.precision)
+        if self._grouped is not None:
+            self._grouped(params, grads, scale=scale, anchors=anchors, eta=eta)
             return
         p_views = split_views(params, self.param_shapes)
         g_views = split_views(grads, self.param_shapes)

@@ -9,7 +9,7 @@ takes T RMSProp steps on all local problems together (DESIGN.md section 2):
 
 All of params, grads and the RMSProp state are flat buffers in ``param_shapes`` layout.
 
-CUDA graph (``cuda_graph=True``, CUDA + triton only): the first ``run()`` is eager (it also
+CUDA graph (``cuda_graph=True``, where the backend can be captured: triton on CUDA): the first ``run()`` is eager (it also
 compiles the kernels); the second captures the T iterations once; every later run replays
 them. The per-iteration learning rates live in a device tensor that ``set_lr`` rewrites with a
 device op, so a replay needs no host work and a new outer lr needs no re-capture. Where
@@ -18,12 +18,17 @@ gives the same results: ``graph_state`` says which path is in use.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .grouped import LayerGroup
 from .ops import rmsprop_step_
+from .rmsprop_options import RMSpropOptions
+
+#: The official LocoProp code's inner RMSProp (DESIGN.md section 2).
+OFFICIAL_RMSPROP = RMSpropOptions(style="tf", alpha=0.9, eps=1e-5, momentum=0.999)
 
 
 def inner_lr_factors(inner_steps: int, floor: float) -> list:
@@ -36,8 +41,8 @@ class InnerLoop:
 
     def __init__(self, group: LayerGroup, params: torch.Tensor, square_avgs: torch.Tensor,
                  momentum_bufs: torch.Tensor, *, inner_steps: int = 10, lr: float = 1e-5,
-                 lr_floor: float = 0.25, alpha: float = 0.9, eps: float = 1e-5,
-                 momentum: float = 0.999, style: str = "tf", scale: float = 1.0,
+                 lr_floor: float = 0.25, options: RMSpropOptions = OFFICIAL_RMSPROP,
+                 scale: float = 1.0,
                  eta: Optional[float] = None, grads: Optional[torch.Tensor] = None,
                  cuda_graph: bool = False):
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -49,15 +54,14 @@ class InnerLoop:
             params.shape, dtype=torch.float32, device=params.device)
         self.anchors = params.detach().clone() if eta is not None else None
         self.inner_steps = inner_steps
-        self.rms = dict(alpha=alpha, eps=eps, momentum=momentum, style=style,
-                        backend=group.backend.name)
+        self.rms = dict(dataclasses.asdict(options.check("InnerLoop")),
+                        backend=group.backend.name)  # keywords of rmsprop_step_
         self.scale, self.eta = scale, eta
         self.lr_floor = lr_floor
         self._lrs = torch.empty(inner_steps, dtype=torch.float32, device=params.device)
         self._lr_views = [self._lrs[t:t + 1] for t in range(inner_steps)]
         self.set_lr(lr)
-        self.use_graph = (cuda_graph and params.device.type == "cuda"
-                          and group.backend.name == "triton")
+        self.use_graph = cuda_graph and group.backend.can_capture_graph(params.device)
         self.graph_state = "eager" if not self.use_graph else "warmup"
         self._graph = None
         self._runs = 0

@@ -2,7 +2,7 @@
 
 Each public function packs its arguments and calls a custom op in the ``locoprop`` namespace.
 The op's real implementation validates everything (shapes, dtypes, devices, names, aliasing,
-empty batches) before any write, then dispatches to a backend (``backends.py``). Its
+empty batches) before any write, then dispatches to a backend (``backends/``). Its
 ``register_fake`` twin runs the same shape checks and describes the outputs, so the ops work
 under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
 
@@ -20,13 +20,13 @@ import torch
 
 from . import backends
 from .activations import get_activation
-from .validation import (check_call_types, check_choice, check_matrix, check_no_overlap,
-                         check_number, check_tensor, fail_type, fail_value)
+from .rmsprop_options import STYLES, RMSpropOptions
+from .validation import (is_fake, check_call_types, check_choice, check_matrix,
+                         check_no_overlap, check_number, check_tensor, fail_type, fail_value)
 
 Tensor = torch.Tensor
 PRECISIONS = ("ieee", "tf32")
 VARIANTS = ("M", "S")
-STYLES = ("tf", "torch")
 
 
 def _check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
@@ -36,8 +36,7 @@ def _check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
 
 
 def _check_backend_arg(op: str, backend) -> None:
-    if backend is not None and not isinstance(backend, str):
-        fail_type(op, "backend", f"None or one of {list(backends.NAMES)}", type(backend).__name__)
+    backends.check_name(op, backend)
 
 
 # ---------------------------------------------------------------- matched_loss_grad
@@ -92,7 +91,7 @@ def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anc
 
 def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
                            anchor_bias, eta, backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device)
+    be = backends.resolve(op, backend or None, x.device, x.dtype)
     _check_backend_dtype(op, be, "x", x)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
@@ -204,7 +203,7 @@ def _local_targets_op(preact: Tensor, grad_preact: Tensor, activation: str, gamm
                       variant: str, backend: str) -> Tensor:
     op = "local_targets"
     _check_local_targets(op, preact, grad_preact, activation, gamma, variant)
-    be = backends.resolve(op, backend or None, preact.device)
+    be = backends.resolve(op, backend or None, preact.device, preact.dtype)
     _check_backend_dtype(op, be, "preact", preact)
     out = torch.empty_like(preact, memory_format=torch.contiguous_format)
     be.local_targets_into(preact, grad_preact, activation, float(gamma), variant, out)
@@ -236,26 +235,35 @@ def local_targets(preact: Tensor, grad_preact: Tensor, activation: str, gamma: f
 
 # ---------------------------------------------------------------- rmsprop_step_
 
-def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, lr_tensor, alpha, eps,
-                   momentum, style):
-    check_choice(op, "style", style, STYLES)
-    check_number(op, "lr", lr, low=0.0)
-    if lr_tensor is not None and len(params) > 0:
-        check_tensor(op, "lr", lr_tensor, shape=(1,), dtype=torch.float32,
-                     device=params[0].device, what=" (a one-element fp32 tensor on the params' device)")
-    check_number(op, "alpha", alpha, low=0.0, high=1.0)
-    check_number(op, "eps", eps, low=0.0, low_open=True)
-    check_number(op, "momentum", momentum, low=0.0)
+def _check_lr(op, lr, params):
+    """lr: a one-element CPU tensor (a value), or a one-element fp32 tensor on the params'
+    device (read there by the backends that can, without a host sync)."""
+    check_tensor(op, "lr", lr, what=" (a one-element tensor)")
+    if lr.numel() != 1:
+        fail_value(op, "lr", "a one-element tensor", f"shape {tuple(lr.shape)}")
+    device = params[0].device if params and isinstance(params[0], Tensor) else None
+    if lr.device.type != "cpu" and device is not None:
+        check_tensor(op, "lr", lr, device=device, dtype=torch.float32,
+                     what=" (a CPU scalar or an fp32 tensor on the params' device)")
+    if lr.device.type == "cpu" and not is_fake(lr):
+        check_number(op, "lr", float(lr), low=0.0)
+
+
+def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options):
+    options.check(op)
     if len(params) == 0:
         fail_value(op, "params", "at least one tensor", "an empty list")
+    _check_lr(op, lr, params)
     for arg, ts in (("grads", grads), ("square_avgs", square_avgs)):
         if len(ts) != len(params):
             fail_value(op, arg, f"{len(params)} tensors (one per param)", len(ts))
-    if len(momentum_bufs) not in (0, len(params)):
-        fail_value(op, "momentum_bufs", f"None or {len(params)} tensors (one per param)",
-                   len(momentum_bufs))
-    if not momentum_bufs and momentum != 0.0:
-        fail_value(op, "momentum_bufs", "tensors when momentum != 0", None)
+    for arg, ts, used, when in (("momentum_bufs", momentum_bufs, options.has_momentum,
+                                 "momentum != 0"),
+                                ("grad_avgs", grad_avgs, options.centered, "centered")):
+        if len(ts) not in (0, len(params)):
+            fail_value(op, arg, f"None or {len(params)} tensors (one per param)", len(ts))
+        if used and not ts:
+            fail_value(op, arg, f"tensors when {when}", None)
     device = params[0].device if isinstance(params[0], Tensor) else None
     named = []
     for i, p in enumerate(params):
@@ -264,47 +272,51 @@ def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, lr_tensor,
         state_dtypes = (torch.float64,) if p.dtype == torch.float64 else (torch.float32,)
         check_tensor(op, f"grads[{i}]", grads[i], shape=shape, device=device,
                      dtypes=(p.dtype, torch.float32), what=" (params' shape)")
-        check_tensor(op, f"square_avgs[{i}]", square_avgs[i], shape=shape, device=device,
-                     dtypes=state_dtypes, what=" (params' shape)")
-        named += [(f"params[{i}]", p), (f"square_avgs[{i}]", square_avgs[i])]
-        if momentum_bufs:
-            check_tensor(op, f"momentum_bufs[{i}]", momentum_bufs[i], shape=shape,
-                         device=device, dtypes=state_dtypes, what=" (params' shape)")
-            named.append((f"momentum_bufs[{i}]", momentum_bufs[i]))
+        named.append((f"params[{i}]", p))
+        for arg, ts, used in (("square_avgs", square_avgs, True),
+                              ("momentum_bufs", momentum_bufs, options.has_momentum),
+                              ("grad_avgs", grad_avgs, options.centered)):
+            if used:
+                check_tensor(op, f"{arg}[{i}]", ts[i], shape=shape, device=device,
+                             dtypes=state_dtypes, what=" (params' shape)")
+                named.append((f"{arg}[{i}]", ts[i]))
     # Written tensors must not overlap each other nor the gradients they read.
     check_no_overlap(op, written=named, read=[(f"grads[{i}]", g) for i, g in enumerate(grads)])
 
 
+def _options(style, alpha, eps, weight_decay, momentum, centered, maximize) -> RMSpropOptions:
+    return RMSpropOptions(style=style, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                          momentum=momentum, centered=centered, maximize=maximize)
+
+
 @torch.library.custom_op("locoprop::rmsprop_step_",
-                         mutates_args=("params", "square_avgs", "momentum_bufs"))
+                         mutates_args=("params", "square_avgs", "momentum_bufs", "grad_avgs"))
 def _rmsprop_step_op(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor],
-                     momentum_bufs: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
-                     alpha: float, eps: float, momentum: float, style: str,
-                     backend: str) -> None:
+                     momentum_bufs: List[Tensor], grad_avgs: List[Tensor], lr: Tensor,
+                     style: str, alpha: float, eps: float, weight_decay: float, momentum: float,
+                     centered: bool, maximize: bool, backend: str) -> None:
     op = "rmsprop_step_"
-    _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, lr, lr_tensor, alpha, eps,
-                   momentum, style)
-    be = backends.resolve(op, backend or None, params[0].device)
+    options = _options(style, alpha, eps, weight_decay, momentum, centered, maximize)
+    _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
+    be = backends.resolve(op, backend or None, params[0].device, params[0].dtype)
     for i, p in enumerate(params):
         _check_backend_dtype(op, be, f"params[{i}]", p)
-    if lr_tensor is not None:
-        # Read on the device by the kernels that can (no host sync: CUDA-graph safe), as a
-        # 0-d tensor by the reference; other backends take its value.
-        if be.name == "triton":
-            lr = lr_tensor
-        elif be.name == "reference":
-            lr = lr_tensor.view(())
-        else:
-            lr = float(lr_tensor.item())
+    if lr.device.type == "cpu":
+        lr_arg = float(lr)              # a value: no device memory, no sync
+    elif be.reads_lr_from_device:
+        lr_arg = lr                     # read by the kernel: CUDA-graph safe, no sync
+    else:
+        lr_arg = float(lr.item())       # this backend takes a host value: one sync
     be.rmsprop_step_(list(params), list(grads), list(square_avgs), list(momentum_bufs),
-                     lr, float(alpha), float(eps), float(momentum), style)
+                     list(grad_avgs), lr_arg, options)
 
 
 @_rmsprop_step_op.register_fake
-def _(params, grads, square_avgs, momentum_bufs, lr, lr_tensor, alpha, eps, momentum, style,
-      backend):
-    _check_rmsprop("rmsprop_step_", params, grads, square_avgs, momentum_bufs, lr, lr_tensor,
-                   alpha, eps, momentum, style)
+def _(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha, eps,
+      weight_decay, momentum, centered, maximize, backend):
+    options = _options(style, alpha, eps, weight_decay, momentum, centered, maximize)
+    _check_rmsprop("rmsprop_step_", params, grads, square_avgs, momentum_bufs, grad_avgs, lr,
+                   options)
 
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
@@ -321,40 +333,52 @@ def _as_list(op: str, arg: str, value) -> list:
 
 
 def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: TensorOrList,
-                  momentum_bufs: Optional[TensorOrList], *, lr: Union[float, Tensor],
-                  alpha: float = 0.9,
-                  eps: float = 1e-5, momentum: float = 0.999, style: str = "tf",
+                  momentum_bufs: Optional[TensorOrList] = None, *, lr: Union[float, Tensor],
+                  alpha: float = 0.9, eps: float = 1e-5, momentum: float = 0.999,
+                  style: str = "tf", weight_decay: float = 0.0, centered: bool = False,
+                  maximize: bool = False, grad_avgs: Optional[TensorOrList] = None,
                   backend: Optional[str] = None) -> None:
     """One RMSProp step on every tensor, in place; one kernel launch for all of them.
 
-    style "tf" (TF1, the official LocoProp code; state ``square_avgs`` starts at 1):
-        ms = alpha ms + (1 - alpha) g^2;  mom = momentum mom + lr g / sqrt(ms + eps);  p -= mom
-    style "torch" (``torch.optim.RMSprop``, centered=False; ``square_avgs`` starts at 0):
-        ms = alpha ms + (1 - alpha) g^2;  avg = sqrt(ms) + eps;
-        momentum > 0: buf = momentum buf + g / avg, p -= lr buf;  else p -= lr g / avg
-    Each argument is a Tensor (e.g. a flat arena) or a list of Tensors of matching shapes.
-    ``lr`` is a float or a one-element fp32 tensor on the params' device; the triton and
-    reference backends read the tensor without a host sync (a captured CUDA graph then
-    picks up its current value at every replay). Capturing the step in a CUDA graph needs
-    one contiguous tensor per argument (an arena, as ``LocoProp`` uses): the triton list form
-    copies its address table from the host at every call, which a capture does not allow.
-    Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or fp32,
-    state fp32. ``momentum_bufs`` may be None when momentum == 0.
+        g  = -g if maximize;  g = g + weight_decay p  if weight_decay != 0
+        ms = alpha ms + (1 - alpha) g^2
+        v  = ms - ga^2, ga = lerp(ga, g, 1 - alpha)  if centered, else v = ms
+        style "tf" (TF1, the official LocoProp code; ``square_avgs`` start at 1):
+            d = lr g / sqrt(v + eps);  momentum != 0: buf = momentum buf + d, d = buf;  p -= d
+        style "torch" (``torch.optim.RMSprop``; ``square_avgs`` start at 0):
+            d = g / (sqrt(v) + eps);   momentum != 0: buf = momentum buf + d, d = buf;  p -= lr d
+
+    Each tensor argument is a Tensor (e.g. a flat arena) or a list of Tensors of matching
+    shapes. ``momentum_bufs`` is needed when momentum != 0 and ``grad_avgs`` when centered
+    (else they may be None). ``lr`` is a float, a one-element CPU tensor, or a one-element
+    fp32 tensor on the params' device; the triton and reference backends read the latter
+    without a host sync (a captured CUDA graph then picks up its current value at every
+    replay), the cpp backend reads it with ``.item()``. Capturing the step in a CUDA graph
+    needs one contiguous tensor per argument (an arena, as ``LocoProp`` uses): the triton
+    list form copies its address table from the host at every call, which a capture does not
+    allow. Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or
+    fp32, state fp32 (fp64 for fp64 params).
+
+    Raises TypeError (a non-tensor, a dtype or device that does not fit) or ValueError
+    (mismatched lengths or shapes, an option out of range, a state list missing for the
+    options, aliasing between written tensors or with the grads) before anything is written.
     """
     op = "rmsprop_step_"
     lists = {name: _as_list(op, name, value) for name, value in (
         ("params", params), ("grads", grads), ("square_avgs", square_avgs),
-        ("momentum_bufs", momentum_bufs))}
+        ("momentum_bufs", momentum_bufs), ("grad_avgs", grad_avgs))}
     check_call_types(op, tensors=[(f"{name}[{i}]", t) for name, ts in lists.items()
                                   for i, t in enumerate(ts)],
-                     numbers=[("alpha", alpha), ("eps", eps), ("momentum", momentum)],
+                     numbers=[("alpha", alpha), ("eps", eps), ("momentum", momentum),
+                              ("weight_decay", weight_decay)],
                      strings=[("style", style)])
     _check_backend_arg(op, backend)
-    lr_tensor = lr if isinstance(lr, Tensor) else None
-    if lr_tensor is None:
-        check_number(op, "lr", lr)
-    _rmsprop_step_op(*lists.values(), 0.0 if lr_tensor is not None else float(lr), lr_tensor,
-                     float(alpha), float(eps), float(momentum), style, backend or "")
+    if not isinstance(lr, Tensor):
+        check_number(op, "lr", lr, low=0.0)
+        # float64 holds the Python float exactly (fp64 params see the same lr as torch's).
+        lr = torch.tensor(float(lr), dtype=torch.float64)
+    _rmsprop_step_op(*lists.values(), lr, style, float(alpha), float(eps),
+                     float(weight_decay), float(momentum), centered, maximize, backend or "")
 
 
 __all__ = ["matched_loss_grad", "local_targets", "rmsprop_step_"]

@@ -73,35 +73,48 @@ def local_targets(preact, grad_preact, activation: str, gamma: float, *, variant
 
 
 def rmsprop_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                  square_avgs: Sequence[torch.Tensor], momentum_bufs, *, lr: float,
-                  alpha: float = 0.9, eps: float = 1e-5, momentum: float = 0.999,
-                  style: str = "tf") -> None:
-    """RMSProp in place over lists of tensors, math in fp32 (or higher) whatever the storage.
+                  square_avgs: Sequence[torch.Tensor], momentum_bufs=None, grad_avgs=None, *,
+                  lr, style: str = "tf", alpha: float = 0.9, eps: float = 1e-5,
+                  weight_decay: float = 0.0, momentum: float = 0.999, centered: bool = False,
+                  maximize: bool = False) -> None:
+    """RMSProp in place over lists of tensors, math in fp32 (or fp64) whatever the storage.
 
-    style "tf"    (TF1, ms starts at 1): ms = a*ms + (1-a) g^2; mom = m*mom + lr g / sqrt(ms+eps);
-                  p -= mom
-    style "torch" (torch.optim.RMSprop, ms starts at 0): ms = a*ms + (1-a) g^2;
-                  avg = sqrt(ms) + eps; with momentum buf = m*buf + g/avg, p -= lr*buf;
-                  without, p -= lr*g/avg
-    ``momentum_bufs`` may be None when momentum == 0.
+        g  = -g if maximize;  g = g + weight_decay p  if weight_decay != 0
+        ms = alpha ms + (1 - alpha) g^2
+        v  = ms - ga^2, ga = lerp(ga, g, 1 - alpha)  if centered, else v = ms
+        "torch" (torch.optim.RMSprop, ms starts at 0): d = g / (sqrt(v) + eps)
+        "tf"    (TF1, ms starts at 1):                 d = lr g / sqrt(v + eps)
+        momentum != 0: buf = momentum buf + d, d = buf
+        "torch": p -= lr d;   "tf": p -= d
+
+    The operations follow ``torch.optim.RMSprop(foreach=False)`` one for one, so that style
+    "torch" matches it to rounding. ``momentum_bufs`` is read only when momentum != 0 and
+    ``grad_avgs`` only when centered. ``lr`` is a float or a 0-d tensor.
     """
     if style not in ("tf", "torch"):
         raise ValueError(f"rmsprop_step_: argument 'style' expected 'tf' or 'torch', got {style!r}")
-    bufs = momentum_bufs if momentum_bufs is not None else [None] * len(params)
-    for p, g, ms, buf in zip(params, grads, square_avgs, bufs):
+    for i, (p, g, ms) in enumerate(zip(params, grads, square_avgs)):
         math_dtype = torch.promote_types(p.dtype, torch.float32)
-        g32 = g.to(math_dtype)
-        ms32 = ms.to(math_dtype).mul(alpha).addcmul(g32, g32, value=1.0 - alpha)
-        ms.copy_(ms32)
+        g = g.to(math_dtype)
+        p_math = p.to(math_dtype)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p_math, alpha=weight_decay)
+        ms_math = ms.to(math_dtype).mul(alpha).addcmul(g, g, value=1 - alpha)
+        ms.copy_(ms_math)
+        v = ms_math
+        if centered:
+            ga = grad_avgs[i].to(math_dtype).lerp(g, 1 - alpha)
+            grad_avgs[i].copy_(ga)
+            v = ms_math.addcmul(ga, ga, value=-1)
         if style == "tf":
-            step = lr * g32 / torch.sqrt(ms32 + eps)
-            if buf is not None:
-                step = buf.to(math_dtype) * momentum + step
-                buf.copy_(step)
+            step = lr * g / torch.sqrt(v + eps)
         else:
-            step = g32 / (torch.sqrt(ms32) + eps)
-            if momentum != 0.0:
-                step = buf.to(math_dtype) * momentum + step
-                buf.copy_(step)
+            step = g / (torch.sqrt(v) + eps)
+        if momentum != 0:
+            step = momentum_bufs[i].to(math_dtype) * momentum + step
+            momentum_bufs[i].copy_(step)
+        if style == "torch":
             step = lr * step
-        p.copy_(p.to(math_dtype) - step)
+        p.copy_(p_math - step)

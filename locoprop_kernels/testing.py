@@ -2,37 +2,38 @@
 
     with lk.testing.count_launches() as n:
         lk.rmsprop_step_(...)
-    assert n.triton == 1
+    assert n.triton == 1          # or n["cpp"], n.total
+
+A backend counts its own launches (``Backend.launches``; calls into compiled code for cpp,
+nothing for the pure-PyTorch reference).
 """
 from __future__ import annotations
 
 import contextlib
-import sys
 
-_COUNTER_MODULES = {
-    "triton": "locoprop_kernels.triton_kernels._launch",
-    "cpp": "locoprop_kernels.cpp_backend",
-}
-
-
-def _read(kind: str) -> int:
-    module = sys.modules.get(_COUNTER_MODULES[kind])
-    return 0 if module is None else module.LAUNCHES[kind]
+from . import backends
 
 
 class LaunchCount:
     """Launches per backend since the block started; read live or after the block."""
 
     def __init__(self):
-        self._start = {kind: _read(kind) for kind in _COUNTER_MODULES}
+        self._start = backends.launch_counts()
+
+    def __getitem__(self, name: str) -> int:
+        backends.check_name("count_launches", name)
+        now = backends.launch_counts()
+        return now.get(name, 0) - self._start.get(name, 0)
+
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_") or name not in backends.NAMES:
+            raise AttributeError(name)
+        return self[name]
 
     @property
-    def triton(self) -> int:
-        return _read("triton") - self._start["triton"]
-
-    @property
-    def cpp(self) -> int:
-        return _read("cpp") - self._start["cpp"]
+    def total(self) -> int:
+        """Launches of every backend together."""
+        return sum(self[name] for name in backends.NAMES)
 
 
 @contextlib.contextmanager

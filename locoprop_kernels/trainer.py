@@ -31,36 +31,29 @@ Paths for step 4 (same math, different launch counts):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from . import backends, ops
-from .activations import get_activation
+from .activations import ACTIVATIONS, activation_of_module, get_activation
 from .arena import Arena, split_views
 from .distributed import DataParallel
 from .grouped import LayerGroup, LayerSpec, param_shapes
 from .inner_loop import InnerLoop, inner_lr_factors
+from .rmsprop_options import RMSpropOptions
 from .validation import check_choice, check_number, fail_type, fail_value
 
 OP = "LocoProp"
-
-#: Activation modules the trainer understands, by type -> the activation table's name.
-ACTIVATION_MODULES = {nn.Identity: "identity", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-                      nn.ReLU: "relu", nn.Softmax: "softmax"}
-
 
 # ----------------------------------------------------------------------------- the model
 
 def _activation_name(module: nn.Module, index: int) -> Optional[str]:
     """The table name of an activation module, None if ``module`` is not one."""
-    name = ACTIVATION_MODULES.get(type(module))
-    if name == "softmax" and module.dim not in (-1, 1):
-        # Our softmax is over the row of a (B, d) pre-activation: dim -1 (or 1, the same axis).
-        fail_value(OP, f"model[{index}]", "nn.Softmax over the features (dim=-1 or dim=1)",
-                   f"nn.Softmax(dim={module.dim})")
-    return name
+    act = activation_of_module(module, op=f"locoprop.{OP}", arg=f"model[{index}]")
+    return None if act is None else act.name
 
 
 def parse_sequential(model: nn.Module, output_activation: str) -> tuple:
@@ -89,7 +82,8 @@ def parse_sequential(model: nn.Module, output_activation: str) -> tuple:
             continue
         name = _activation_name(module, i)
         if name is None:
-            supported = ", ".join(f"nn.{t.__name__}" for t in ACTIVATION_MODULES)
+            supported = ", ".join(f"nn.{t.__name__}" for a in ACTIVATIONS.values()
+                                  for t in a.modules)
             fail_value(OP, f"model[{i}]", f"nn.Linear or an activation module ({supported})",
                        f"{type(module).__name__}")
         if not linears or len(acts) == len(linears):
@@ -141,28 +135,23 @@ class LocoProp:
         if not callable(loss_fn):
             fail_type(OP, "loss_fn", "a callable loss_fn(logits, y)", type(loss_fn).__name__)
         check_choice(OP, "variant", variant, ops.VARIANTS)
-        check_choice(OP, "style", style, ops.STYLES)
         check_choice(OP, "precision", precision, ops.PRECISIONS)
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
         check_number(OP, "gamma", gamma)
         check_number(OP, "lr", lr, low=0.0)
-        check_number(OP, "alpha", alpha, low=0.0, high=1.0)
-        check_number(OP, "eps", eps, low=0.0, low_open=True)
-        check_number(OP, "momentum", momentum, low=0.0)
+        self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps,
+                                      momentum=momentum).check(OP)
         check_number(OP, "lr_floor", lr_floor, low=0.0)
         check_number(OP, "scale", scale)
         if eta is not None:
             check_number(OP, "eta", eta, low=0.0, low_open=True)
-        if backend is not None and backend not in backends.NAMES:
-            fail_value(OP, "backend", f"None or one of {list(backends.NAMES)}", repr(backend))
+        backends.check_name(OP, backend)
 
         linears, acts = parse_sequential(model, output_activation)
         self.model, self.loss_fn = model, loss_fn
         self.variant, self.gamma = variant, float(gamma)
         self.inner_steps, self.lr_floor = inner_steps, float(lr_floor)
-        self.alpha, self.eps, self.momentum, self.style = (float(alpha), float(eps),
-                                                           float(momentum), style)
         self.eta, self.scale, self.precision = (None if eta is None else float(eta),
                                                 float(scale), precision)
         self.activations = acts                                  # f_l in the forward pass
@@ -173,16 +162,14 @@ class LocoProp:
 
         weight = linears[0].weight
         self.device, self.dtype = weight.device, weight.dtype
-        be = backends.resolve(OP, backend, self.device)
-        if backend is None and self.dtype not in be.dtypes:
-            be = backends.resolve(OP, "reference", self.device)  # e.g. fp64 on auto
+        be = backends.resolve(OP, backend, self.device, self.dtype)  # auto: fp64 -> reference
         if self.dtype not in be.dtypes:
             fail_type(OP, "model", f"parameters of a dtype the '{be.name}' backend supports "
                       f"{[str(d) for d in be.dtypes]}", self.dtype)
         self.backend = be.name
         self.dp = DataParallel.for_group(process_group)
         if grouped is None:
-            grouped = be.name == "triton" and self.device.type == "cuda" and not self.dp.active
+            grouped = be.prefers_grouped(self.device) and not self.dp.active
         if grouped and self.dp.active:
             fail_value(OP, "grouped", "False with a process group (the grouped inner loop "
                        "has no per-iteration all-reduce)", grouped)
@@ -196,7 +183,7 @@ class LocoProp:
         self.params = Arena.from_tensors(tensors)
         self.grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
         self.square_avgs = Arena(self.shapes, dtype=state_dtype, device=self.device,
-                                 fill=1.0 if style == "tf" else 0.0)
+                                 fill=self.rmsprop.initial_square_avg)
         self.momentum_bufs = Arena(self.shapes, dtype=state_dtype, device=self.device)
         self._anchors = (torch.empty_like(self.params.buffer) if self.eta is not None
                          else None)
@@ -204,6 +191,7 @@ class LocoProp:
         self.dp.broadcast_(self._state_buffers())
 
         self._lr = float(lr)
+        self._rmsprop_kwargs = dataclasses.asdict(self.rmsprop)
         self.steps = 0
         self._inner = {}  # batch size -> InnerLoop (grouped path)
 
@@ -307,8 +295,7 @@ class LocoProp:
             self.dp.all_reduce_grads_(self.grads.buffer)
             ops.rmsprop_step_(self.params.buffer, self.grads.buffer, self.square_avgs.buffer,
                               self.momentum_bufs.buffer, lr=self._lr * lr_factor,
-                              alpha=self.alpha, eps=self.eps, momentum=self.momentum,
-                              style=self.style, backend=self.backend)
+                              **self._rmsprop_kwargs, backend=self.backend)
 
     def _inner_grouped(self, inputs, targets) -> None:
         """The same T iterations through LayerGroup + InnerLoop (one per batch size)."""
@@ -319,8 +306,7 @@ class LocoProp:
                                backend=self.backend, precision=self.precision)
             loop = InnerLoop(group, self.params.buffer, self.square_avgs.buffer,
                              self.momentum_bufs.buffer, inner_steps=self.inner_steps,
-                             lr=self._lr, lr_floor=self.lr_floor, alpha=self.alpha,
-                             eps=self.eps, momentum=self.momentum, style=self.style,
+                             lr=self._lr, lr_floor=self.lr_floor, options=self.rmsprop,
                              scale=self.scale, eta=self.eta, grads=self.grads.buffer,
                              cuda_graph=self.cuda_graph)
             self._inner[batch] = loop
@@ -349,8 +335,9 @@ class LocoProp:
             "steps": self.steps,
             "layers": self._layer_records(),
             "settings": dict(variant=self.variant, gamma=self.gamma,
-                             inner_steps=self.inner_steps, alpha=self.alpha, eps=self.eps,
-                             momentum=self.momentum, style=self.style,
+                             inner_steps=self.inner_steps, alpha=self.rmsprop.alpha,
+                             eps=self.rmsprop.eps, momentum=self.rmsprop.momentum,
+                             style=self.rmsprop.style,
                              lr_floor=self.lr_floor, eta=self.eta, scale=self.scale),
         }
 

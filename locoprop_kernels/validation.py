@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-STATE_DTYPES = (torch.float32, torch.float64)
 
 
 def fail_value(op: str, arg: str, expected: str, got) -> None:
@@ -103,7 +102,7 @@ def _byte_range(t: torch.Tensor):
     return t.untyped_storage().data_ptr(), start, start + span * size
 
 
-def _is_fake(t: torch.Tensor) -> bool:
+def is_fake(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or isinstance(t, _fake_tensor_type())
 
 
@@ -126,7 +125,7 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = 
     spans = []
     for is_written, pairs in ((True, written), (False, read)):
         for name, t in pairs:
-            if t is None or _is_fake(t):
+            if t is None or is_fake(t):
                 continue
             if is_written and not t.is_contiguous() and any(
                     st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):

@@ -1,4 +1,4 @@
-"""The C++ backend (``locoprop_kernels._C`` through ``cpp_backend``) vs the float64 reference.
+"""The C++ backend (``locoprop_kernels._C`` through ``backends/cpp.py``) vs the float64 reference.
 
 Every activation, shapes with 1 / odd primes / powers of two, fp32/fp16/bf16 storage; RMSProp
 both flavours (and "torch" vs torch.optim.RMSprop); one C++ call for all layers; the storage
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not backends.cpp_available(),
                                 reason="locoprop_kernels._C is not built")
 
 if backends.cpp_available():
-    from locoprop_kernels import _C, cpp_backend
+    from locoprop_kernels import _C
+    from locoprop_kernels.backends import cpp as cpp_backend
 
 SHAPES = [(1, 1, 1), (7, 33, 5), (16, 8, 32), (33, 17, 257), (3, 5, 1024), (129, 3, 2)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -279,7 +280,7 @@ def test_rmsprop_expanded_grads():
 
 def test_rmsprop_table_is_checked():
     with pytest.raises(ValueError, match="rmsprop table"):
-        _C.rmsprop_multi([1, 2, 3], 0.1, 0.9, 0.1, 1e-5, 0.0, True, False)
+        _C.rmsprop_multi([1, 2, 3], 0.1, _C.RmspropOptions())
 
 
 # ---------------------------------------------------------------------- fallback

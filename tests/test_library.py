@@ -42,14 +42,20 @@ def test_opcheck_local_targets(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("style", ["tf", "torch"])
-def test_opcheck_rmsprop(backend, style):
+@pytest.mark.parametrize("every_option", [False, True])
+def test_opcheck_rmsprop(backend, style, every_option):
     shapes = [(4, 3), (3,)]
     params = [torch.randn(s, device=DEVICE) for s in shapes]
     grads = [torch.randn(s, device=DEVICE) for s in shapes]
     ms = [torch.ones(s, device=DEVICE) for s in shapes]
     bufs = [torch.zeros(s, device=DEVICE) for s in shapes]
+    avgs = [torch.zeros(s, device=DEVICE) for s in shapes] if every_option else []
+    # lr as a value (a CPU scalar) and, with every option on, as a device tensor.
+    lr = torch.full((1,), 0.1, device=DEVICE) if every_option else torch.tensor(0.1)
     torch.library.opcheck(ops._rmsprop_step_op,
-                          (params, grads, ms, bufs, 0.1, None, 0.9, 1e-5, 0.9, style, backend))
+                          (params, grads, ms, bufs, avgs, lr, style, 0.9, 1e-5,
+                           0.1 if every_option else 0.0, 0.9, every_option, every_option,
+                           backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

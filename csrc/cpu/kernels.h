@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../rmsprop.h"
+
 namespace locoprop::cpu {
 
 // Matched-loss stage-1 epilogue, in place on the GEMM output z (B, n) in fp32:
@@ -30,14 +32,9 @@ void local_targets(const void* z, const void* g, void* y, int dtype, int64_t B, 
                    int activation, float gamma);
 
 // One RMSProp step over many tensors in one parallel pass. `table` holds kRmspropColumns
-// int64 per tensor: addresses of param, grad, square_avg, momentum_buf (fp32 state), the
-// element count, the param's and the grad's Dtype. has_momentum false ignores the buffers.
-//   style_tf:  ms = a ms + (1-a) g^2;  mom = m mom + lr g / sqrt(ms + eps);  p -= mom
-//   otherwise: ms = a ms + (1-a) g^2;  avg = sqrt(ms) + eps;
-//              with momentum buf = m buf + g / avg, p -= lr buf;  else p -= lr g / avg
-constexpr int kRmspropColumns = 7;
-void rmsprop_multi(const int64_t* table, int64_t n_tensors, float lr, float alpha,
-                   float one_minus_alpha, float eps, float momentum, bool style_tf,
-                   bool has_momentum);
+// int64 per tensor (the row layout, the options and the math: ../rmsprop.h). Throws
+// std::invalid_argument for a row the options cannot run (check_rmsprop_table).
+void rmsprop_multi(const int64_t* table, int64_t n_tensors, float lr,
+                   const RmspropOptions& options);
 
 }  // namespace locoprop::cpu

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../rmsprop.h"
+
 namespace locoprop::cuda {
 
 // z (B, n) fp32 <- scale * (f(z + bias) - target); bias may be null. Softmax row-wise.
@@ -22,12 +24,10 @@ void matched_loss_finish(const float* grad_w32, const void* weight, const void* 
 void local_targets(const void* z, const void* g, void* y, int dtype, int64_t B, int64_t n,
                    int activation, float gamma, void* stream);
 
-// One RMSProp step over many tensors; table rows as in cpu/kernels.h (kRmspropColumns).
-// Up to kMaxTensorsPerLaunch tensors go in one launch (their addresses travel in the kernel's
-// arguments, no device memory); longer tables take one launch per that many tensors.
-constexpr int kMaxTensorsPerLaunch = 64;
-void rmsprop_multi(const int64_t* table, int64_t n_tensors, float lr, float alpha,
-                   float one_minus_alpha, float eps, float momentum, bool style_tf,
-                   bool has_momentum, void* stream);
+// One RMSProp step over many tensors; table rows, options and math as in ../rmsprop.h.
+// Up to kMaxTensorsPerLaunch (cuda/multi_tensor_apply.cuh) tensors go in one launch, their
+// addresses in the kernel's arguments; longer tables take one launch per that many tensors.
+void rmsprop_multi(const int64_t* table, int64_t n_tensors, float lr,
+                   const RmspropOptions& options, void* stream);
 
 }  // namespace locoprop::cuda

@@ -34,13 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, optimizers
+from .results import OFFICIAL_LOG, best_runs, full_mnist
 
 HIDDEN = [1000, 500, 250, 30, 250, 500, 1000]
 CODE_LAYER = 3  # index of the 30-unit layer in HIDDEN: linear (identity), not tanh
 BATCH = 1000
-OFFICIAL_LOG = {"epochs": [2, 3, 5, 10, 14], "train_loss": [122.7, 80.7, 65.2, 58.7, 57.0],
-                "init": 547.2,
-                "source": "google-research locoprop/locoprop_training.ipynb (TF1, MNIST)"}
 
 
 # ----------------------------------------------------------------------------- model, loss
@@ -183,23 +181,6 @@ def report_epochs(epochs: int) -> list:
     if epochs <= 6:
         return list(range(1, epochs + 1))
     return [e for e in (1, 2, 3, 5, 10, 14, 25, 50, 100) if e <= epochs]
-
-
-def best_runs(runs: list) -> dict:
-    """name -> the run of that optimizer with the lowest final training loss."""
-    best = {}
-    for r in runs:
-        if not r["epochs"] or r["status"] != "ok":
-            continue
-        final = r["epochs"][-1]["train_loss"]
-        if r["name"] not in best or final < best[r["name"]]["epochs"][-1]["train_loss"]:
-            best[r["name"]] = r
-    return best
-
-
-def full_mnist(result: dict) -> bool:
-    """Whether the official log is comparable: all 60000 MNIST training images."""
-    return result["dataset"] == "mnist" and result["train_size"] == 60000
 
 
 def table(result: dict) -> str:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .results import OFFICIAL_LOG, best_runs, full_mnist
+
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on these machines
     import matplotlib.pyplot as plt
-
-    from .autoencoder import OFFICIAL_LOG, best_runs, full_mnist
 
     runs = [r for r in result["runs"] if len(r["epochs"]) > 1]
     best = best_runs(runs)

@@ -14,25 +14,27 @@ Half storage (fp16/bf16) is upcast for the GEMMs, so the math is fp32 everywhere
 read and write the storage dtype directly. ``LAUNCHES["cpp"]`` counts calls into ``_C``
 (``locoprop_kernels.testing.count_launches().cpp``). CUDA tensors need an extension built
 with ``LOCOPROP_CUDA=ON`` (``_C.build_info()["cuda"]``); their kernels run on the current
-stream.
+stream. A device ``lr`` tensor is read on the host (``.item()``, a sync on CUDA): use the
+triton backend for steps captured in a CUDA graph.
 """
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Callable, Optional
 
 import torch  # first: _C links libgomp.so.1 by soname and must find torch's copy loaded
 
-from . import _C
-from .activations import get_activation
+from .. import _C
+from ..activations import get_activation
+from .base import Backend
 
 #: Calls into the C++/CUDA kernels since import; ``testing.count_launches`` reads it.
 LAUNCHES = collections.Counter()
 
-#: Storage dtype -> the ``Dtype`` code of ``csrc/storage.h``.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: Storage dtype -> the ``Dtype`` code of ``csrc/storage.h`` (``_C.DTYPE_CODES``).
+DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPE_CODES.items()}
 IDENTITY = get_activation("identity").code
-RMSPROP_COLUMNS = 7  # csrc/cpu/kernels.h kRmspropColumns: p, g, ms, buf, numel, p/g dtype
 
 
 def build_info() -> dict:
@@ -90,11 +92,25 @@ class _Kernels:
         self._call("rmsprop_multi", *args)
 
 
-class CppBackend:
-    """The C++/CUDA kernels behind the backend interface of ``backends.py``."""
+@functools.lru_cache(maxsize=64)
+def _c_options(options) -> "_C.RmspropOptions":
+    """The C++ twin (``csrc/rmsprop.h``) of an ``RMSpropOptions``; made once per options."""
+    c = _C.RmspropOptions()
+    c.style_tf = options.style == "tf"
+    c.alpha, c.one_minus_alpha = options.alpha, options.one_minus_alpha
+    c.eps, c.weight_decay, c.momentum = options.eps, options.weight_decay, options.momentum
+    c.centered, c.maximize = options.centered, options.maximize
+    return c
+
+
+class CppBackend(Backend):
+    """The C++/CUDA kernels behind the interface of ``backends/base.py``."""
 
     name = "cpp"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def launches(self):
+        return LAUNCHES["cpp"]
 
     # ------------------------------------------------------------ matched_loss_grad
 
@@ -160,28 +176,26 @@ class CppBackend:
 
     # ------------------------------------------------------------ rmsprop_step_
 
-    def rmsprop_step_(self, params, grads, square_avgs, momentum_bufs, lr, alpha, eps,
-                      momentum, style):
+    def rmsprop_step_(self, params, grads, square_avgs, momentum_bufs, grad_avgs, lr,
+                      options):
         """One RMSProp step on every tensor in one C++ call (a table of addresses)."""
         kernels = _Kernels(params[0].device)
-        style_tf = style == "tf"
-        has_momentum = len(momentum_bufs) > 0 and (style_tf or momentum != 0.0)
-        bufs = momentum_bufs if has_momentum else [None] * len(params)
+        n = len(params)
+        bufs = momentum_bufs if options.has_momentum else [None] * n
+        avgs = grad_avgs if options.centered else [None] * n
+        written = (params, square_avgs, bufs, avgs)
         # In-place tensors with gaps or odd strides are updated through contiguous copies.
         work = [[t if t is None or t.is_contiguous() else t.contiguous() for t in ts]
-                for ts in (params, square_avgs, bufs)]
-        # The table: 7 int64 per tensor (csrc/cpu/kernels.h). Plain Python on purpose: for the
-        # autoencoder's 16 tensors it costs tens of microseconds, the kernel about a millisecond.
+                for ts in written]
+        # The table: _C.RMSPROP_TABLE_COLUMNS int64 per tensor. Plain Python on purpose: for
+        # the autoencoder's 16 tensors it costs tens of microseconds, the kernel a millisecond.
         grads = [g.contiguous() for g in grads]  # kept alive until the kernel has run
         table = []
-        for p, g, ms, buf in zip(work[0], grads, work[1], work[2]):
-            table += (p.data_ptr(), g.data_ptr(), ms.data_ptr(), _ptr(buf), p.numel(),
-                      DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype])
-        lr = float(lr)
-        # 1 - alpha is formed in float64 and rounded once, as torch does with its scalars.
-        kernels.rmsprop_multi(table, lr, float(alpha), float(1.0 - alpha), float(eps),
-                              float(momentum), style_tf, has_momentum)
-        for originals, copies in zip((params, square_avgs, bufs), work):
+        for p, g, ms, buf, avg in zip(work[0], grads, work[1], work[2], work[3]):
+            table += (p.data_ptr(), g.data_ptr(), ms.data_ptr(), _ptr(buf), _ptr(avg),
+                      p.numel(), DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype])
+        kernels.rmsprop_multi(table, float(lr), _c_options(options))
+        for originals, copies in zip(written, work):
             for t, w in zip(originals, copies):
                 if t is not w:
                     t.copy_(w)

@@ -1,0 +1,99 @@
+"""The "triton" backend: the fused Triton kernels of ``locoprop_kernels.triton_kernels``.
+
+CUDA tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, the
+tests). fp32/fp16/bf16 storage, fp32 accumulation and optimizer state. The kernels take
+contiguous tensors: anything else goes through a contiguous copy written back afterwards.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ..activations import get_activation
+from .base import Backend
+
+
+def _contiguous_out(out, fill):
+    """Run ``fill(buffer)`` on ``out`` itself when contiguous, else on a copy written back."""
+    if out is None or out.is_contiguous():
+        fill(out)
+        return
+    tmp = out.contiguous()
+    fill(tmp)
+    out.copy_(tmp)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    reads_lr_from_device = True  # the RMSProp kernel loads lr through a pointer
+
+    def __init__(self):
+        self.kernels = importlib.import_module("locoprop_kernels.triton_kernels")
+
+    @staticmethod
+    def unavailable_reason(device: torch.device):
+        """Why this backend cannot run on ``device``, or None when it can."""
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return (f"needs CUDA tensors, got device {device}; on CPU it runs only under the "
+                    f"Triton interpreter (set TRITON_INTERPRET=1 before importing "
+                    f"locoprop_kernels)")
+        return None
+
+    def can_capture_graph(self, device):
+        return device.type == "cuda"
+
+    def prefers_grouped(self, device):
+        return device.type == "cuda"
+
+    def launches(self):
+        return self.kernels.LAUNCHES["triton"]
+
+    def grouped_matched_loss_grad(self, group):
+        grouped = importlib.import_module(
+            "locoprop_kernels.triton_kernels.grouped_matched_loss_grad")
+        deltas = torch.empty(group.targets.buffer.numel(), dtype=torch.float32,
+                             device=group.device)
+        plan = grouped.plan(group.batch, group.layer_table(), group.device)
+
+        def run(params, grads, *, scale, anchors, eta):
+            grouped.grouped_matched_loss_grad_(
+                plan, group.inputs.buffer, params, group.targets.buffer, deltas, grads,
+                scale=scale, anchors=anchors, eta=eta, precision=group.precision)
+
+        return run
+
+    def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
+                               anchor_bias, eta, out_weight, out_bias, precision):
+        c = _contiguous
+        code = get_activation(activation).code
+
+        def fill_weight(gw):
+            _contiguous_out(out_bias, lambda gb: self.kernels.matched_loss_grad_into(
+                c(x), c(weight), c(bias), c(target), code, scale, c(anchor_weight),
+                c(anchor_bias), eta, gw, gb, precision=precision))
+
+        _contiguous_out(out_weight, fill_weight)
+
+    def local_targets_into(self, preact, grad_preact, activation, gamma, variant, out):
+        code = get_activation(activation).code
+        _contiguous_out(out, lambda y: self.kernels.local_targets_into(
+            preact.contiguous(), grad_preact.contiguous(), code, gamma, variant, y))
+
+    def rmsprop_step_(self, params, grads, square_avgs, momentum_bufs, grad_avgs, lr,
+                      options):
+        # In-place tensors with gaps or odd strides are updated through contiguous copies.
+        written = (params, square_avgs, momentum_bufs, grad_avgs)
+        work = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in written]
+        self.kernels.rmsprop_step_(work[0], [g.contiguous() for g in grads], work[1], work[2],
+                                   work[3], lr=lr, options=options)
+        for originals, copies in zip(written, work):
+            for t, w in zip(originals, copies):
+                if t is not w:
+                    t.copy_(w)
