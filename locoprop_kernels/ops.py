@@ -21,7 +21,7 @@ import torch
 from . import backends
 from .activations import get_activation
 from .rmsprop_options import STYLES, RMSpropOptions
-from .validation import (is_fake, check_call_types, check_choice, check_matrix,
+from .validation import (FLOAT_DTYPES, is_fake, check_call_types, check_choice, check_matrix,
                          check_no_overlap, check_number, check_tensor, fail_type, fail_value)
 
 Tensor = torch.Tensor
@@ -264,24 +264,36 @@ def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, grad_avgs, lr,
             fail_value(op, arg, f"None or {len(params)} tensors (one per param)", len(ts))
         if used and not ts:
             fail_value(op, arg, f"tensors when {when}", None)
-    device = params[0].device if isinstance(params[0], Tensor) else None
+    check_tensor(op, "params[0]", params[0])
+    device = params[0].device
+    float_dtypes = FLOAT_DTYPES
     named = []
     for i, p in enumerate(params):
-        check_tensor(op, f"params[{i}]", p, device=device)
-        shape = tuple(p.shape)
-        state_dtypes = (torch.float64,) if p.dtype == torch.float64 else (torch.float32,)
-        check_tensor(op, f"grads[{i}]", grads[i], shape=shape, device=device,
-                     dtypes=(p.dtype, torch.float32), what=" (params' shape)")
-        named.append((f"params[{i}]", p))
+        # The common case in plain attribute compares (this loop runs over every tensor of a
+        # model each optimizer step); check_tensor then names what is wrong.
+        shape, state_dtype = p.shape, (torch.float64 if p.dtype == torch.float64
+                                       else torch.float32)
+        g = grads[i]
+        if not (isinstance(p, Tensor) and p.device == device and p.dtype in float_dtypes):
+            check_tensor(op, f"params[{i}]", p, device=device)
+        if not (isinstance(g, Tensor) and g.device == device and g.shape == shape
+                and (g.dtype == p.dtype or g.dtype == torch.float32)):
+            check_tensor(op, f"grads[{i}]", g, shape=tuple(shape), device=device,
+                         dtypes=(p.dtype, torch.float32), what=" (params' shape)")
+        named.append((("params", i), p))
         for arg, ts, used in (("square_avgs", square_avgs, True),
                               ("momentum_bufs", momentum_bufs, options.has_momentum),
                               ("grad_avgs", grad_avgs, options.centered)):
-            if used:
-                check_tensor(op, f"{arg}[{i}]", ts[i], shape=shape, device=device,
-                             dtypes=state_dtypes, what=" (params' shape)")
-                named.append((f"{arg}[{i}]", ts[i]))
+            if not used:
+                continue
+            t = ts[i]
+            if not (isinstance(t, Tensor) and t.device == device and t.shape == shape
+                    and t.dtype == state_dtype):
+                check_tensor(op, f"{arg}[{i}]", t, shape=tuple(shape), device=device,
+                             dtypes=(state_dtype,), what=" (params' shape)")
+            named.append(((arg, i), t))
     # Written tensors must not overlap each other nor the gradients they read.
-    check_no_overlap(op, written=named, read=[(f"grads[{i}]", g) for i, g in enumerate(grads)])
+    check_no_overlap(op, written=named, read=[(("grads", i), g) for i, g in enumerate(grads)])
 
 
 def _options(style, alpha, eps, weight_decay, momentum, centered, maximize) -> RMSpropOptions:
@@ -289,12 +301,10 @@ def _options(style, alpha, eps, weight_decay, momentum, centered, maximize) -> R
                           momentum=momentum, centered=centered, maximize=maximize)
 
 
-@torch.library.custom_op("locoprop::rmsprop_step_",
-                         mutates_args=("params", "square_avgs", "momentum_bufs", "grad_avgs"))
-def _rmsprop_step_op(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor],
-                     momentum_bufs: List[Tensor], grad_avgs: List[Tensor], lr: Tensor,
-                     style: str, alpha: float, eps: float, weight_decay: float, momentum: float,
-                     centered: bool, maximize: bool, backend: str) -> None:
+def _rmsprop_step_impl(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor],
+                       momentum_bufs: List[Tensor], grad_avgs: List[Tensor], lr: Tensor,
+                       style: str, alpha: float, eps: float, weight_decay: float,
+                       momentum: float, centered: bool, maximize: bool, backend: str) -> None:
     op = "rmsprop_step_"
     options = _options(style, alpha, eps, weight_decay, momentum, centered, maximize)
     _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
@@ -311,6 +321,11 @@ def _rmsprop_step_op(params: List[Tensor], grads: List[Tensor], square_avgs: Lis
                      list(grad_avgs), lr_arg, options)
 
 
+_rmsprop_step_op = torch.library.custom_op(
+    "locoprop::rmsprop_step_", mutates_args=("params", "square_avgs", "momentum_bufs",
+                                             "grad_avgs"))(_rmsprop_step_impl)
+
+
 @_rmsprop_step_op.register_fake
 def _(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha, eps,
       weight_decay, momentum, centered, maximize, backend):
@@ -320,6 +335,30 @@ def _(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha, ep
 
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(tensor_lists) -> bool:
+    """Whether a call may skip the dispatcher: not compiling or tracing, no torch function or
+    dispatch mode active, only plain tensors, and nothing autograd would record."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    grad_mode = torch.is_grad_enabled()
+    for ts in tensor_lists:
+        for t in ts:
+            if type(t) not in _PLAIN_TYPES or (grad_mode and t.requires_grad):
+                return False
+    return True
+
+
+def _bump_versions(tensors: list) -> None:
+    """Autograd's version counters of tensors written in place (as a custom op does)."""
+    try:
+        torch._C._increment_version(tensors)  # a list in one call (newer torch)
+    except TypeError:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def _as_list(op: str, arg: str, value) -> list:
@@ -377,8 +416,18 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
         check_number(op, "lr", lr, low=0.0)
         # float64 holds the Python float exactly (fp64 params see the same lr as torch's).
         lr = torch.tensor(float(lr), dtype=torch.float64)
-    _rmsprop_step_op(*lists.values(), lr, style, float(alpha), float(eps),
-                     float(weight_decay), float(momentum), centered, maximize, backend or "")
+    args = (*lists.values(), lr, style, float(alpha), float(eps), float(weight_decay),
+            float(momentum), centered, maximize, backend or "")
+    if _plain_eager(lists.values()):
+        # The dispatcher's custom-op machinery (argument flattening, autograd wrapper, version
+        # bumps) costs more than the validation and the kernel of a small step; with nothing
+        # for it to do (eager, no mode, plain tensors, no autograd) the implementation runs
+        # directly and the written tensors' versions are bumped as the op would.
+        _rmsprop_step_impl(*args)
+        _bump_versions([t for name in ("params", "square_avgs", "momentum_bufs", "grad_avgs")
+                        for t in lists[name]])
+    else:
+        _rmsprop_step_op(*args)
 
 
 __all__ = ["matched_loss_grad", "local_targets", "rmsprop_step_"]

@@ -90,16 +90,23 @@ def check_choice(op: str, arg: str, value, choices: Sequence[str]) -> None:
 
 
 def _byte_range(t: torch.Tensor):
-    """(storage address, first byte, one past the last byte) that t can touch."""
+    """(first byte address, one past the last) that t can touch; None when empty.
+
+    Absolute addresses: two tensors of different storages can never overlap, so no storage
+    lookup is needed. Strides are never negative in torch."""
     n = t.numel()
     if n == 0:
         return None
     # The common case (arena views, fresh tensors) skips the per-dimension sum: this check runs
-    # over every tensor of a 16-layer RMSProp step, where Python time is the op's overhead.
+    # over every tensor of a multi-tensor RMSProp step, where Python time is the op's overhead.
     span = n if t.is_contiguous() else 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    size = t.element_size()
-    start = t.storage_offset() * size
-    return t.untyped_storage().data_ptr(), start, start + span * size
+    start = t.data_ptr()
+    return start, start + span * t.element_size()
+
+
+def _name(name) -> str:
+    """A pair (argument, index) is formatted 'argument[index]' only when an error needs it."""
+    return f"{name[0]}[{name[1]}]" if isinstance(name, tuple) else name
 
 
 def is_fake(t: torch.Tensor) -> bool:
@@ -115,7 +122,9 @@ def _fake_tensor_type() -> type:
 
 
 def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) -> None:
-    """No written tensor shares a byte with another argument; (name, tensor or None) pairs.
+    """No written tensor shares a byte with another argument; (name, tensor or None) pairs,
+    a name being a str or an (argument, index) pair. Real tensors of one device only (the
+    callers check devices first; fake and meta tensors have no memory and are skipped).
 
     An in-place or output argument that aliases another (or itself, through a stride of 0)
     would make the result depend on the order a kernel happens to touch memory in, so the op
@@ -125,25 +134,26 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = 
     spans = []
     for is_written, pairs in ((True, written), (False, read)):
         for name, t in pairs:
-            if t is None or is_fake(t):
+            if t is None:
                 continue
+            if not spans and is_fake(t):
+                return  # one fake tensor means a fake call: all are
             if is_written and not t.is_contiguous() and any(
                     st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
-                fail_value(op, name, "a tensor whose elements have distinct memory",
+                fail_value(op, _name(name), "a tensor whose elements have distinct memory",
                            f"a tensor with strides {tuple(t.stride())}")
             r = _byte_range(t)
             if r is not None:
-                spans.append((r[0], r[1], r[2], is_written, name))
-    spans.sort(key=lambda s: (s[0], s[1]))
-    reach = {}  # base -> {"any": (hi, name), "written": (hi, name)}
-    for base, lo, hi, is_written, name in spans:
-        seen = reach.setdefault(base, {"any": (-1, ""), "written": (-1, "")})
-        other_hi, other = seen["any"] if is_written else seen["written"]
+                spans.append((r[0], r[1], is_written, name))
+    spans.sort(key=lambda s: s[0])
+    reach_any, reach_written = (-1, ""), (-1, "")  # (furthest end so far, its name)
+    for lo, hi, is_written, name in spans:
+        other_hi, other = reach_any if is_written else reach_written
         if other_hi > lo:
             culprit, partner = (name, other) if is_written else (other, name)
-            fail_value(op, culprit, f"memory that does not overlap '{partner}'",
+            fail_value(op, _name(culprit), f"memory that does not overlap '{_name(partner)}'",
                        "an aliasing tensor")
-        if hi > seen["any"][0]:
-            seen["any"] = (hi, name)
-        if is_written and hi > seen["written"][0]:
-            seen["written"] = (hi, name)
+        if hi > reach_any[0]:
+            reach_any = (hi, name)
+        if is_written and hi > reach_written[0]:
+            reach_written = (hi, name)
