@@ -17,8 +17,10 @@ Each transfer function f of a LocoProp layer has a convex potential F with dF/dz
 ``triton_kernels/activation.py`` and the C++ ``Activation`` enum in ``csrc/activation.h``
 (exported as ``_C.ACTIVATION_CODES``); tests/test_activation_table.py checks that both agree
 with this table. Adding an activation is one row here, one branch in each of those two files.
-``modules`` are the ``nn.Module`` types that compute f; ``module_mismatch`` says why an
-instance of one of them computes something else (a softmax over another dim, another slope).
+``modules`` are the ``nn.Module`` types that compute f, ``functions`` and ``methods`` the
+function and Tensor-method forms (what ``torch.fx`` sees in a forward); ``module_mismatch`` /
+``call_mismatch`` say why an instance or a call computes something else (a softmax over
+another dim, another slope).
 This module imports only torch: the reference and the kernels both read it.
 """
 from __future__ import annotations
@@ -59,6 +61,21 @@ def _leaky_relu_mismatch(module: nn.Module) -> Optional[str]:
             f"implement), got negative_slope {module.negative_slope}")
 
 
+def _any_call(args: tuple, kwargs: dict) -> Optional[str]:
+    return None
+
+
+def _softmax_call_mismatch(args: tuple, kwargs: dict) -> Optional[str]:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return None if dim == -1 else f"a softmax over dim=-1, got dim={dim}"
+
+
+def _leaky_relu_call_mismatch(args: tuple, kwargs: dict) -> Optional[str]:
+    slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else LEAKY_RELU_SLOPE)
+    return (None if slope == LEAKY_RELU_SLOPE
+            else f"leaky_relu with negative_slope {LEAKY_RELU_SLOPE}, got {slope}")
+
+
 @dataclass(frozen=True)
 class Activation:
     """One transfer function: name, code, f, potential F (summed over the last dim), the
@@ -70,26 +87,45 @@ class Activation:
     potential: Callable[[torch.Tensor], torch.Tensor]
     modules: tuple = ()
     module_mismatch: Callable[[nn.Module], Optional[str]] = _any_instance
+    functions: tuple = ()
+    methods: tuple = ()
+    call_mismatch: Callable[[tuple, dict], Optional[str]] = _any_call
 
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("identity", 0, lambda z: z, lambda z: 0.5 * (z * z).sum(-1), (nn.Identity,)),
-        Activation("tanh", 1, torch.tanh, lambda z: _log_cosh(z).sum(-1), (nn.Tanh,)),
+        Activation("tanh", 1, torch.tanh, lambda z: _log_cosh(z).sum(-1), (nn.Tanh,),
+                   functions=(torch.tanh, F_nn.tanh), methods=("tanh",)),
         Activation("sigmoid", 2, torch.sigmoid, lambda z: F_nn.softplus(z).sum(-1),
-                   (nn.Sigmoid,)),
+                   (nn.Sigmoid,), functions=(torch.sigmoid, F_nn.sigmoid),
+                   methods=("sigmoid",)),
         Activation("softmax", 3, lambda z: torch.softmax(z, dim=-1),
-                   lambda z: torch.logsumexp(z, dim=-1), (nn.Softmax,), _softmax_mismatch),
+                   lambda z: torch.logsumexp(z, dim=-1), (nn.Softmax,), _softmax_mismatch,
+                   functions=(torch.softmax, F_nn.softmax), methods=("softmax",),
+                   call_mismatch=_softmax_call_mismatch),
         Activation("relu", 4, torch.relu, lambda z: 0.5 * (torch.relu(z) ** 2).sum(-1),
-                   (nn.ReLU,)),
+                   (nn.ReLU,), functions=(torch.relu, F_nn.relu), methods=("relu",)),
         Activation("leaky_relu", 5, lambda z: F_nn.leaky_relu(z, LEAKY_RELU_SLOPE),
                    lambda z: 0.5 * (z * F_nn.leaky_relu(z, LEAKY_RELU_SLOPE)).sum(-1),
-                   (nn.LeakyReLU,), _leaky_relu_mismatch),
+                   (nn.LeakyReLU,), _leaky_relu_mismatch, functions=(F_nn.leaky_relu,),
+                   call_mismatch=_leaky_relu_call_mismatch),
     )
 }
 
 NAMES = tuple(ACTIVATIONS)
+
+
+def activation_of_call(target, args: tuple, kwargs: dict, *,
+                       method: bool = False) -> Optional[Activation]:
+    """The table entry a function call ``target(*args, **kwargs)`` (or, with ``method``, the
+    Tensor method named ``target``) computes on its first argument; None when it is none of
+    them or computes another function (e.g. a softmax over dim 0)."""
+    for act in ACTIVATIONS.values():
+        if (target in act.methods) if method else any(target is f for f in act.functions):
+            return act if act.call_mismatch(args, kwargs) is None else None
+    return None
 
 
 def activation_of_module(module: nn.Module, *, op: str = "locoprop",

@@ -8,7 +8,8 @@ mix the interpreter tolerates, a constexpr misuse) would pass CI and break on th
 This script drives the real launchers (``triton_kernels/*.py``) over the cases the package
 uses -- every activation, dtype, bias/prox setting, dot precision, both tile regimes, the
 grouped kernels on the autoencoder's layer table, RMSProp flat and table forms with lr as a
-value and as a device pointer -- but replaces the launch with ``triton.compile`` for the target
+value and as a device pointer and with torch's options (centered, maximize, weight decay) --
+but replaces the launch with ``triton.compile`` for the target
 (sm_90 by default) on the signature the launch would have had. It fails on any compile error
 and checks the dot precision in the generated PTX: ``precision="ieee"`` must not use the
 tensor cores (IEEE fp32 FMAs), ``"tf32"`` must. Where Triton ships ``cuobjdump`` it also
@@ -37,8 +38,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from locoprop_kernels.activations import ACTIVATIONS  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 from locoprop_kernels.grouped import LayerGroup, LayerSpec  # noqa: E402
+from locoprop_kernels.rmsprop_options import RMSpropOptions  # noqa: E402
 from locoprop_kernels.triton_kernels import (  # noqa: E402
-    grouped_matched_loss_grad as grouped, local_targets, matched_loss_grad, rmsprop)
+    activation, grouped_matched_loss_grad as grouped, local_targets, matched_loss_grad, rmsprop)
 
 # Tensor dtype -> Triton pointer type; Python scalars as Triton's launcher types them.
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
@@ -135,6 +137,16 @@ class Compiler:
         return (int(m.group(1)), int(m.group(2))) if m else ("?", "?")
 
 
+def table_codes_match(compiler: Compiler) -> None:
+    """Every activation of the table has its code under its name in triton_kernels/activation.py
+    (an unknown code would compile, and silently run as identity)."""
+    for act in ACTIVATIONS.values():
+        code = getattr(activation, act.name.upper(), None)
+        if getattr(code, "value", None) != act.code:
+            compiler.failures.append(f"activation table: {act.name} has code {act.code}, "
+                                     f"triton_kernels/activation.py has {code!r}")
+
+
 def per_layer_cases(compiler: Compiler) -> None:
     """matched_loss_grad (2 kernels) and local_targets through their launchers."""
     # (B, d_in, d_out): 64-wide tiles (the GPU regime) and the 16-wide minimum (tiny layers).
@@ -162,9 +174,10 @@ def per_layer_cases(compiler: Compiler) -> None:
 
 
 def grouped_cases(compiler: Compiler) -> None:
-    """The grouped kernels on the autoencoder's 8 layers (and a ragged table with softmax)."""
+    """The grouped kernels on the autoencoder's 8 layers (and a ragged table with softmax and
+    leaky_relu; the code is run-time data there, so every activation is in each variant)."""
     tables = {"autoencoder": (AUTOENCODER, AUTOENCODER_ACTS),
-              "ragged": ([7, 1, 33, 5], ["softmax", "relu", "sigmoid"])}
+              "ragged": ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"])}
     for (name, (sizes, acts)), dtype, has_prox, precision in itertools.product(
             tables.items(), [torch.float32, torch.bfloat16], [False, True], ["ieee", "tf32"]):
         if dtype != torch.float32 and precision != "ieee":
@@ -175,7 +188,7 @@ def grouped_cases(compiler: Compiler) -> None:
         group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
                             in zip(sizes, sizes[1:], acts)], batch, device="cpu", dtype=dtype,
                            backend="reference")
-        plan = grouped.plan(batch, group._layer_rows(), "cpu")
+        plan = grouped.plan(batch, group.layer_table(), "cpu")
         params = torch.empty(group.num_params, dtype=dtype)
         compiler.context = f"{dtype} {name}"
         grouped.grouped_matched_loss_grad_(
@@ -185,20 +198,38 @@ def grouped_cases(compiler: Compiler) -> None:
             precision=precision)
 
 
+# torch's options beyond the base product of rmsprop_cases: a few combinations, not all 2^3.
+RMSPROP_EXTRA = [
+    dict(style="torch", centered=True, momentum=0.9),
+    dict(style="torch", centered=True, maximize=True, weight_decay=0.1, momentum=0.9),
+    dict(style="tf", centered=True),
+    dict(style="tf", maximize=True, weight_decay=0.1, momentum=0.9),
+]
+
+
 def rmsprop_cases(compiler: Compiler) -> None:
-    """RMSProp: flat arena and table forms, both styles, momentum on/off, lr value/pointer."""
-    for dtype, style, momentum, lr_ptr, form in itertools.product(
-            [torch.float32, torch.bfloat16, torch.float16], ["tf", "torch"], [0.0, 0.9],
-            [False, True], ["flat", "table"]):
+    """RMSProp: flat arena and table forms, both styles, momentum on/off, lr value/pointer;
+    then the options of RMSPROP_EXTRA in fp32 and bf16, both forms."""
+    base = [(dtype, dict(style=style, momentum=momentum), lr_ptr, form)
+            for dtype, style, momentum, lr_ptr, form in itertools.product(
+                [torch.float32, torch.bfloat16, torch.float16], ["tf", "torch"], [0.0, 0.9],
+                [False, True], ["flat", "table"])]
+    extra = [(dtype, opts, True, form) for opts, dtype, form in itertools.product(
+        RMSPROP_EXTRA, [torch.float32, torch.bfloat16], ["flat", "table"])]
+    for dtype, opts, lr_ptr, form in base + extra:
+        options = RMSpropOptions(alpha=0.9, eps=1e-5, **opts)
         shapes = [(3000,)] if form == "flat" else [(7, 5), (11,)]
         params = [torch.empty(s, dtype=dtype) for s in shapes]
         grads = [torch.empty(s, dtype=torch.float32 if form == "table" else dtype)
                  for s in shapes]
-        state = [torch.empty(s) for s in shapes]
+
+        def state():
+            return [torch.empty(s) for s in shapes]
+
         lr = torch.empty(1) if lr_ptr else 1e-3
-        compiler.context = f"{dtype} {form} style={style} momentum={momentum}"
-        rmsprop.rmsprop_step_(params, grads, state, [torch.empty(s) for s in shapes], lr=lr,
-                              alpha=0.9, eps=1e-5, momentum=momentum, style=style)
+        compiler.context = f"{dtype} {form} " + " ".join(f"{k}={v}" for k, v in opts.items())
+        rmsprop.rmsprop_step_(params, grads, state(), state() if options.momentum else [],
+                              state() if options.centered else [], lr=lr, options=options)
 
 
 def main() -> int:
@@ -219,6 +250,7 @@ def main() -> int:
     try:
         for m in modules:
             m.launch = compiler
+        table_codes_match(compiler)
         per_layer_cases(compiler)
         grouped_cases(compiler)
         rmsprop_cases(compiler)

@@ -1,5 +1,6 @@
-"""Launch bookkeeping shared by the Triton launchers: a counter the tests read, and the
-choice of dot precision. Knows nothing of the op layer."""
+"""Launch bookkeeping shared by the Triton launchers: a counter the tests read, the warps
+knob, tile sizes and the rows of the int64 tables some kernels read. Knows nothing of the op
+layer."""
 import collections
 import os
 
@@ -35,3 +36,12 @@ def next_pow2(n: int) -> int:
 def tile(n: int, low: int, high: int) -> int:
     """A power-of-two tile edge for a dimension of size n, clamped to [low, high]."""
     return max(low, min(high, next_pow2(n)))
+
+
+def table_row(width, *cells) -> list:
+    """One row of an int64 table the kernels read: ``width`` fields, set from (column, value)
+    pairs whose columns are the kernel's ``tl.constexpr`` column indices."""
+    row = [0] * int(getattr(width, "value", width))
+    for column, value in cells:
+        row[int(getattr(column, "value", column))] = int(value)
+    return row

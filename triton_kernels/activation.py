@@ -1,7 +1,10 @@
 """Triton device helpers for the activation table (``locoprop_kernels/activations.py``).
 
-``ACT`` is the table's integer ``code``, a ``tl.constexpr``: each kernel is compiled once per
-activation and the branch below folds away. Softmax is row-wise and lives in the kernels
+The one place in the Triton kernels that lists activations: adding one is a code below and a
+branch in ``apply_elementwise``. A code may reach a helper as a ``tl.constexpr`` (the
+per-layer kernels: compiled once per activation, the branches fold away) or as a run-time
+scalar read from a table (the grouped kernels: one compiled kernel; the branch is uniform
+across a program, so only the taken one runs). Softmax is row-wise and lives in the kernels
 (online max/sum over column tiles); here it only marks the columns outside the row.
 """
 import triton
@@ -12,6 +15,10 @@ TANH: tl.constexpr = tl.constexpr(1)
 SIGMOID: tl.constexpr = tl.constexpr(2)
 SOFTMAX: tl.constexpr = tl.constexpr(3)
 RELU: tl.constexpr = tl.constexpr(4)
+LEAKY_RELU: tl.constexpr = tl.constexpr(5)
+
+#: leaky_relu's slope for z <= 0 (torch.nn.LeakyReLU's default).
+LEAKY_RELU_SLOPE: tl.constexpr = tl.constexpr(0.01)
 
 # Below this |z| tanh comes from its odd Taylor series: the exp form 1 - 2/(e^{2z}+1) loses
 # ~eps/|z| relative precision to cancellation near 0 (libdevice.tanh does not run under the
@@ -33,17 +40,21 @@ def _tanh(z):
 
 
 @triton.jit
-def apply_elementwise(z, ACT: tl.constexpr):
-    """f(z) for the element-wise activations (every code but SOFTMAX), in fp32."""
-    if ACT == TANH:
-        return _tanh(z)
-    elif ACT == SIGMOID:
-        return 1.0 / (1.0 + tl.exp(-z))
-    elif ACT == RELU:
+def apply_elementwise(z, act):
+    """f(z) in fp32 for the element-wise activations (every code but SOFTMAX; SOFTMAX and
+    unknown codes give z). ``act``: a constexpr or a run-time scalar code."""
+    f = z
+    if act == TANH:
+        f = _tanh(z)
+    elif act == SIGMOID:
+        f = 1.0 / (1.0 + tl.exp(-z))
+    elif act == RELU:
         # Not tl.maximum: it drops a NaN operand (fmax), and relu(NaN) must stay NaN.
-        return tl.where(z < 0.0, 0.0, z)
-    else:
-        return z
+        f = tl.where(z < 0.0, 0.0, z)
+    elif act == LEAKY_RELU:
+        # NaN > 0 is false: NaN takes the slope branch and stays NaN.
+        f = tl.where(z > 0.0, z, z * LEAKY_RELU_SLOPE)
+    return f
 
 
 @triton.jit

@@ -8,9 +8,10 @@ A layer table (int64, one row per layer) holds those offsets, the sizes, the act
 and a has-bias flag; a tile table lists the (layer, block, block) work items of each stage.
 Tiles are ordered by decreasing work so that the GPU, which issues programs roughly in id
 order, starts the long tiles first and fills the tail with short ones (a greedy
-longest-first schedule); tiles of one size class stay together. The activation is read at
-run time and dispatched to the same ``delta_block`` the single-layer kernel compiles, one
-branch per table entry.
+longest-first schedule); tiles of one size class stay together. The activation code is read
+at run time and handed to the same ``delta_block`` the single-layer kernel compiles with a
+constexpr code: the grouped kernel holds one softmax path and one element-wise path, whose f
+comes from ``activation.apply_elementwise`` (this file lists no activations).
 """
 from dataclasses import dataclass
 
@@ -18,13 +19,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, tile
-from .activation import IDENTITY, RELU, SIGMOID, SOFTMAX, TANH
+from ._launch import launch, table_row, tile
+from .activation import SOFTMAX
 from .matched_loss_grad import MAX_TILE, MIN_TILE, delta_block, weight_grad_block
 
-# Layer-table columns.
-X_OFF, W_OFF, B_OFF, YD_OFF, N_COL, K_COL, ACT_COL, HAS_BIAS_COL = range(8)
-LAYER_FIELDS = 8
+# Layer-table columns (int64, one row per layer): element offsets of X_l, W_l, b_l (W_l's when
+# the layer has no bias) and Y_l/D_l in their arenas, d_out, d_in, activation code, has-bias.
+X_OFF: tl.constexpr = tl.constexpr(0)
+W_OFF: tl.constexpr = tl.constexpr(1)
+B_OFF: tl.constexpr = tl.constexpr(2)
+YD_OFF: tl.constexpr = tl.constexpr(3)
+N_COL: tl.constexpr = tl.constexpr(4)
+K_COL: tl.constexpr = tl.constexpr(5)
+ACT_COL: tl.constexpr = tl.constexpr(6)
+HAS_BIAS_COL: tl.constexpr = tl.constexpr(7)
+LAYER_FIELDS: tl.constexpr = tl.constexpr(8)
+# Tile-table columns (int64, one row per program): layer, then the tile's two block indices
+# (stage 1: row block, column block; stage 2: output block, input block).
+LAYER_COL: tl.constexpr = tl.constexpr(0)
+BLOCK0_COL: tl.constexpr = tl.constexpr(1)
+BLOCK1_COL: tl.constexpr = tl.constexpr(2)
+TILE_FIELDS: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
@@ -33,34 +48,16 @@ def _grouped_delta_kernel(x_ptr, p_ptr, y_ptr, d_ptr, layers_ptr, tiles_ptr, B,
                           PRECISION: tl.constexpr):
     """Stage 1, all layers: D_l = f_l(X_l W_l^T + b_l) - Y_l. Grid (n_tiles,); tiles (layer,
     row block, column block)."""
-    t = tl.program_id(0).to(tl.int64) * 3
-    layer = tl.load(tiles_ptr + t)
-    pid_m = tl.load(tiles_ptr + t + 1)
-    pid_n = tl.load(tiles_ptr + t + 2)
-    row = layers_ptr + layer * 8
-    x = x_ptr + tl.load(row + 0)
-    w = p_ptr + tl.load(row + 1)
-    b = p_ptr + tl.load(row + 2)
-    yd = tl.load(row + 3)
-    N = tl.load(row + 4).to(tl.int32)
-    K = tl.load(row + 5).to(tl.int32)
-    act = tl.load(row + 6)
-    has_bias = tl.load(row + 7).to(tl.int32)
-    if act == TANH:
-        delta_block(x, w, b, y_ptr + yd, d_ptr + yd, pid_m, pid_n, B, N, K, has_bias, TANH,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    elif act == SIGMOID:
-        delta_block(x, w, b, y_ptr + yd, d_ptr + yd, pid_m, pid_n, B, N, K, has_bias, SIGMOID,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    elif act == SOFTMAX:
-        delta_block(x, w, b, y_ptr + yd, d_ptr + yd, pid_m, pid_n, B, N, K, has_bias, SOFTMAX,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    elif act == RELU:
-        delta_block(x, w, b, y_ptr + yd, d_ptr + yd, pid_m, pid_n, B, N, K, has_bias, RELU,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    else:
-        delta_block(x, w, b, y_ptr + yd, d_ptr + yd, pid_m, pid_n, B, N, K, has_bias, IDENTITY,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    tile_row = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_FIELDS
+    pid_m = tl.load(tile_row + BLOCK0_COL)
+    pid_n = tl.load(tile_row + BLOCK1_COL)
+    row = layers_ptr + tl.load(tile_row + LAYER_COL) * LAYER_FIELDS
+    yd = tl.load(row + YD_OFF)
+    delta_block(x_ptr + tl.load(row + X_OFF), p_ptr + tl.load(row + W_OFF),
+                p_ptr + tl.load(row + B_OFF), y_ptr + yd, d_ptr + yd, pid_m, pid_n, B,
+                tl.load(row + N_COL).to(tl.int32), tl.load(row + K_COL).to(tl.int32),
+                tl.load(row + HAS_BIAS_COL).to(tl.int32), tl.load(row + ACT_COL),
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -70,18 +67,17 @@ def _grouped_weight_grad_kernel(x_ptr, d_ptr, p_ptr, p0_ptr, g_ptr, layers_ptr, 
                                 PRECISION: tl.constexpr):
     """Stage 2, all layers: grad_W_l = scale D_l^T X_l (+ prox), grad_b_l, written into the
     grad arena (params' layout). Grid (n_tiles,); tiles (layer, out block, in block)."""
-    t = tl.program_id(0).to(tl.int64) * 3
-    layer = tl.load(tiles_ptr + t)
-    pid_n = tl.load(tiles_ptr + t + 1)
-    pid_k = tl.load(tiles_ptr + t + 2)
-    row = layers_ptr + layer * 8
-    x_off = tl.load(row + 0)
-    w_off = tl.load(row + 1)
-    b_off = tl.load(row + 2)
-    d_off = tl.load(row + 3)
-    N = tl.load(row + 4).to(tl.int32)
-    K = tl.load(row + 5).to(tl.int32)
-    has_bias = tl.load(row + 7).to(tl.int32)
+    tile_row = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_FIELDS
+    pid_n = tl.load(tile_row + BLOCK0_COL)
+    pid_k = tl.load(tile_row + BLOCK1_COL)
+    row = layers_ptr + tl.load(tile_row + LAYER_COL) * LAYER_FIELDS
+    x_off = tl.load(row + X_OFF)
+    w_off = tl.load(row + W_OFF)
+    b_off = tl.load(row + B_OFF)
+    d_off = tl.load(row + YD_OFF)
+    N = tl.load(row + N_COL).to(tl.int32)
+    K = tl.load(row + K_COL).to(tl.int32)
+    has_bias = tl.load(row + HAS_BIAS_COL).to(tl.int32)
     weight_grad_block(x_ptr + x_off, d_ptr + d_off, p_ptr + w_off, p0_ptr + w_off,
                       p_ptr + b_off, p0_ptr + b_off, g_ptr + w_off, g_ptr + b_off,
                       pid_n, pid_k.to(tl.int32), B, N, K, scale, inv_eta, has_bias, HAS_PROX,
@@ -93,9 +89,9 @@ class GroupedPlan:
     """Device tables for one set of layer shapes and batch size; build once, launch often."""
 
     batch: int
-    layers: torch.Tensor        # int64 (L, 8)
-    delta_tiles: torch.Tensor   # int64 (n1, 3)
-    grad_tiles: torch.Tensor    # int64 (n2, 3)
+    layers: torch.Tensor        # int64 (L, LAYER_FIELDS)
+    delta_tiles: torch.Tensor   # int64 (n1, TILE_FIELDS)
+    grad_tiles: torch.Tensor    # int64 (n2, TILE_FIELDS)
     block_m: int
     block_n: int
     block_k: int
@@ -111,8 +107,10 @@ def plan(batch: int, layers, device) -> GroupedPlan:
     for i, l in enumerate(layers):
         N, K = l["d_out"], l["d_in"]
         has_bias = l.get("b_off") is not None
-        rows.append([l["x_off"], l["w_off"], l["b_off"] if has_bias else l["w_off"],
-                     l["yd_off"], N, K, l["code"], int(has_bias)])
+        rows.append(table_row(LAYER_FIELDS, (X_OFF, l["x_off"]), (W_OFF, l["w_off"]),
+                              (B_OFF, l["b_off"] if has_bias else l["w_off"]),
+                              (YD_OFF, l["yd_off"]), (N_COL, N), (K_COL, K),
+                              (ACT_COL, l["code"]), (HAS_BIAS_COL, has_bias)))
         softmax = l["code"] == SOFTMAX.value
         col_blocks = 1 if softmax else triton.cdiv(N, bn)
         tile_cost = K * (N if softmax else bn)  # multiply-adds per row of the tile
@@ -122,10 +120,20 @@ def plan(batch: int, layers, device) -> GroupedPlan:
         for n in range(triton.cdiv(N, bn)):
             for k in range(triton.cdiv(K, bk)):
                 grad_tiles.append((min(bk, K), i, n, k))
-    order = lambda tiles: [t[1:] for t in sorted(tiles, key=lambda t: -t[0])]  # noqa: E731
-    as_table = lambda x: torch.tensor(x, dtype=torch.int64).to(device)  # noqa: E731
-    return GroupedPlan(batch, as_table(rows), as_table(order(delta_tiles)),
-                       as_table(order(grad_tiles)), bm, bn, bk)
+    return GroupedPlan(batch, _int64_table(rows, device), _tile_table(delta_tiles, device),
+                       _tile_table(grad_tiles, device), bm, bn, bk)
+
+
+def _int64_table(rows, device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+def _tile_table(tiles, device) -> torch.Tensor:
+    """(cost, layer, block, block) work items as a tile table, by decreasing cost (a stable
+    sort: equal costs keep their layer and block order)."""
+    return _int64_table([table_row(TILE_FIELDS, (LAYER_COL, layer), (BLOCK0_COL, b0),
+                                   (BLOCK1_COL, b1))
+                         for _, layer, b0, b1 in sorted(tiles, key=lambda t: -t[0])], device)
 
 
 def grouped_matched_loss_grad_(p: GroupedPlan, inputs, params, targets, deltas, grads, *,

@@ -48,15 +48,17 @@ def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias,
 
 
 @triton.jit
-def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bias,
-                ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bias, act,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr):
     """D = f(X W^T + b) - Y on rows block pid_m and column block pid_n; for softmax on all
     columns of rows block pid_m (pid_n ignored): pass 1 parks Z in D and folds it into an
-    online (max, sum), pass 2 turns it into softmax - Y in place."""
+    online (max, sum), pass 2 turns it into softmax - Y in place. ``act``, the activation
+    code, is a constexpr (``_delta_kernel``: the branches fold) or a run-time scalar (the
+    grouped kernel: softmax vs element-wise is a branch uniform over the program)."""
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    if ACT == SOFTMAX:
+    if act == SOFTMAX:
         m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -82,7 +84,7 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
         z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias, BLOCK_K,
                          PRECISION)
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(d_ptr + offs, apply_elementwise(z, ACT) - y, mask=ok)
+        tl.store(d_ptr + offs, apply_elementwise(z, act) - y, mask=ok)
 
 
 @triton.jit

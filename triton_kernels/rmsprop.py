@@ -1,27 +1,62 @@
-"""RMSProp for every layer in ONE launch, both flavours, math in fp32.
+"""RMSProp for every layer in ONE launch: both flavours and torch's options, math in fp32.
 
-    "tf":    ms = a ms + (1-a) g^2;  mom = m mom + lr g / sqrt(ms + eps);  p -= mom
-    "torch": ms = a ms + (1-a) g^2;  avg = sqrt(ms) + eps;
-             with momentum: buf = m buf + g / avg, p -= lr buf;  else p -= lr g / avg
+Per element, g the gradient and p the parameter before the update:
 
-Two layouts, one update helper:
-- flat: every tensor is one contiguous buffer (an arena holding all layers as views); the
+    g = -g                                  if maximize
+    g = g + weight_decay p                  if weight_decay != 0 (else g is the grad, bit for bit)
+    ms = alpha ms + (1 - alpha) g^2
+    centered:  ga = lerp(ga, g, 1 - alpha);  v = ms - ga^2        else v = ms
+    "tf"    (TF1):   step = lr g / sqrt(v + eps);   momentum != 0: buf = m buf + step, step = buf
+                     p -= step
+    "torch" (torch.optim.RMSprop):
+                     step = g / (sqrt(v) + eps);    momentum != 0: buf = m buf + step, step = buf
+                     p -= lr step
+
+lerp is torch's formula, lerp(a, b, w) = a + w (b - a) if |w| < 0.5 else b - (b - a)(1 - w).
+Its multiply-add and v = ms - ga^2 are each one fma (one rounding), as torch computes them
+(its CPU lerp and addcmul match an fma bit for bit, checked on torch 2.13; nvcc fuses by
+default): v is a difference of close numbers when the gradient barely varies, which magnifies
+any rounding difference (20 steps at alpha 0.3 on such an element: 1.2e-6 from torch's result
+fused, 3.5e-6 unfused; torch's own fp32 result is 4.8e-6 from float64 there).
+The momentum buffer is read and written only when momentum != 0, the grad average only when
+centered. sqrt and division are the correctly rounded ones (``sqrt_rn``/``div_rn``) so that the
+"torch" flavour tracks ``torch.optim.RMSprop`` to the last bits rather than to the approximate
+instructions'.
+
+Two layouts, one update helper (``_update``):
+- flat: every list holds one contiguous buffer (an arena holding all layers as views); the
   kernel is a 1-D pass over it.
-- table: a list of separate tensors; an int64 table holds each tensor's four addresses and
-  size, and a block map says which tensor and offset each program owns. Still one launch.
-Params may be fp32/bf16/fp16 (grads the same or fp32); state is fp32. sqrt and division are
-the correctly rounded ones (``sqrt_rn``/``div_rn``) so that the "torch" flavour tracks
-``torch.optim.RMSprop`` to the last bits rather than to the approximate instructions'.
+- table: a list of separate tensors; an int64 table holds each tensor's addresses (param,
+  grad, square_avg, momentum_buf, grad_avg) and size, and a block map says which tensor and
+  offset each program owns. One launch per (param dtype, grad dtype) group.
+Params may be fp32/bf16/fp16 (grads the same or fp32); state is fp32. The options become the
+kernels' run-time scalars and constexprs in one place, ``_kernel_args``.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import launch, table_row
 
 # 1024 elements per program: 4 KB of fp32 per stream, enough bytes in flight per SM on the
 # GPU for a bandwidth-bound update, and few enough programs for the interpreter.
 BLOCK = 1024
+
+STYLES = ("tf", "torch")
+
+# Address-table columns (int64 per tensor): addresses of param, grad, square_avg,
+# momentum_buf (the square_avg's address when unused), grad_avg (likewise), and numel.
+P_COL: tl.constexpr = tl.constexpr(0)
+G_COL: tl.constexpr = tl.constexpr(1)
+MS_COL: tl.constexpr = tl.constexpr(2)
+BUF_COL: tl.constexpr = tl.constexpr(3)
+GA_COL: tl.constexpr = tl.constexpr(4)
+NUMEL_COL: tl.constexpr = tl.constexpr(5)
+TABLE_FIELDS: tl.constexpr = tl.constexpr(6)
+# Block-map columns: (tensor index, first element).
+TENSOR_COL: tl.constexpr = tl.constexpr(0)
+START_COL: tl.constexpr = tl.constexpr(1)
+BLOCK_FIELDS: tl.constexpr = tl.constexpr(2)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -37,81 +72,140 @@ def _scalar(value, IS_PTR: tl.constexpr):
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, mask, lr, alpha, one_minus_alpha, eps,
-            momentum, STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr):
-    """Load, update and store one block of (param, grad, square_avg, momentum_buf)."""
+def _lerp(a, b, w):
+    """torch.lerp(a, b, w) for a scalar weight w: torch's formula, its multiply-add fused
+    (exact at w = 0 and w = 1)."""
+    d = b - a
+    return tl.where(tl.abs(w) < 0.5, tl.fma(w, d, a), tl.fma(-d, 1.0 - w, b))
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha, one_minus_alpha,
+            eps, weight_decay, momentum, STYLE_TF: tl.constexpr, MAXIMIZE: tl.constexpr,
+            HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOM: tl.constexpr):
+    """Load, update and store one block of (param, grad, square_avg[, momentum_buf]
+    [, grad_avg]): the math of the module docstring, in fp32."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    # p is read where it is first needed: kept live from the top it costs the base variants
+    # (no weight decay) ~16 registers per thread on sm_90 (tools/triton_compile_check.py).
+    if HAS_WD:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = g + weight_decay * p
     ms = tl.load(ms_ptr + offs, mask=mask, other=1.0)
     ms = alpha * ms + one_minus_alpha * (g * g)
     tl.store(ms_ptr + offs, ms, mask=mask)
-    if STYLE_TF:
-        step = tl.div_rn(lr * g, tl.sqrt_rn(ms + eps))
+    if CENTERED:
+        ga = _lerp(tl.load(ga_ptr + offs, mask=mask, other=0.0), g, one_minus_alpha)
+        tl.store(ga_ptr + offs, ga, mask=mask)
+        v = tl.fma(-ga, ga, ms)
     else:
-        step = tl.div_rn(g, tl.sqrt_rn(ms) + eps)
+        v = ms
+    if STYLE_TF:
+        step = tl.div_rn(lr * g, tl.sqrt_rn(v + eps))
+    else:
+        step = tl.div_rn(g, tl.sqrt_rn(v) + eps)
     if HAS_MOM:
         step = momentum * tl.load(buf_ptr + offs, mask=mask, other=0.0) + step
         tl.store(buf_ptr + offs, step, mask=mask)
     if not STYLE_TF:
         step = lr * step
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if not HAS_WD:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(p_ptr + offs, (p - step).to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rmsprop_flat_kernel(p_ptr, g_ptr, ms_ptr, buf_ptr, n, lr, alpha, one_minus_alpha, eps,
-                         momentum, STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr,
+def _rmsprop_flat_kernel(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, n, lr, alpha,
+                         one_minus_alpha, eps, weight_decay, momentum,
+                         STYLE_TF: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                         CENTERED: tl.constexpr, HAS_MOM: tl.constexpr,
                          LR_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):
-    """Flat layout. Grid (cdiv(n, BLOCK),)."""
+    """Flat layout: n elements in each buffer. Grid (cdiv(n, BLOCK),)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, offs < n, _scalar(lr, LR_IS_PTR), alpha,
-            one_minus_alpha, eps, momentum, STYLE_TF, HAS_MOM)
+    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, offs, offs < n, _scalar(lr, LR_IS_PTR),
+            alpha, one_minus_alpha, eps, weight_decay, momentum,
+            STYLE_TF, MAXIMIZE, HAS_WD, CENTERED, HAS_MOM)
 
 
 @triton.jit
-def _rmsprop_table_kernel(table_ptr, blocks_ptr, lr, alpha, one_minus_alpha, eps, momentum,
-                          P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                          STYLE_TF: tl.constexpr, HAS_MOM: tl.constexpr,
+def _rmsprop_table_kernel(table_ptr, blocks_ptr, lr, alpha, one_minus_alpha, eps,
+                          weight_decay, momentum, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                          STYLE_TF: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                          CENTERED: tl.constexpr, HAS_MOM: tl.constexpr,
                           LR_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):
-    """Table layout. table: int64 (T, 5) = addresses of p, g, ms, buf and numel per tensor;
-    blocks: int64 (n_blocks, 2) = (tensor index, first element). Grid (n_blocks,)."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(blocks_ptr + 2 * pid)
-    start = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + 5 * t
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-    ms_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    buf_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + 4)
-    offs = start + tl.arange(0, BLOCK)
-    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, offs, offs < n, _scalar(lr, LR_IS_PTR), alpha,
-            one_minus_alpha, eps, momentum, STYLE_TF, HAS_MOM)
+    """Table layout. table: int64 (tensors, TABLE_FIELDS), columns *_COL; blocks: int64
+    (n_blocks, BLOCK_FIELDS) = (tensor index, first element). Grid (n_blocks,)."""
+    block = blocks_ptr + tl.program_id(0).to(tl.int64) * BLOCK_FIELDS
+    row = table_ptr + tl.load(block + TENSOR_COL) * TABLE_FIELDS
+    p_ptr = tl.load(row + P_COL).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + G_COL).to(tl.pointer_type(G_DTYPE))
+    ms_ptr = tl.load(row + MS_COL).to(tl.pointer_type(tl.float32))
+    buf_ptr = tl.load(row + BUF_COL).to(tl.pointer_type(tl.float32))
+    ga_ptr = tl.load(row + GA_COL).to(tl.pointer_type(tl.float32))
+    offs = tl.load(block + START_COL) + tl.arange(0, BLOCK)
+    _update(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, offs, offs < tl.load(row + NUMEL_COL),
+            _scalar(lr, LR_IS_PTR), alpha, one_minus_alpha, eps, weight_decay, momentum,
+            STYLE_TF, MAXIMIZE, HAS_WD, CENTERED, HAS_MOM)
 
 
-def _scalars(lr, alpha, eps, momentum):
-    # 1 - alpha is formed in float64 and then rounded once, as torch does with its scalars.
-    # lr may be a one-element fp32 device tensor, read by the kernel (CUDA-graph replay).
-    lr = lr if isinstance(lr, torch.Tensor) else float(lr)
-    return lr, float(alpha), float(1.0 - alpha), float(eps), float(momentum)
+def _kernel_args(lr, options):
+    """(run-time scalars, constexprs) of both kernels for ``lr`` and ``options``: the one
+    place that turns the options into kernel arguments.
 
-
-def rmsprop_step_(params, grads, square_avgs, momentum_bufs, *, lr, alpha, eps, momentum,
-                  style) -> None:
-    """Update every tensor in place with one launch per (param dtype, grad dtype) group.
-    ``lr`` is a float or a one-element fp32 tensor on the params' device.
-
-    Lists of equal length; ``momentum_bufs`` empty means no momentum buffer. A single
-    contiguous tensor per list (an arena) takes the flat kernel, anything else the table.
+    Scalars: lr, alpha, 1 - alpha, eps, weight_decay, momentum. 1 - alpha is formed in
+    float64 and rounded once (to the kernel's fp32), as torch does with its scalars. ``lr``
+    may be a one-element fp32 device tensor, read by the kernel (CUDA-graph replay).
     """
-    style_tf = style == "tf"
-    has_mom = len(momentum_bufs) > 0 and (style_tf or momentum != 0.0)
-    scalars = _scalars(lr, alpha, eps, momentum)
-    if len(params) == 1 and all(t.is_contiguous() for t in (params[0], grads[0], square_avgs[0])):
+    if options.style not in STYLES:
+        raise ValueError(f"rmsprop_step_: options.style expected one of {STYLES}, "
+                         f"got {options.style!r}")
+    lr_is_ptr = isinstance(lr, torch.Tensor)
+    alpha = float(options.alpha)
+    weight_decay, momentum = float(options.weight_decay), float(options.momentum)
+    scalars = (lr if lr_is_ptr else float(lr), alpha, 1.0 - alpha, float(options.eps),
+               weight_decay, momentum)
+    constexprs = dict(STYLE_TF=options.style == "tf", MAXIMIZE=bool(options.maximize),
+                      HAS_WD=weight_decay != 0.0, CENTERED=bool(options.centered),
+                      HAS_MOM=momentum != 0.0, LR_IS_PTR=lr_is_ptr)
+    return scalars, constexprs
+
+
+def _optional_state(name, tensors, used, n):
+    """The list of an optional state (momentum_bufs, grad_avgs): checked when used, else
+    None (its slots then hold the square_avgs' addresses, never dereferenced)."""
+    if not used:
+        return None
+    if len(tensors) != n:
+        raise ValueError(f"rmsprop_step_: argument '{name}' expected {n} tensors (the options "
+                         f"use it), got {len(tensors)}")
+    return tensors
+
+
+def rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, *, lr,
+                  options) -> None:
+    """One RMSProp step on every tensor, in place (module docstring: the math).
+
+    params, grads, square_avgs: lists of equal length, equal shapes per index, contiguous;
+    params fp32/bf16/fp16, grads the params' dtype or fp32, state fp32. ``momentum_bufs`` is
+    used iff ``options.momentum != 0`` and ``grad_avgs`` iff ``options.centered`` (otherwise
+    either may be empty). ``options``: any object with ``style`` ("tf" or "torch"),
+    ``alpha``, ``eps``, ``weight_decay``, ``momentum`` (floats), ``centered``, ``maximize``
+    (bools). ``lr``: a float, or a one-element fp32 tensor on the params' device.
+
+    One list entry each (an arena): one launch of the flat kernel. Otherwise one launch of
+    the table kernel per (param dtype, grad dtype) group.
+    """
+    scalars, constexprs = _kernel_args(lr, options)
+    n = len(params)
+    bufs = _optional_state("momentum_bufs", momentum_bufs, constexprs["HAS_MOM"], n)
+    gas = _optional_state("grad_avgs", grad_avgs, constexprs["CENTERED"], n)
+    if n == 1:
         p, g, ms = params[0], grads[0], square_avgs[0]
-        buf = momentum_bufs[0] if has_mom else ms
-        launch(_rmsprop_flat_kernel, (triton.cdiv(p.numel(), BLOCK),), p, g, ms, buf,
-               p.numel(), *scalars, STYLE_TF=style_tf, HAS_MOM=has_mom,
-               LR_IS_PTR=isinstance(lr, torch.Tensor), BLOCK=BLOCK)
+        launch(_rmsprop_flat_kernel, (triton.cdiv(p.numel(), BLOCK),), p, g, ms,
+               bufs[0] if bufs else ms, gas[0] if gas else ms, p.numel(), *scalars,
+               **constexprs, BLOCK=BLOCK)
         return
     groups = {}
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -120,14 +214,16 @@ def rmsprop_step_(params, grads, square_avgs, momentum_bufs, *, lr, alpha, eps, 
         rows, blocks = [], []
         for j, i in enumerate(idx):
             ms = square_avgs[i]
-            buf = momentum_bufs[i] if has_mom else ms
-            n = params[i].numel()
-            rows.append([params[i].data_ptr(), grads[i].data_ptr(), ms.data_ptr(),
-                         buf.data_ptr(), n])
-            blocks.extend([j, s] for s in range(0, n, BLOCK))
+            n_i = params[i].numel()
+            rows.append(table_row(TABLE_FIELDS, (P_COL, params[i].data_ptr()),
+                             (G_COL, grads[i].data_ptr()), (MS_COL, ms.data_ptr()),
+                             (BUF_COL, (bufs[i] if bufs else ms).data_ptr()),
+                             (GA_COL, (gas[i] if gas else ms).data_ptr()), (NUMEL_COL, n_i)))
+            blocks.extend(table_row(BLOCK_FIELDS, (TENSOR_COL, j), (START_COL, s))
+                          for s in range(0, n_i, BLOCK))
         device = params[idx[0]].device
         table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
         block_map = torch.tensor(blocks, dtype=torch.int64).to(device, non_blocking=True)
         launch(_rmsprop_table_kernel, (len(blocks),), table, block_map, *scalars,
-               P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], STYLE_TF=style_tf,
-               HAS_MOM=has_mom, LR_IS_PTR=isinstance(lr, torch.Tensor), BLOCK=BLOCK)
+               P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], **constexprs,
+               BLOCK=BLOCK)

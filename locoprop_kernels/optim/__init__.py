@@ -1,4 +1,7 @@
-"""``torch.optim.Optimizer`` classes: ``RMSprop`` (fused, one launch per step)."""
+"""``torch.optim.Optimizer`` classes: ``RMSprop`` (fused, one launch per step) and ``LocoProp``
+(LocoProp on any model, in the standard training loop)."""
+from .layers import LayerInfo
+from .locoprop import LocoProp
 from .rmsprop import RMSprop, rmsprop
 
-__all__ = ["RMSprop", "rmsprop"]
+__all__ = ["LayerInfo", "LocoProp", "RMSprop", "rmsprop"]
