@@ -4,7 +4,9 @@ loss optimization with the official semantics (DESIGN.md sections 2 and 4).
 One outer step ``opt.step(x, y)`` on a batch of B rows:
 
 1. forward, keeping each layer's input X_l (B, d_in_l) and pre-activation Z_l (B, d_out_l);
-   the last Linear's Z is the logits and L = ``loss_fn(logits, y)`` (a mean over the batch);
+   the last Linear's Z is the logits and L = ``loss_fn(output, y)`` (a mean over the batch),
+   the output being what the model returns (the logits, or f(logits) when the model ends in
+   its output activation module, e.g. an nn.Softmax);
 2. one backward pass for G_l = dL/dZ_l of every layer (no weight gradients are formed);
 3. targets  M: Y_l = f_l(Z_l) - gamma G_l      S: Y_l = Z_l - gamma G_l (local f = identity);
 4. T inner iterations t = 0..T-1, X_l and Y_l fixed: every layer's local gradient
@@ -57,13 +59,16 @@ def _activation_name(module: nn.Module, index: int) -> Optional[str]:
 
 
 def parse_sequential(model: nn.Module, output_activation: str) -> tuple:
-    """(linears, layer activations) of a supported model, else a ValueError/TypeError.
+    """(linears, layer activations, output activation module's name or None) of a supported
+    model, else a ValueError/TypeError.
 
     ``model`` is an ``nn.Sequential`` of ``nn.Linear`` layers, each followed by at most one
     activation module (none = identity); widths must chain. The last Linear's output is the
     logits: its activation is ``output_activation`` (the f of its local loss), and a module
-    after it, if any, must be that same activation (or Identity): it only shapes the model's
-    own forward output.
+    after it, if any, must be that same activation (or Identity): ``loss_fn`` then gets the
+    model's output, as the model's forward returns it. Every parameter must be trainable and
+    each Linear (and each parameter) used once: frozen, repeated or tied layers are refused
+    (``lk.optim.LocoProp`` trains those models correctly).
     """
     if not isinstance(model, nn.Sequential):
         fail_type(OP, "model", "an nn.Sequential of nn.Linear + activation modules",
@@ -98,7 +103,24 @@ def parse_sequential(model: nn.Module, output_activation: str) -> tuple:
                    f"no activation after the last nn.Linear, or the output_activation "
                    f"'{output_activation}' (the last Linear's output is the logits)",
                    f"{type(model[len(model) - 1]).__name__} ('{acts[-1]}')")
+    tail = acts[-1] if len(acts) == len(linears) and acts[-1] != "identity" else None
     acts = acts[:len(linears) - 1] + [output_activation]
+    seen = {}
+    for i, lin in enumerate(linears):
+        for pname in ("weight", "bias"):
+            p = getattr(lin, pname)
+            if p is None:
+                continue
+            if not p.requires_grad:
+                fail_value(OP, "model", "every parameter trainable (the trainer updates them "
+                           "all; lk.optim.LocoProp leaves frozen parameters untouched)",
+                           f"Linear {i}'s {pname} with requires_grad=False")
+            if id(p) in seen:
+                fail_value(OP, "model", "each nn.Linear and each parameter used once (a "
+                           "repeated or tied one would be trained twice over; lk.optim."
+                           "LocoProp trains it as one parameter)",
+                           f"Linear {i}'s {pname} is also {seen[id(p)]}")
+            seen[id(p)] = f"Linear {i}'s {pname}"
     first = linears[0].weight
     for i, lin in enumerate(linears):
         for p in (lin.weight, lin.bias):
@@ -108,7 +130,7 @@ def parse_sequential(model: nn.Module, output_activation: str) -> tuple:
                            f"{p.dtype}, {p.device} in Linear {i}")
     if first.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         fail_type(OP, "model", "floating-point parameters", first.dtype)
-    return linears, acts
+    return linears, acts, tail
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -148,8 +170,9 @@ class LocoProp:
             check_number(OP, "eta", eta, low=0.0, low_open=True)
         backends.check_name(OP, backend)
 
-        linears, acts = parse_sequential(model, output_activation)
+        linears, acts, tail = parse_sequential(model, output_activation)
         self.model, self.loss_fn = model, loss_fn
+        self._output_f = None if tail is None else get_activation(tail).f
         self.variant, self.gamma = variant, float(gamma)
         self.inner_steps, self.lr_floor = inner_steps, float(lr_floor)
         self.eta, self.scale, self.precision = (None if eta is None else float(eta),
@@ -245,7 +268,10 @@ class LocoProp:
                 preacts.append(z)
                 if l < len(self.linears) - 1:
                     a = get_activation(self.activations[l]).f(z)
-            local_loss = self.loss_fn(z, y)
+            # loss_fn gets what the model returns: the logits, or the output activation's
+            # values when the model ends in one (an nn.Softmax for an NLL loss).
+            out = z if self._output_f is None else self._output_f(z)
+            local_loss = self.loss_fn(out, y)
             if not isinstance(local_loss, torch.Tensor) or local_loss.numel() != 1:
                 fail_value(OP, "loss_fn", "a callable returning a one-element loss tensor",
                            type(local_loss).__name__ if not isinstance(local_loss, torch.Tensor)

@@ -271,15 +271,22 @@ def test_rejects_bad_settings():
 
 
 def test_trailing_sigmoid_and_softmax_models_are_accepted():
+    """loss_fn gets what the model returns: here probabilities, so an NLL of their log."""
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Softmax(dim=-1))
-    opt = lk.LocoProp(model, lambda z, y: F.cross_entropy(z, y), output_activation="softmax",
-                      backend="reference", lr=1e-3)
+    seen = []
+
+    def nll(probs, y):
+        seen.append(probs.detach())
+        return F.nll_loss(probs.log(), y)
+
+    opt = lk.LocoProp(model, nll, output_activation="softmax", backend="reference", lr=1e-3)
     assert [l.activation for l in opt.layers] == ["relu", "softmax"]
     x, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     first = opt.step(x, y)
     for _ in range(5):
         last = opt.step(x, y)
-    assert last < first
+    assert torch.isfinite(last) and last < first
+    assert torch.allclose(seen[0].sum(-1), torch.ones(6))  # probabilities, not logits
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
     assert lk.LocoProp(model, bce, backend="reference").layers[0].activation == "sigmoid"
 
@@ -295,3 +302,16 @@ def test_grouped_triton_path_equals_reference():
         opt_a.step(x, x)
         opt_b.step(x, x)
     assert rel_err(opt_a.params.buffer, opt_b.params.buffer) <= 1e-5
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.Sequential(nn.Linear(4, 4).requires_grad_(False), nn.Tanh(), nn.Linear(4, 4)),
+     "requires_grad=False"),
+    (lambda: (lambda lin: nn.Sequential(lin, nn.Tanh(), lin))(nn.Linear(4, 4)),
+     "used once"),
+], ids=["frozen layer", "Linear used twice"])
+def test_models_it_would_mistrain_are_refused(make, match):
+    """Frozen or repeated layers were trained silently wrong; now a clear error that points to
+    lk.optim.LocoProp, which trains them correctly."""
+    with pytest.raises(ValueError, match=match):
+        lk.LocoProp(make(), bce, backend="reference")
