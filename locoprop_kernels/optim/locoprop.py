@@ -3,42 +3,50 @@
     opt = lk.optim.LocoProp(model, lr=1e-5, output_activation="sigmoid")
     for x, y in loader:
         opt.zero_grad()
-        loss_fn(model(x), y).backward()   # hooks record X, Z and G = dL/dZ of every layer call
+        loss_fn(model(x), y).backward()   # hooks record X and Z of every layer call
         opt.step()                        # or opt.step(closure)
 
 Layers (``optim/layers.py``): every trainable ``nn.Linear`` not excluded; ``opt.layers`` says
 which f each one's local loss uses and why. A forward hook records each call of a layer made
-while autograd records (X its input, Z its output, both flattened to rows), and an identity
-hook on the tensor Z catches G = dL/dZ in the backward pass; calls whose G never comes
-(evaluation under ``no_grad``, an output the loss does not use) cost nothing and count for
-nothing. ``zero_grad()`` and ``step()`` clear the records.
+while autograd records (X its input, Z its output, both flattened to rows), and a hook on the
+tensor Z marks the call as used when the backward pass reaches it; calls it never reaches
+(evaluation under ``no_grad`` records nothing at all, an output the loss does not use) count
+for nothing. ``zero_grad()`` and ``step()`` clear the records.
 
-One ``step()`` (T = ``inner_steps``, s = ``scale``, gamma, lr_t = lr max(1 - t/T, lr_floor)):
+The math. Layer l's local objective (DESIGN §2) with targets Y = f(Z0) - gamma G, summed over
+its calls, plus gamma R for the uses of its parameters the hooks do not see, has the gradient
 
-    per layer l (all its calls' rows stacked):  Y_l = f_l(Z_l) - gamma G_l   (S: Z_l - gamma G_l)
+    s (f(Z) - Y)^T X + s gamma R = s (f(Z) - f(Z0))^T X + s gamma (G^T X + R)
+                                 = s (f(Z) - f(Z0))^T X + s gamma p.grad,
+
+because G^T X (summed over the recorded calls) plus R IS the backprop gradient p.grad. So
+G itself is never needed: the matched-loss gradient with the target f(Z0) (variant S: Z0, and
+f = identity) plus the constant s gamma p.grad. One ``step()`` (T = ``inner_steps``,
+s = ``scale``, lr_t = lr max(1 - t/T, lr_floor)):
+
     every trainable parameter p with a gradient: p0 = p, and
       LocoProp layers' W, b (param_groups[0]):
-        local_grad_t(p) = sum over the layer's uses of matched_loss_grad(X, W, b, Y, f) + C_p
-        C_p = s gamma (p.grad - sum over the recorded calls of G^T X  (or G summed, for b))
-            = s gamma R: the part of the backprop gradient the recorded calls do not produce
-            (a tied embedding, a direct F.linear read); 0 up to rounding for a Linear used
-            only through its forward
+        local_grad_t(p) = sum over the layer's uses of matched_loss_grad(X, W, b, f(Z0), f)
+                          + s gamma p.grad
       every other parameter (param_groups[1], the linearized local loss):
         local_grad_t(p) = s gamma p.grad
       with eta: + (p - p0) / eta for every parameter
-    t = 0: local_grad_0(p) = s gamma p.grad exactly (the matched-loss gradient at W0 is
-           s gamma sum G^T X): no matched-loss GEMMs at all
+    t = 0: the matched part is 0 (W = W0): local_grad_0(p) = s gamma p.grad, no GEMMs
     t = 0 .. T-1: ONE rmsprop_step_ over every parameter (per group when the groups' lr or
            options differ), TF1 or torch flavour, state in ``self.state`` (torch's format).
 
 So at W0 the local gradient of every trainable parameter is s gamma times its backprop
-gradient, and with T = 1 a step is one RMSProp step on s gamma p.grad. Parameters with
-``requires_grad=False`` are never touched; a parameter shared by several modules is one
-parameter (its local gradients add up).
+gradient, and with T = 1 a step is one RMSProp step on s gamma p.grad. A tied embedding, a
+direct ``F.linear`` read or an ``nn.MultiheadAttention.out_proj`` (whose forward is never
+called: no records, all of its gradient is linearized) are exact by construction. Parameters
+with ``requires_grad=False`` are never touched; a parameter shared by several modules is one
+parameter (its local gradients add up). AMP's ``GradScaler`` works as with any optimizer:
+it unscales p.grad (the only gradient used) and skips the step on inf/NaN.
 
-Not yet: data parallel (``process_group``, a ``DistributedDataParallel`` model) and AMP's
-``GradScaler`` are refused with an error rather than trained wrongly; Conv layers get the
-linearized loss.
+Data parallel (a ``DistributedDataParallel`` model, or ``process_group``): each rank records
+its shard; the matched-loss gradients are all-reduced (summed) once per inner iteration, one
+flat buffer; p.grad is DDP's average (averaged here when there is no DDP). Every rank then
+takes the same RMSProp step. Conv layers get the linearized loss (for now).
 """
 from __future__ import annotations
 
@@ -49,8 +57,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
+from ..distributed import DataParallel
 from ..inner_loop import inner_lr_factors
-from ..ops import VARIANTS, local_targets, matched_loss_grad, rmsprop_step_
+from ..activations import get_activation
+from ..ops import VARIANTS, matched_loss_grad, rmsprop_step_
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
 from .layers import OP, LayerInfo, decide_activations, find_layers
@@ -59,18 +69,17 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class _Call:
-    """One recorded call of a layer: rows of its input X and output Z, and G once known."""
+    """One recorded call of a layer: rows of its input X and output Z; used once the backward
+    pass has reached Z."""
 
-    __slots__ = ("x", "z", "g")
+    __slots__ = ("x", "z", "used")
 
     def __init__(self, x: Tensor, z: Tensor):
-        self.x, self.z, self.g = x, z, None
+        self.x, self.z, self.used = x, z, False
 
-    def catch(self, grad: Tensor) -> None:
-        """The tensor hook on Z: dL/dZ (of Z as the layer returned it, also when a later op
-        modifies Z in place). A second backward through the same graph adds up."""
-        g = grad.detach().reshape(-1, grad.shape[-1])
-        self.g = g if self.g is None else self.g + g
+    def mark_used(self, grad: Tensor) -> None:
+        """The hook on the tensor Z (it fires also when a later op modifies Z in place)."""
+        self.used = True
 
 
 class LocoProp(torch.optim.Optimizer):
@@ -93,11 +102,16 @@ class LocoProp(torch.optim.Optimizer):
                  process_group=None):
         if not isinstance(model, nn.Module):
             fail_type(OP, "model", "an nn.Module", type(model).__name__)
-        if process_group is not None or isinstance(model, nn.parallel.DistributedDataParallel):
-            raise NotImplementedError(
-                "locoprop.optim.LocoProp: data parallel training (process_group or a "
-                "DistributedDataParallel model) is not supported yet; use lk.LocoProp "
-                "(nn.Sequential models) with process_group, or one process")
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp and process_group is None:
+            process_group = model.process_group
+        # Data parallel only when asked for (a group, or a DDP model): a process of an
+        # initialised torch.distributed may well train a model of its own.
+        self._dp = (DataParallel.for_group(process_group) if process_group is not None
+                    else DataParallel(active=False))
+        self._grads_averaged = ddp  # DDP has averaged .grad over the ranks already
+        if ddp:
+            model = model.module  # hooks on the wrapped modules, whose forward is called
         check_choice(OP, "variant", variant, VARIANTS)
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
@@ -136,9 +150,6 @@ class LocoProp(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self._records = {m: [] for m in self._modules}
         self._hooks = [m.register_forward_hook(self._record) for m in self._modules]
-        # GradScaler: with this flag it hands us its scale instead of unscaling .grad, and
-        # step() refuses it (G is caught scaled; an unscaled step is not implemented yet).
-        self._step_supports_amp_scaling = True
 
     # ------------------------------------------------------------------ recording
 
@@ -149,7 +160,7 @@ class LocoProp(torch.optim.Optimizer):
         call = _Call(x.detach().reshape(-1, x.shape[-1]),
                      output.detach().reshape(-1, output.shape[-1]))
         self._records[module].append(call)
-        output.register_hook(call.catch)
+        output.register_hook(call.mark_used)
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -173,11 +184,6 @@ class LocoProp(torch.optim.Optimizer):
     def step(self, closure=None):
         """One outer LocoProp step from the gradients and records of the last backward pass(es);
         returns ``closure()``'s loss when a closure is given."""
-        if getattr(self, "grad_scale", None) is not None:
-            raise NotImplementedError(
-                "locoprop.optim.LocoProp: torch.amp.GradScaler is not supported yet (the layer "
-                "gradients G are recorded scaled); train without it, or in bf16 autocast, "
-                "which needs no scaler")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -189,22 +195,28 @@ class LocoProp(torch.optim.Optimizer):
         return loss
 
     def _prepare(self):
-        """(params with a gradient, layer problems, constant part of each local gradient)."""
+        """(params with a gradient, layer problems, s gamma p.grad in a flat buffer, global
+        under data parallel)."""
         g0 = self.param_groups[0]
-        gamma, scale = g0["gamma"], g0["scale"]
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("locoprop.optim.LocoProp: sparse gradients are not "
                                    "supported")
-        problems = self._layer_problems(gamma)
-        # C_p = s gamma (p.grad - what the recorded calls produce); fp32 for half params.
-        constant = {p: (p.grad * (scale * gamma)).to(_state_dtype(p)) for p in params}
-        for layer, X, G, _, _ in problems:
-            for p, seen in ((layer.weight, lambda: G.T @ X), (layer.bias, lambda: G.sum(0))):
-                if p is not None and p in constant:
-                    constant[p].sub_(seen().to(constant[p].dtype), alpha=scale * gamma)
-        return params, problems, constant
+        constant = _Flat(params)
+        constant.copy_from({p: p.grad for p in params})
+        if self._dp.active and not self._grads_averaged:
+            constant.all_reduce_(self._dp, average=True)  # what DDP would have done
+        constant.mul_(g0["scale"] * g0["gamma"])
+        return params, self._layer_problems(), constant
+
+    def _matched_loss_grads(self, params, problems, grads: "_Flat") -> None:
+        """grads <- sum over every layer use of its matched-loss gradient (all ranks)."""
+        grads.zero_()
+        scale = self.param_groups[0]["scale"]
+        for layer, X, Y, act in problems:
+            self._add_matched_loss_grad(layer, X, Y, act, scale, grads)
+        grads.all_reduce_(self._dp)
 
     @torch.no_grad()
     def local_gradients(self) -> dict:
@@ -212,62 +224,47 @@ class LocoProp(torch.optim.Optimizer):
         and gradients (the formula of inner iterations t >= 1, without the prox term): a
         diagnostic. Right after the backward pass (W = W0) every entry is s gamma p.grad."""
         params, problems, constant = self._prepare()
-        grads = {p: constant[p].clone() for p in params}
-        for layer, X, _, Y, act in problems:
-            self._add_matched_loss_grad(layer, X, Y, act, self.param_groups[0]["scale"], grads)
-        return grads
-
-    @torch.no_grad()
-    def unseen_gradients(self) -> dict:
-        """{LocoProp layer parameter: R}, the part of its backprop gradient that its recorded
-        calls do not produce (DESIGN §9): 0 up to rounding for a Linear used only through its
-        forward; a tied embedding's or a direct ``F.linear`` read's share otherwise."""
-        params, problems, constant = self._prepare()
-        s_gamma = self.param_groups[0]["scale"] * self.param_groups[0]["gamma"]
-        layer_params = {p for layer, *_ in problems for p in (layer.weight, layer.bias)
-                        if p is not None}
-        return {p: constant[p] / s_gamma for p in params if p in layer_params}
+        grads = _Flat(params)
+        self._matched_loss_grads(params, problems, grads)
+        grads.add_(constant)
+        return {p: grads[p].clone() for p in params}
 
     def _outer_step(self) -> None:
         g0 = self.param_groups[0]
-        gamma, scale, eta = g0["gamma"], g0["scale"], g0["eta"]
+        eta = g0["eta"]
         params, problems, constant = self._prepare()
         if not params:
             return
-        grads = {p: torch.empty_like(p, dtype=_state_dtype(p)) for p in params}
-        anchors = {p: p.detach().clone() for p in params} if eta is not None else None
+        grads = _Flat(params)
+        anchors = [p.detach().clone() for p in params] if eta is not None else None
         state_lists = self._state_lists(params)
         T = g0["inner_steps"]
         for t, factor in enumerate(inner_lr_factors(T, g0["lr_floor"])):
             if t == 0:  # the local gradient at W0 is exactly s gamma p.grad: no GEMMs
-                for p in params:
-                    grads[p].copy_(p.grad).mul_(scale * gamma)
+                grads.copy_from_flat(constant)
             else:
-                for p in params:
-                    grads[p].copy_(constant[p])
-                for layer, X, _, Y, act in problems:
-                    self._add_matched_loss_grad(layer, X, Y, act, scale, grads)
+                self._matched_loss_grads(params, problems, grads)
+                grads.add_(constant)
             if eta is not None:
-                for p in params:
-                    grads[p].add_(p.detach() - anchors[p], alpha=1.0 / eta)
+                for p, p0 in zip(params, anchors):
+                    grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
             self._rmsprop(grads, state_lists, factor, first=t == 0)
 
-    def _layer_problems(self, gamma: float) -> list:
-        """[(module, X, G, Y, local activation)] for every layer with recorded calls."""
+    def _layer_problems(self) -> list:
+        """[(module, X, Y0, local activation)] for every layer with used calls: all calls'
+        rows stacked, Y0 = f(Z0) (variant S: Z0, the local f identity)."""
+        variant = self.param_groups[0]["variant"]
         problems = []
         for m, info in zip(self._modules, self.layers):
-            calls = [c for c in self._records[m] if c.g is not None]
+            calls = [c for c in self._records[m] if c.used]
             if not calls or m.weight.grad is None:
                 continue
             X = torch.cat([c.x for c in calls]) if len(calls) > 1 else calls[0].x
             Z = torch.cat([c.z for c in calls]) if len(calls) > 1 else calls[0].z
-            G = torch.cat([c.g for c in calls]) if len(calls) > 1 else calls[0].g
-            G = G.to(Z.dtype)
-            variant = self.param_groups[0]["variant"]
-            local = info.activation if variant == "M" else "identity"
-            Y = local_targets(Z, G, info.activation, gamma, variant=variant,
-                              backend=self.param_groups[0]["backend"])
-            problems.append((m, X, G, Y, local))
+            if variant == "M":
+                problems.append((m, X, get_activation(info.activation).f(Z), info.activation))
+            else:
+                problems.append((m, X, Z, "identity"))
         return problems
 
     def _add_matched_loss_grad(self, layer, X, Y, act, scale, grads) -> None:
@@ -332,6 +329,57 @@ class LocoProp(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+
+class _Flat:
+    """One tensor per parameter (its state dtype), as views of one flat buffer per dtype, so
+    that a data-parallel all-reduce is one call per dtype (one in practice)."""
+
+    def __init__(self, params: list):
+        by_dtype: dict = {}
+        for p in params:
+            by_dtype.setdefault((_state_dtype(p), p.device), []).append(p)
+        self.buffers, self._views = [], {}
+        for (dtype, device), ps in by_dtype.items():
+            flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=device)
+            self.buffers.append(flat)
+            offset = 0
+            for p in ps:
+                self._views[p] = flat[offset:offset + p.numel()].view(p.shape)
+                offset += p.numel()
+
+    def __getitem__(self, p: Tensor) -> Tensor:
+        return self._views[p]
+
+    def __contains__(self, p: Tensor) -> bool:
+        return p in self._views
+
+    def copy_from(self, tensors: dict) -> None:
+        for p, view in self._views.items():
+            view.copy_(tensors[p])
+
+    def copy_from_flat(self, other: "_Flat") -> None:
+        for mine, theirs in zip(self.buffers, other.buffers):
+            mine.copy_(theirs)
+
+    def zero_(self) -> None:
+        for b in self.buffers:
+            b.zero_()
+
+    def mul_(self, value: float) -> None:
+        for b in self.buffers:
+            b.mul_(value)
+
+    def add_(self, other: "_Flat") -> None:
+        for mine, theirs in zip(self.buffers, other.buffers):
+            mine.add_(theirs)
+
+    def all_reduce_(self, dp, *, average: bool = False) -> None:
+        """Sum (or average) over the replicas of ``dp``; nothing without data parallel."""
+        for b in self.buffers:
+            dp.all_reduce_grads_(b)
+            if average and dp.active:
+                b.div_(dp.world_size)
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
