@@ -55,9 +55,9 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({model}), {gpu}"
 
 
-def compare(entries: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per entry. Entries run round-robin (one call of each per round), so
-    load from other processes on this shared machine hits every entry alike."""
+def compare_times(entries: dict, repeats: int, warmup: int = 2) -> dict:
+    """Seconds of every call of each entry. Entries run round-robin (one call of each per
+    round), so load from other processes on this shared machine hits every entry alike."""
     for fn in entries.values():
         for _ in range(warmup):
             fn()
@@ -67,7 +67,13 @@ def compare(entries: dict, repeats: int, warmup: int = 2) -> dict:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def compare(entries: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per entry (``compare_times``)."""
+    return {name: statistics.median(ts)
+            for name, ts in compare_times(entries, repeats, warmup).items()}
 
 
 def make_layers(seed=0, sizes=SIZES):

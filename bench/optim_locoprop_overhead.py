@@ -16,13 +16,12 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import machine  # noqa: E402
+from cpu_suite import compare_times, machine  # noqa: E402
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
@@ -52,14 +51,7 @@ def main(argv=None):
 
     entries = {"lk.LocoProp.step": lambda: trainer.step(x, x),
                "lk.optim.LocoProp standard loop": standard_loop}
-    for fn in entries.values():
-        fn()
-    times = {k: [] for k in entries}
-    for _ in range(args.repeats):
-        for k, fn in entries.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = compare_times(entries, args.repeats, warmup=1)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["lk.optim.LocoProp standard loop"] / med["lk.LocoProp.step"]
     result = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),

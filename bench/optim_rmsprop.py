@@ -21,13 +21,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import machine  # noqa: E402
+from cpu_suite import compare_times, machine  # noqa: E402
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
@@ -86,20 +85,6 @@ def entries_for(shapes, backend) -> dict:
             "copy": lambda: dst.copy_(src)}, numel
 
 
-def compare(entries: dict, repeats: int, warmup: int = 3) -> dict:
-    """Seconds per call of each entry, measured round-robin over ``repeats`` rounds."""
-    for fn in entries.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in entries}
-    for _ in range(repeats):
-        for name, fn in entries.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -117,7 +102,7 @@ def main(argv=None) -> dict:
     for name in args.sets.split(","):
         shapes = sets[name]()
         entries, numel = entries_for(shapes, args.backend)
-        times = compare(entries, args.repeats)
+        times = compare_times(entries, args.repeats, warmup=3)
         med = {k: statistics.median(v) for k, v in times.items()}
         ours_bw = numel * BYTES_PER_VALUE / med["ours"]
         copy_bw = numel * BYTES_PER_VALUE / med["copy"]
