@@ -42,7 +42,7 @@ $PY -m pybind11 --version; $PY -m pytest --version; $PY -c 'import hypothesis'"
 # The editable install builds locoprop_kernels._C with the CUDA kernels (sm_90 for Hopper).
 step build 180 env LOCOPROP_CUDA=ON LOCOPROP_REQUIRE_EXT=1 \
   $PY -m pip install --no-deps --no-build-isolation -e .
-step build_info 60 $PY -c "from locoprop_kernels import cpp_backend; print(cpp_backend.build_info())"
+step build_info 60 $PY -c "from locoprop_kernels.backends import cpp; print(cpp.build_info())"
 
 # GPU-only tests first (native bf16/fp16 dots, tf32, wide softmax rows, CUDA C++, the CUDA
 # graph inner loop, cross-device checkpoints), then the per-op tests on CUDA tensors.
@@ -52,6 +52,12 @@ step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b1000-fp32" \
   --batches 1000 --dtypes float32
 step rmsprop_bandwidth 90 $PY bench/cuda_rmsprop_bandwidth.py
 cp bench/results/cuda-rmsprop-*.json "$OUT/" 2>/dev/null
+# lk.optim.RMSprop: GB/s vs a copy (2^26 values, ResNet-50's 161 tensors) and capturable=True
+# replayed in a CUDA graph (bitwise vs eager, lr changed between replays).
+step optim_rmsprop 120 $PY bench/optim_rmsprop_gpu.py
+cp bench/results/optim-rmsprop-*.json "$OUT/" 2>/dev/null
+step tests_optim 120 $PY -m pytest -q --timeout 100 tests/test_optim_rmsprop.py \
+  tests/test_optim_locoprop.py
 # A/B: the same configuration with 8 warps per program (the 64-wide tile kernels spill at 4;
 # see LOCOPROP_TRITON_WARPS in triton_kernels/_launch.py). Compare with suite_b1000_fp32.
 step suite_b1000_fp32_8warps 150 env LOCOPROP_TRITON_WARPS=8 $PY bench/gpu_suite.py \

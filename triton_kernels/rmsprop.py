@@ -183,6 +183,26 @@ def _optional_state(name, tensors, used, n):
     return tensors
 
 
+#: Device copies of recent address tables, keyed by their content: a table holds only
+#: addresses and sizes, so the same content is the same table whatever tensors it came from.
+#: A step over the same tensors (an optimizer's, every iteration) then skips the host-to-device
+#: copy, and a CUDA graph can capture it after one eager call (a capture allows no such copy).
+_DEVICE_TABLES: dict = {}
+_DEVICE_TABLES_MAX = 16
+
+
+def _device_tables(device, rows, blocks):
+    key = (device, tuple(map(tuple, rows)))
+    cached = _DEVICE_TABLES.get(key)
+    if cached is None:
+        cached = (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+                  torch.tensor(blocks, dtype=torch.int64).to(device, non_blocking=True))
+        if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
+            _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))  # the oldest
+        _DEVICE_TABLES[key] = cached
+    return cached
+
+
 def rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, *, lr,
                   options) -> None:
     """One RMSProp step on every tensor, in place (module docstring: the math).
@@ -221,9 +241,7 @@ def rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, *, lr,
                              (GA_COL, (gas[i] if gas else ms).data_ptr()), (NUMEL_COL, n_i)))
             blocks.extend(table_row(BLOCK_FIELDS, (TENSOR_COL, j), (START_COL, s))
                           for s in range(0, n_i, BLOCK))
-        device = params[idx[0]].device
-        table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        block_map = torch.tensor(blocks, dtype=torch.int64).to(device, non_blocking=True)
+        table, block_map = _device_tables(params[idx[0]].device, rows, blocks)
         launch(_rmsprop_table_kernel, (len(blocks),), table, block_map, *scalars,
                P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], **constexprs,
                BLOCK=BLOCK)
