@@ -11,7 +11,8 @@ which f each one's local loss uses and why. A forward hook records each call of 
 while autograd records (X its input, Z its output, both flattened to rows), and a hook on the
 tensor Z marks the call as used when the backward pass reaches it; calls it never reaches
 (evaluation under ``no_grad`` records nothing at all, an output the loss does not use) count
-for nothing. ``zero_grad()`` and ``step()`` clear the records.
+for nothing. ``step()`` clears the records; ``zero_grad()`` clears those whose gradients it
+clears (the calls the backward pass has reached).
 
 The math. Layer l's local objective (DESIGN §2) with targets Y = f(Z0) - gamma G, summed over
 its calls, plus gamma R for the uses of its parameters the hooks do not see, has the gradient
@@ -164,9 +165,12 @@ class LocoProp(torch.optim.Optimizer):
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad, and the recorded calls are dropped with the gradients."""
+        """torch's zero_grad; the records whose gradient it clears go with it. Calls the backward
+        pass has not reached yet stay: Lightning's loop runs the forward, then zero_grad, then
+        the backward."""
         super().zero_grad(set_to_none=set_to_none)
-        self._clear_records()
+        for calls in self._records.values():
+            calls[:] = [c for c in calls if not c.used]
 
     def _clear_records(self) -> None:
         for calls in self._records.values():
