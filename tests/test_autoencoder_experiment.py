@@ -69,3 +69,19 @@ def test_run_one_on_synthetic_images(monkeypatch):
     text = ae.table(dict(dataset="synthetic", train_size=30, test_size=10, device="cpu",
                          runs=[rec]))
     assert "locoprop-m lr=0.01 *" in text
+
+
+def test_console_script_exits_0(monkeypatch):
+    """The console script's wrapper does sys.exit(entry()): the entry must return 0, not the
+    result dict (which made every successful run exit with status 1)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module, func = pyproject["project"]["scripts"]["locoprop-autoencoder"].split(":")
+    monkeypatch.setattr(ae, "main", lambda argv=None: {"runs": []})
+    entry = getattr(importlib.import_module(module), func)
+    with pytest.raises(SystemExit) as exit_info:
+        import sys
+        sys.exit(entry())
+    assert exit_info.value.code == 0

@@ -322,5 +322,13 @@ def _write(output: Path, result: dict, merge: bool) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The ``locoprop-autoencoder`` console script: run, then exit with status 0. (Its wrapper
+    does ``sys.exit(cli())``; pointing it at ``main``, which returns the result dict, printed
+    that dict to stderr and exited with status 1 after every successful run.)"""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
