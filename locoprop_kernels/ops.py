@@ -11,12 +11,21 @@ Ops:
     locoprop::matched_loss_grad_out  writes into out_weight / out_bias (arena slices)
     locoprop::local_targets          returns Y
     locoprop::rmsprop_step_          updates params, square_avgs, momentum_bufs in place
+    locoprop::not_differentiable     the backward of the functional ops: raises (see below)
+
+None of them is differentiable (DESIGN.md section 4: the trainer calls them on detached
+tensors). The functional ops accept inputs that require grad and return correct values; their
+autograd formula raises a RuntimeError naming the op if a backward pass reaches them. The
+in-place ones (``out=``, ``rmsprop_step_``) cannot be recorded by autograd at all, so with grad
+mode on they refuse, before any write, tensors that require grad, as torch's own ``out=``
+functions do.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
 import torch
+from torch.utils import _pytree as pytree
 
 from . import backends
 from .activations import get_activation
@@ -37,6 +46,90 @@ def _check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
 
 def _check_backend_arg(op: str, backend) -> None:
     backends.check_name(op, backend)
+
+
+# ---------------------------------------------------------------- autograd
+
+#: Why each functional op has no derivative, for its error message.
+_NOT_DIFFERENTIABLE = {
+    "matched_loss_grad": "it computes a gradient itself (of the layer's local matched loss in W "
+                         "and b, in closed form)",
+    "local_targets": "it forms the local problem's targets from a gradient, in closed form",
+}
+
+
+def _not_differentiable_message(op: str) -> str:
+    return (f"locoprop.{op} is not differentiable: {_NOT_DIFFERENTIABLE[op]}, and it has no "
+            f"autograd formula. Call it on detached tensors (x.detach()), or use "
+            f"locoprop_kernels.reference.{op} (plain PyTorch) under autograd if you need "
+            f"derivatives through it")
+
+
+@torch.library.custom_op("locoprop::not_differentiable", mutates_args=())
+def _not_differentiable_op(grad: Tensor, shape: List[int], dtype: torch.dtype,
+                           op: str) -> Tensor:
+    """The gradient of one input of ``op``, which has none: raises. An op (not a plain raise in
+    the backward formula) so that tracing a backward graph under torch.compile (AOTAutograd
+    traces it whenever an input requires grad) succeeds, and the error comes when the
+    backward runs, as in eager."""
+    raise RuntimeError(_not_differentiable_message(op))
+
+
+@_not_differentiable_op.register_fake
+def _(grad, shape, dtype, op):
+    return grad.new_empty(shape, dtype=dtype)
+
+
+def _register_no_derivative(custom_op, op: str) -> None:
+    """The autograd formula of a functional op without a derivative: the forward runs (on
+    inputs that require grad too, returning the same values and outputs with a grad_fn); a
+    backward pass through it raises a RuntimeError naming the op. Only input shapes and dtypes
+    are kept for the backward, no tensors."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.input_meta = [(tuple(t.shape), t.dtype) if isinstance(t, Tensor) else None
+                          for t in inputs]
+
+    def backward(ctx, *grads):
+        # One gradient per output (a list of them for matched_loss_grad's List[Tensor]).
+        grad = next(g for g in pytree.tree_leaves(grads) if isinstance(g, Tensor))
+        return tuple(_not_differentiable_op(grad, list(meta[0]), meta[1], op)
+                     if meta is not None and needed else None
+                     for meta, needed in zip(ctx.input_meta, ctx.needs_input_grad))
+
+    custom_op.register_autograd(backward, setup_context=setup_context)
+
+
+def _any_requires_grad_py(*values) -> bool:
+    return any(isinstance(t, Tensor) and t.requires_grad
+               for v in values for t in (v if isinstance(v, list) else (v,)))
+
+
+# Tensors and lists of tensors, in C++ (torch's custom-op autograd layer asks the same): eager
+# rmsprop_step_ asks it of every tensor at every step in grad mode. Dynamo cannot trace it.
+_any_requires_grad_c = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
+
+def _refuse_in_place_autograd(op: str, writes: str, args: dict, hint: str = "") -> None:
+    """Grad mode on and a tensor argument that requires grad: an in-place op has nothing to
+    hang an autograd node on (torch's own ``out=`` functions refuse this too); say so, naming
+    the argument, before anything is written. ``args``: name -> a Tensor, None or a list of
+    Tensors (then named ``name[i]``)."""
+    if not torch.is_grad_enabled():
+        return
+    any_requires_grad = (_any_requires_grad_py if torch.compiler.is_compiling()
+                         else _any_requires_grad_c)
+    if not any_requires_grad(*args.values()):
+        return
+    for name, value in args.items():
+        for i, t in enumerate(value if isinstance(value, list) else (value,)):
+            if isinstance(t, Tensor) and t.requires_grad:
+                arg = f"{name}[{i}]" if isinstance(value, list) else name
+                raise RuntimeError(
+                    f"locoprop.{op} is not differentiable: it writes {writes} in place, which "
+                    f"autograd cannot record, and argument '{arg}' requires grad while grad "
+                    f"mode is on. Call it under torch.no_grad() or on detached tensors "
+                    f"(t.detach() shares t's memory){hint}")
 
 
 # ---------------------------------------------------------------- matched_loss_grad
@@ -126,6 +219,9 @@ def _(x, weight, bias, target, activation, scale, anchor_weight, anchor_bias, et
             weight.new_empty((gb_len,))]
 
 
+_register_no_derivative(_matched_loss_grad_op, "matched_loss_grad")
+
+
 @torch.library.custom_op("locoprop::matched_loss_grad_out",
                          mutates_args=("out_weight", "out_bias"))
 def _matched_loss_grad_out_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -165,6 +261,24 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     GPU (triton backend). ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g.
     arena views; grad_bias None when bias is None) and returns them. Returns
     ``(grad_weight, grad_bias)``, grad_bias None when bias is None.
+
+    Not differentiable: inputs that require grad are accepted and give the same values, but a
+    backward pass through the result raises (see RuntimeError below).
+
+    Raises, before anything is written (each message names the op and the argument):
+        TypeError: a tensor argument that is not a Tensor (or None where allowed), ``out``
+            not a pair; a dtype or device that differs from x's (or that the backend does not
+            support); a number that is not a float/int or a name that is not a str.
+        ValueError: a wrong shape (not 2-D, d_in / d_out / B mismatched), an empty batch, an
+            unknown activation, precision or backend name, a non-finite scale, eta <= 0,
+            eta without anchor_weight (anchor_bias when bias is given), anchor_bias without
+            bias, out_bias given exactly when bias is not, ``out`` overlapping an input, or a
+            backend that cannot run here ("cpp" without the extension, "triton" on CPU
+            without TRITON_INTERPRET=1).
+        RuntimeError: with ``out=``, when grad mode is on and any tensor argument requires
+            grad (autograd cannot record a write into ``out``); without ``out=``, when a
+            backward pass reaches the returned gradients
+            ("locoprop.matched_loss_grad is not differentiable: ...").
     """
     op = "matched_loss_grad"
     check_call_types(op, tensors=[("x", x), ("weight", weight), ("target", target)],
@@ -179,6 +293,12 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
             fail_type(op, "out", "a pair (grad_weight, grad_bias)", type(out).__name__)
         check_call_types(op, tensors=[("out_weight", out[0])],
                          optional_tensors=[("out_bias", out[1])])
+        _refuse_in_place_autograd(
+            op, "out=(grad_weight, grad_bias)",
+            dict(x=x, weight=weight, bias=bias, target=target, anchor_weight=anchor_weight,
+                 anchor_bias=anchor_bias, out_weight=out[0], out_bias=out[1]),
+            "; without out= it accepts such inputs (a backward pass through its result then "
+            "raises)")
         _matched_loss_grad_out_op(x, weight, bias, target, activation, scale, anchor_weight,
                                   anchor_bias, eta, backend or "", precision, out[0], out[1])
         return out[0], out[1]
@@ -216,6 +336,9 @@ def _(preact, grad_preact, activation, gamma, variant, backend):
     return torch.empty_like(preact, memory_format=torch.contiguous_format)
 
 
+_register_no_derivative(_local_targets_op, "local_targets")
+
+
 def local_targets(preact: Tensor, grad_preact: Tensor, activation: str, gamma: float, *,
                   variant: str = "M", backend: Optional[str] = None) -> Tensor:
     """LocoProp targets from one forward/backward pass, (B, d_out) like ``preact``.
@@ -223,6 +346,19 @@ def local_targets(preact: Tensor, grad_preact: Tensor, activation: str, gamma: f
         variant "M": Y = f(Z) - gamma * G      variant "S": Y = Z - gamma * G
 
     preact Z and grad_preact G = dL/dZ (which already carries L's 1/B) are (B, d_out).
+
+    Not differentiable: inputs that require grad are accepted and give the same values, but a
+    backward pass through the result raises (see RuntimeError below).
+
+    Raises, before anything is written (each message names the op and the argument):
+        TypeError: preact / grad_preact not Tensors, grad_preact's dtype or device not
+            preact's (or a dtype the backend does not support), gamma not a float/int,
+            activation / variant not a str.
+        ValueError: preact not 2-D or empty, grad_preact not preact's shape, a non-finite
+            gamma, an unknown activation, variant or backend name, or a backend that cannot
+            run here.
+        RuntimeError: when a backward pass reaches the returned targets
+            ("locoprop.local_targets is not differentiable: ...").
     """
     op = "local_targets"
     check_call_types(op, tensors=[("preact", preact), ("grad_preact", grad_preact)],
@@ -340,14 +476,14 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 def _plain_eager(tensor_lists) -> bool:
     """Whether a call may skip the dispatcher: not compiling or tracing, no torch function or
-    dispatch mode active, only plain tensors, and nothing autograd would record."""
+    dispatch mode active, only plain tensors. (Nothing autograd would record: a tensor that
+    requires grad in grad mode was refused before.)"""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled()):
         return False
-    grad_mode = torch.is_grad_enabled()
     for ts in tensor_lists:
         for t in ts:
-            if type(t) not in _PLAIN_TYPES or (grad_mode and t.requires_grad):
+            if type(t) not in _PLAIN_TYPES:
                 return False
     return True
 
@@ -392,15 +528,26 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
     (else they may be None). ``lr`` is a float, a one-element CPU tensor, or a one-element
     fp32 tensor on the params' device; the triton and reference backends read the latter
     without a host sync (a captured CUDA graph then picks up its current value at every
-    replay), the cpp backend reads it with ``.item()``. Capturing the step in a CUDA graph
-    needs one contiguous tensor per argument (an arena, as ``LocoProp`` uses): the triton
-    list form copies its address table from the host at every call, which a capture does not
-    allow. Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or
+    replay), the cpp backend reads it with ``.item()``. A CUDA graph can capture the triton
+    step: one tensor per argument (an arena, as ``LocoProp`` uses) needs no table; the list
+    form keeps device copies of its address tables by content, so a capture after one eager
+    call over the same tensors copies nothing from the host (not yet run on a GPU). Params fp32/bf16/fp16 (fp64 on the reference backend), grads the params' dtype or
     fp32, state fp32 (fp64 for fp64 params).
 
-    Raises TypeError (a non-tensor, a dtype or device that does not fit) or ValueError
-    (mismatched lengths or shapes, an option out of range, a state list missing for the
-    options, aliasing between written tensors or with the grads) before anything is written.
+    Not differentiable: it writes in place, which autograd cannot record. Call it under
+    ``torch.no_grad()`` (as optimizers do) or on detached tensors.
+
+    Raises, before anything is written (each message names the op and the argument):
+        TypeError: an argument that is not a Tensor or a list of Tensors, a dtype or device
+            that does not fit (or that the backend does not support), a number that is not a
+            float/int, a flag that is not a bool, style not a str.
+        ValueError: mismatched lengths or shapes, an empty params list, an option out of
+            range (lr < 0, alpha, eps, momentum, weight_decay), an unknown style or backend
+            name, a state list missing for the options (momentum_bufs when momentum != 0,
+            grad_avgs when centered), aliasing between written tensors or with the grads, or
+            a backend that cannot run here.
+        RuntimeError: when grad mode is on and any tensor argument (params, grads, state,
+            a tensor lr) requires grad ("locoprop.rmsprop_step_ is not differentiable: ...").
     """
     op = "rmsprop_step_"
     lists = {name: _as_list(op, name, value) for name, value in (
@@ -412,6 +559,9 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
                               ("weight_decay", weight_decay)],
                      strings=[("style", style)])
     _check_backend_arg(op, backend)
+    _refuse_in_place_autograd(op, "params, square_avgs, momentum_bufs and grad_avgs",
+                              {**lists, "lr": lr},
+                              "; torch.optim's optimizers step under torch.no_grad() too")
     if not isinstance(lr, Tensor):
         check_number(op, "lr", lr, low=0.0)
         # float64 holds the Python float exactly (fp64 params see the same lr as torch's).
