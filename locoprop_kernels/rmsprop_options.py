@@ -38,6 +38,13 @@ class RMSpropOptions:
     centered: bool = False
     maximize: bool = False
 
+    @classmethod
+    def from_group(cls, group: dict) -> "RMSpropOptions":
+        """The options a ``torch.optim`` param group holds (keys named as the fields)."""
+        return cls(style=group["style"], alpha=group["alpha"], eps=group["eps"],
+                   weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   centered=group["centered"], maximize=group["maximize"])
+
     def check(self, op: str) -> "RMSpropOptions":
         """ValueError/TypeError naming ``op`` and the option when one is out of range."""
         check_choice(op, "style", self.style, STYLES)

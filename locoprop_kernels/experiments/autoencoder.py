@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, optimizers
-from .results import OFFICIAL_LOG, best_runs, full_mnist
+from .results import OFFICIAL_LOG, best_runs, end_epoch, full_mnist
 
 HIDDEN = [1000, 500, 250, 30, 250, 500, 1000]
 CODE_LAYER = 3  # index of the 30-unit layer in HIDDEN: linear (identity), not tanh
@@ -164,11 +164,7 @@ def run_one(name: str, lr: Optional[float], split: data.Split, *, epochs: int, s
         if not progress:  # a log line per epoch instead of the bars (nohup runs, CI)
             print(f"{method.label} epoch {epoch}: train {row['train_loss']:.2f} test "
                   f"{row['test_loss']:.2f} ({wall:.0f} s)", file=sys.stderr, flush=True)
-        if not math.isfinite(row["train_loss"]):
-            record["status"] = f"diverged at epoch {epoch}"
-        if on_epoch is not None:
-            on_epoch(record)
-        if record["status"] != "ok":
+        if end_epoch(record, row, on_epoch):
             break
     bar.close()
     return record

@@ -49,7 +49,7 @@ from torch import nn
 
 from . import data
 from .autoencoder import device_name, parse_lrs
-from .results import best_runs
+from .results import best_runs, end_epoch
 
 TASKS = {
     "mnist-mlp": dict(dataset="mnist", model="mlp",
@@ -216,11 +216,7 @@ def run_one(name: str, lr: float, task: str, sets: data.Labeled, *, epochs: int,
             print(f"{label} epoch {epoch}: train {row['train_loss']:.4f} "
                   f"({row['train_acc']:.4f}) test {row['test_loss']:.4f} "
                   f"({row['test_acc']:.4f}) {wall:.1f} s", file=sys.stderr, flush=True)
-        if not math.isfinite(row["train_loss"]):
-            record["status"] = f"diverged at epoch {epoch}"
-        if on_epoch is not None:
-            on_epoch(record)
-        if record["status"] != "ok":
+        if end_epoch(record, row, on_epoch):
             break
     bar.close()
     if hasattr(opt, "remove_hooks"):

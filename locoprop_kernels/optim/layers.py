@@ -44,6 +44,16 @@ def find_layers(model: nn.Module, exclude) -> list:
             and not any(p.search(name) for p in patterns)]
 
 
+def _module_activation(module: nn.Module) -> Optional[str]:
+    """The table name of an activation module; None for other modules and for a known type
+    that computes another function (nn.Softmax(dim=0), nn.LeakyReLU(0.2)): no detection."""
+    try:
+        entry = activation_of_module(module)
+    except ValueError:
+        return None
+    return None if entry is None else entry.name
+
+
 def _traced_activations(model: nn.Module, names: set) -> Optional[dict]:
     """{layer name: (table name or None, feeds the output)} from a torch.fx trace; None when
     the model cannot be traced."""
@@ -62,11 +72,7 @@ def _traced_activations(model: nn.Module, names: set) -> Optional[dict]:
         if len(users) == 1:
             user = users[0]
             if user.op == "call_module":
-                try:
-                    entry = activation_of_module(modules[user.target])
-                except ValueError:  # a known type computing another function
-                    entry = None
-                act = entry.name if entry else None
+                act = _module_activation(modules[user.target])
             elif user.op in ("call_function", "call_method") and user.args \
                     and user.args[0] is node:
                 entry = activation_of_call(user.target, user.args, dict(user.kwargs),
@@ -84,13 +90,9 @@ def _sequential_activations(model: nn.Module) -> dict:
             continue
         children = list(m.named_children())
         for (name, child), (_, nxt) in zip(children, children[1:]):
-            if isinstance(child, nn.Linear):
-                try:
-                    entry = activation_of_module(nxt)
-                except ValueError:
-                    entry = None
-                if entry is not None:
-                    found[f"{prefix}.{name}" if prefix else name] = entry.name
+            act = _module_activation(nxt) if isinstance(child, nn.Linear) else None
+            if act is not None:
+                found[f"{prefix}.{name}" if prefix else name] = act
     return found
 
 

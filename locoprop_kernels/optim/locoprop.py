@@ -61,12 +61,12 @@ from .. import backends
 from ..distributed import DataParallel
 from ..inner_loop import inner_lr_factors
 from ..activations import get_activation
+from ..arena import Arena
 from ..ops import VARIANTS, matched_loss_grad, rmsprop_step_
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
 from .layers import OP, LayerInfo, decide_activations, find_layers
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from .rmsprop import init_state, state_dtype
 
 
 class _Call:
@@ -214,7 +214,7 @@ class LocoProp(torch.optim.Optimizer):
         constant.mul_(g0["scale"] * g0["gamma"])
         return params, self._layer_problems(), constant
 
-    def _matched_loss_grads(self, params, problems, grads: "_Flat") -> None:
+    def _matched_loss_grads(self, problems, grads: "_Flat") -> None:
         """grads <- sum over every layer use of its matched-loss gradient (all ranks)."""
         grads.zero_()
         scale = self.param_groups[0]["scale"]
@@ -229,7 +229,7 @@ class LocoProp(torch.optim.Optimizer):
         diagnostic. Right after the backward pass (W = W0) every entry is s gamma p.grad."""
         params, problems, constant = self._prepare()
         grads = _Flat(params)
-        self._matched_loss_grads(params, problems, grads)
+        self._matched_loss_grads(problems, grads)
         grads.add_(constant)
         return {p: grads[p].clone() for p in params}
 
@@ -247,7 +247,7 @@ class LocoProp(torch.optim.Optimizer):
             if t == 0:  # the local gradient at W0 is exactly s gamma p.grad: no GEMMs
                 grads.copy_from_flat(constant)
             else:
-                self._matched_loss_grads(params, problems, grads)
+                self._matched_loss_grads(problems, grads)
                 grads.add_(constant)
             if eta is not None:
                 for p, p0 in zip(params, anchors):
@@ -283,20 +283,12 @@ class LocoProp(torch.optim.Optimizer):
         """Per group: (params, square_avgs, momentum_bufs) in torch's state format."""
         lists = {}
         for gi, group in enumerate(self.param_groups):
-            opts = _group_options(group)
+            opts = RMSpropOptions.from_group(group)
             ps, ms, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["square_avg"] = torch.full_like(
-                        p, opts.initial_square_avg, dtype=_state_dtype(p),
-                        memory_format=torch.preserve_format)
-                if opts.has_momentum and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                state = init_state(self.state[p], p, opts)
                 ps.append(p)
                 ms.append(state["square_avg"])
                 if opts.has_momentum:
@@ -311,7 +303,7 @@ class LocoProp(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             ps, ms, bufs = state_lists[gi]
             if ps:
-                key = (group["lr"], group["backend"], _group_options(group))
+                key = (group["lr"], group["backend"], RMSpropOptions.from_group(group))
                 if calls and calls[-1][0] == key:
                     calls[-1][1].extend(zip(ps, ms, bufs or [None] * len(ps)))
                 else:
@@ -342,15 +334,12 @@ class _Flat:
     def __init__(self, params: list):
         by_dtype: dict = {}
         for p in params:
-            by_dtype.setdefault((_state_dtype(p), p.device), []).append(p)
+            by_dtype.setdefault((state_dtype(p), p.device), []).append(p)
         self.buffers, self._views = [], {}
         for (dtype, device), ps in by_dtype.items():
-            flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=device)
-            self.buffers.append(flat)
-            offset = 0
-            for p in ps:
-                self._views[p] = flat[offset:offset + p.numel()].view(p.shape)
-                offset += p.numel()
+            arena = Arena([p.shape for p in ps], dtype=dtype, device=device, fill=None)
+            self.buffers.append(arena.buffer)
+            self._views.update(zip(ps, arena.views()))
 
     def __getitem__(self, p: Tensor) -> Tensor:
         return self._views[p]
@@ -384,16 +373,6 @@ class _Flat:
             dp.all_reduce_grads_(b)
             if average and dp.active:
                 b.div_(dp.world_size)
-
-
-def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
-
-
-def _group_options(group: dict) -> RMSpropOptions:
-    return RMSpropOptions(style=group["style"], alpha=group["alpha"], eps=group["eps"],
-                          weight_decay=group["weight_decay"], momentum=group["momentum"],
-                          centered=group["centered"], maximize=group["maximize"])
 
 
 __all__ = ["LayerInfo", "LocoProp"]

@@ -33,18 +33,37 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..backends.base import HALF_DTYPES
 from ..ops import rmsprop_step_
 from ..rmsprop_options import STYLES, RMSpropOptions
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 #: The keys our param groups add to torch's; a torch state dict lacks them (see __setstate__).
 OUR_GROUP_KEYS = ("style", "backend")
 
 
-def _state_dtype(p: Tensor) -> torch.dtype:
+def state_dtype(p: Tensor) -> torch.dtype:
     """The dtype of p's optimizer state: p's own, fp32 for half-precision parameters."""
     return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
+
+
+def init_state(state: dict, p: Tensor, options: RMSpropOptions, *,
+               step_on_device: bool = False) -> dict:
+    """p's RMSProp state in torch's keys, each created on first need (also when momentum or
+    centered is switched on later): ``step`` (0-d fp32, on p's device when capturable),
+    ``square_avg`` (from 1 in TF1's flavour, 0 in torch's), ``momentum_buffer``,
+    ``grad_avg``. Shared by ``RMSprop`` and ``LocoProp``."""
+    if len(state) == 0:
+        state["step"] = torch.zeros((), dtype=torch.float32,
+                                    device=p.device if step_on_device else "cpu")
+        state["square_avg"] = torch.full_like(p, options.initial_square_avg,
+                                              dtype=state_dtype(p),
+                                              memory_format=torch.preserve_format)
+    for key, needed in (("momentum_buffer", options.has_momentum),
+                        ("grad_avg", options.centered)):
+        if needed and key not in state:
+            state[key] = torch.zeros_like(p, dtype=state_dtype(p),
+                                          memory_format=torch.preserve_format)
+    return state
 
 
 def _real(t: Tensor) -> Tensor:
@@ -110,7 +129,7 @@ class RMSprop(torch.optim.Optimizer):
 
     def _init_group(self, group, params, grads, square_avgs, grad_avgs, momentum_bufs,
                     steps) -> None:
-        options = _options(group)
+        options = RMSpropOptions.from_group(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -120,20 +139,7 @@ class RMSprop(torch.optim.Optimizer):
             if group["capturable"] and p.device.type != "cuda":
                 raise ValueError(f"lk.optim.RMSprop: capturable=True needs parameters on "
                                  f"CUDA (as torch.optim.RMSprop), got one on {p.device}")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32,
-                                            device=p.device if group["capturable"] else "cpu")
-                state["square_avg"] = torch.full_like(
-                    p, options.initial_square_avg, dtype=_state_dtype(p),
-                    memory_format=torch.preserve_format)
-            # Created on first need, also when momentum or centered is switched on later.
-            if options.has_momentum and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p),
-                                                             memory_format=torch.preserve_format)
-            if options.centered and "grad_avg" not in state:
-                state["grad_avg"] = torch.zeros_like(p, dtype=_state_dtype(p),
-                                                     memory_format=torch.preserve_format)
+            state = init_state(self.state[p], p, options, step_on_device=group["capturable"])
             params.append(p)
             grads.append(p.grad)
             square_avgs.append(state["square_avg"])
@@ -154,14 +160,8 @@ class RMSprop(torch.optim.Optimizer):
             params, grads, square_avgs, grad_avgs, momentum_bufs, steps = [], [], [], [], [], []
             self._init_group(group, params, grads, square_avgs, grad_avgs, momentum_bufs, steps)
             rmsprop(params, grads, square_avgs, grad_avgs, momentum_bufs, steps, lr=group["lr"],
-                    options=_options(group), backend=group["backend"])
+                    options=RMSpropOptions.from_group(group), backend=group["backend"])
         return loss
-
-
-def _options(group: dict) -> RMSpropOptions:
-    return RMSpropOptions(style=group["style"], alpha=group["alpha"], eps=group["eps"],
-                          weight_decay=group["weight_decay"], momentum=group["momentum"],
-                          centered=group["centered"], maximize=group["maximize"])
 
 
 def _check_group(op: str, group: dict) -> None:
@@ -180,7 +180,7 @@ def _check_group(op: str, group: dict) -> None:
                              f"{tuple(lr.shape)}")
     elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
         raise ValueError(f"lk.optim.{op}: argument 'lr' expected a number >= 0, got {lr!r}")
-    _options(group).check(f"optim.{op}")
+    RMSpropOptions.from_group(group).check(f"optim.{op}")
     if group.get("capturable") and any(p.device.type != "cuda" for p in group["params"]):
         raise ValueError(f"lk.optim.{op}: capturable=True needs parameters on CUDA (as "
                          f"torch.optim.RMSprop)")
