@@ -16,23 +16,40 @@ OUT=${OUT:-/tmp/locoprop-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+# Logs and results collect in $LOGS; after every step they are packed into ONE file,
+# $OUT/device-logs.tgz (the device tool brings back at most 8 files), beside steps.txt.
+LOGS=${LOGS:-/tmp/locoprop-device-logs}
+mkdir -p "$LOGS"
 STEPS="$OUT/steps.txt"
 : > "$STEPS"
+# Only these steps, when ONLY is set (names separated by spaces); all otherwise.
+ONLY=${ONLY:-}
+# Python packages the device image lacks (expecttest, for torch's optim_db in the optimizer
+# tests), carried as wheels in .whl/ (see the device tool's README).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Triton compiles are CPU-bound: the tests run in 8 processes (pytest-xdist is in the image).
+XDIST=${XDIST:--n 8}
 
 # One device call may run 600 s; DEADLINE (s) leaves room for the reply. A step whose limit
 # would pass it is cut to what is left, and skipped when under 20 s are left.
 DEADLINE=${DEADLINE:-540}
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, record rc
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, record rc
   local name=$1 limit=$2; shift 2
+  if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then return; fi
   local left=$((DEADLINE - SECONDS))
   if (( left < 20 )); then echo "$name skipped: ${left}s left" | tee -a "$STEPS"; return; fi
   (( limit > left )) && limit=$left
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc limit=${limit}s took=$((SECONDS - t0))s" | tee -a "$STEPS"
-  tail -n 15 "$OUT/$name.log"
+  tail -n 12 "$LOGS/$name.log"
+  cp bench/results/*.json bench/results/*.md "$LOGS/" 2>/dev/null
+  tar -czf "$OUT/device-logs.tgz" -C "$LOGS" . 2>/dev/null
 }
 
 step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, \
@@ -46,27 +63,27 @@ step build_info 60 $PY -c "from locoprop_kernels.backends import cpp; print(cpp.
 
 # GPU-only tests first (native bf16/fp16 dots, tf32, wide softmax rows, CUDA C++, the CUDA
 # graph inner loop, cross-device checkpoints), then the per-op tests on CUDA tensors.
-step tests_gpu 180 $PY -m pytest -q --timeout 120 tests/test_gpu.py tests/test_cpp_backend.py \
+step tests_gpu 180 $PY -m pytest -q $XDIST --timeout 120 tests/test_gpu.py tests/test_cpp_backend.py \
   tests/test_inner_loop.py tests/test_grouped.py tests/test_checkpoint.py tests/test_trainer.py
-step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b1000-fp32" \
+# Both LocoProp APIs: fp32 on CUDA vs fp64 on the CPU after 3 steps, and one step's time.
+step optim_locoprop 120 $PY bench/optim_locoprop_gpu.py
+step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$LOGS/suite-b1000-fp32" \
   --batches 1000 --dtypes float32
 step rmsprop_bandwidth 90 $PY bench/cuda_rmsprop_bandwidth.py
-cp bench/results/cuda-rmsprop-*.json "$OUT/" 2>/dev/null
 # lk.optim.RMSprop: GB/s vs a copy (2^26 values, ResNet-50's 161 tensors) and capturable=True
 # replayed in a CUDA graph (bitwise vs eager, lr changed between replays).
 step optim_rmsprop 120 $PY bench/optim_rmsprop_gpu.py
-cp bench/results/optim-rmsprop-*.json "$OUT/" 2>/dev/null
-step tests_optim 120 $PY -m pytest -q --timeout 100 tests/test_optim_rmsprop.py \
+step tests_optim 120 $PY -m pytest -q $XDIST --timeout 100 tests/test_optim_rmsprop.py \
   tests/test_optim_locoprop.py
 # A/B: the same configuration with 8 warps per program (the 64-wide tile kernels spill at 4;
 # see LOCOPROP_TRITON_WARPS in triton_kernels/_launch.py). Compare with suite_b1000_fp32.
 step suite_b1000_fp32_8warps 150 env LOCOPROP_TRITON_WARPS=8 $PY bench/gpu_suite.py \
-  --out "$OUT/suite-b1000-fp32-8warps" --batches 1000 --dtypes float32
-step suite_b4096_fp32 180 $PY bench/gpu_suite.py --out "$OUT/suite-b4096-fp32" \
+  --out "$LOGS/suite-b1000-fp32-8warps" --batches 1000 --dtypes float32
+step suite_b4096_fp32 180 $PY bench/gpu_suite.py --out "$LOGS/suite-b4096-fp32" \
   --batches 4096 --dtypes float32
-step suite_bf16 180 $PY bench/gpu_suite.py --out "$OUT/suite-bf16" \
+step suite_bf16 180 $PY bench/gpu_suite.py --out "$LOGS/suite-bf16" \
   --batches 1000,4096 --dtypes bfloat16
-step tests_rest 300 $PY -m pytest -q --timeout 120 tests
+step tests_rest 300 $PY -m pytest -q $XDIST --timeout 120 tests
 echo "=== summary"
 cat "$STEPS"
-cat "$OUT"/suite-b1000-fp32/*.md 2>/dev/null
+cat "$LOGS"/suite-b1000-fp32/*.md "$LOGS"/optim-locoprop-nvidia*.md 2>/dev/null
