@@ -69,7 +69,9 @@ class LayerGroup:
             fail_value(OP, "batch", "an int >= 1", batch)
         self.layers = list(layers)
         self.batch = batch
-        self.device = torch.device(device)
+        # "cuda" -> "cuda:0" (the current device): tensors report an index, and the flat
+        # buffers' device checks compare against this.
+        self.device = torch.empty(0, device=device).device
         self.dtype = dtype
         self.precision = precision
         self.param_shapes = param_shapes(self.layers)

@@ -105,7 +105,8 @@ def test_bad_group_arguments():
         LayerGroup([LayerSpec(2, 3, "gelu")], 4, device=DEVICE)
     group = LayerGroup(RAGGED, 4, device=DEVICE, backend="reference")
     with pytest.raises(ValueError, match="'grads'"):
-        group.matched_loss_grads_(torch.zeros(group.num_params), torch.zeros(3))
+        group.matched_loss_grads_(torch.zeros(group.num_params, device=DEVICE),
+                                  torch.zeros(3, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
