@@ -1,31 +1,45 @@
-"""LocoProp's inner loop over all layers at once, eager or replayed as one CUDA graph.
+"""LocoProp's inner loop: the one implementation both APIs run (``lk.LocoProp``, the
+Sequential trainer, and ``lk.optim.LocoProp``), eager or replayed as one CUDA graph.
 
-With the inputs X_l and targets Y_l of every layer fixed (``LayerGroup.inputs/targets``), it
-takes T RMSProp steps on all local problems together (DESIGN.md section 2):
+With every layer's input X and target Y0 fixed, it takes T RMSProp steps on all local problems
+together (DESIGN.md section 2). Each parameter's local gradient is
 
-    for t in 0..T-1:
-        grads <- every layer's matched-loss gradient at params          (2 launches, triton)
-        rmsprop_step_(params, grads, ms, mom, lr = lr * max(1 - t/T, floor))  (1 launch)
+    local_grad_t = matched_t + C          with  C = s gamma dL/dp  (the backprop gradient)
+    matched_t    = s (f(Z_t) - f(Z0))^T X [+ (p - p0) / eta]     (LocoProp layers; 0 elsewhere)
 
-All of params, grads and the RMSProp state are flat buffers in ``param_shapes`` layout.
+which is DESIGN's s (f(Z_t) - Y)^T X + s gamma R with Y = f(Z0) - gamma G, rewritten with
+G^T X + R = dL/dp (so G itself is never needed; variant S: f = identity, Z0 in place of f(Z0)).
+At t = 0 the parameters are p0, Z_0 = Z0 and the matched part is exactly 0: the first inner
+iteration is C alone, with no GEMM and no f (the "t = 0 skip", exact, on every backend and
+path; it saves the stage-1 and stage-2 GEMMs of one iteration per layer, of which autograd's
+weight-gradient GEMM in the backward pass gives one back). So:
 
-CUDA graph (``cuda_graph=True``, where the backend can be captured: triton on CUDA): the first ``run()`` is eager (it also
-compiles the kernels); the second captures the T iterations once; every later run replays
-them. The per-iteration learning rates live in a device tensor that ``set_lr`` rewrites with a
-device op, so a replay needs no host work and a new outer lr needs no re-capture. Where
-capture is not possible (CPU, another backend, or a capture error) the loop stays eager and
-gives the same results: ``graph_state`` says which path is in use.
+    t = 0:       grads <- C
+    t = 1..T-1:  grads <- matched_t (all layers; one all-reduce under data parallel) + C
+    every t:     rmsprop_step_(params, grads, state, lr = lr * max(1 - t/T, floor))  per segment
+
+``matched_loss_grads_(eta)`` writes matched_t for every parameter (the caller's layers: a
+``grouped.LayerGroup``'s two launches, or one op per layer); each ``RMSpropSegment`` is one
+``rmsprop_step_`` launch over tensors that share an lr and options (one segment for the
+Sequential trainer's arena; one per param group whose lr/options differ in the optimizer).
+
+CUDA graph (``cuda_graph=True`` where the backend can be captured: triton on CUDA): the first
+``run()`` is eager (it also compiles the kernels), the second captures the T iterations once,
+every later run replays them. The per-iteration rates live in a device tensor that ``set_lr``
+rewrites with a device op: a replay needs no host work and a new outer lr no re-capture. Where
+capture is not possible (CPU, another backend, a capture error) the loop stays eager with the
+same results: ``graph_state`` says which path is in use.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .grouped import LayerGroup
 from .ops import rmsprop_step_
 from .rmsprop_options import RMSpropOptions
+from .validation import fail_value
 
 #: The official LocoProp code's inner RMSProp (DESIGN.md section 2).
 OFFICIAL_RMSPROP = RMSpropOptions(style="tf", alpha=0.9, eps=1e-5, momentum=0.999)
@@ -36,57 +50,133 @@ def inner_lr_factors(inner_steps: int, floor: float) -> list:
     return [max(1.0 - t / inner_steps, floor) for t in range(inner_steps)]
 
 
-class InnerLoop:
-    """T RMSProp steps on every layer's local problem; see the module docstring."""
+@dataclasses.dataclass
+class RMSpropSegment:
+    """Tensors that take one ``rmsprop_step_`` together (same lr and options): parameters,
+    their local-gradient slots (views of the loop's flat gradient buffers) and state."""
 
-    def __init__(self, group: LayerGroup, params: torch.Tensor, square_avgs: torch.Tensor,
-                 momentum_bufs: torch.Tensor, *, inner_steps: int = 10, lr: float = 1e-5,
-                 lr_floor: float = 0.25, options: RMSpropOptions = OFFICIAL_RMSPROP,
-                 scale: float = 1.0,
-                 eta: Optional[float] = None, grads: Optional[torch.Tensor] = None,
-                 cuda_graph: bool = False):
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"locoprop.InnerLoop: argument 'inner_steps' expected an int "
-                             f">= 1, got {inner_steps!r}")
-        self.group = group
-        self.params, self.square_avgs, self.momentum_bufs = params, square_avgs, momentum_bufs
-        self.grads = grads if grads is not None else torch.zeros(
-            params.shape, dtype=torch.float32, device=params.device)
-        self.anchors = params.detach().clone() if eta is not None else None
-        self.inner_steps = inner_steps
-        self.rms = dict(dataclasses.asdict(options.check("InnerLoop")),
-                        backend=group.backend.name)  # keywords of rmsprop_step_
-        self.scale, self.eta = scale, eta
-        self.lr_floor = lr_floor
-        self._lrs = torch.empty(inner_steps, dtype=torch.float32, device=params.device)
-        self._lr_views = [self._lrs[t:t + 1] for t in range(inner_steps)]
-        self.set_lr(lr)
-        self.use_graph = cuda_graph and group.backend.can_capture_graph(params.device)
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    square_avgs: List[torch.Tensor]
+    momentum_bufs: Optional[List[torch.Tensor]]
+    options: RMSpropOptions
+    lr: float
+    backend: Optional[str] = None
+
+
+class InnerLoop:
+    """T RMSProp steps on every layer's local problem; see the module docstring.
+
+    ``grads``: the flat gradient buffers every segment's ``grads`` view; ``constant``: C in the
+    same layout (None: no constant, and no t = 0 skip: every iteration runs the matched part,
+    as a loop over bare ``LayerGroup`` targets does); ``prox_centre``: (p0 copies, params), the
+    prox centre copied at every ``run()`` (with ``eta``); ``dp``: ``distributed.DataParallel``.
+    """
+
+    def __init__(self, matched_loss_grads_: Callable[[Optional[float]], None],
+                 grads: Sequence[torch.Tensor], segments: Sequence[RMSpropSegment], *,
+                 inner_steps: int = 10, lr_floor: float = 0.25, eta: Optional[float] = None,
+                 prox_centre: Optional[tuple] = None, constant: Optional[Sequence] = None,
+                 dp=None, cuda_graph: bool = False, can_capture_graph: bool = False):
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            fail_value("InnerLoop", "inner_steps", "an int >= 1", repr(inner_steps))
+        if eta is not None and prox_centre is None:
+            fail_value("InnerLoop", "prox_centre", "(anchors, params) when eta is given", None)
+        self._matched_loss_grads_ = matched_loss_grads_
+        self.grad_buffers = list(grads)
+        self.constant = None if constant is None else list(constant)
+        self.segments = list(segments)
+        self.inner_steps, self.lr_floor, self.eta = inner_steps, float(lr_floor), eta
+        self.prox_centre = prox_centre
+        self.dp = dp
+        device = self.grad_buffers[0].device
+        self._on_device = device.type == "cuda"
+        # One row of per-iteration rates per segment, on the device (read by the kernels and by
+        # a captured graph), and the same rates as host floats for the CPU.
+        self._lrs = torch.empty((len(self.segments), inner_steps), dtype=torch.float32,
+                                device=device)
+        self._lr_views = [[self._lrs[s, t:t + 1] for t in range(inner_steps)]
+                          for s in range(len(self.segments))]
+        self._host_lrs = [[0.0] * inner_steps for _ in self.segments]
+        self.set_lrs([seg.lr for seg in self.segments])
+        self.use_graph = cuda_graph and can_capture_graph and (dp is None or not dp.active)
         self.graph_state = "eager" if not self.use_graph else "warmup"
         self._graph = None
         self._runs = 0
 
-    def set_lr(self, lr: float) -> None:
-        """The outer learning rate; the per-iteration rates follow the inner schedule.
+    @classmethod
+    def for_group(cls, group, params: torch.Tensor, square_avgs: torch.Tensor,
+                  momentum_bufs: torch.Tensor, *, inner_steps: int = 10, lr: float = 1e-5,
+                  lr_floor: float = 0.25, options: RMSpropOptions = OFFICIAL_RMSPROP,
+                  scale: float = 1.0, eta: Optional[float] = None,
+                  grads: Optional[torch.Tensor] = None,
+                  constant: Optional[torch.Tensor] = None, cuda_graph: bool = False,
+                  **kwargs) -> "InnerLoop":
+        """The loop over a ``grouped.LayerGroup`` whose parameters, gradients and state are flat
+        buffers in its ``param_shapes`` layout (the Sequential trainer's arenas); its targets
+        are Y0 when ``constant`` (C, flat) is given, full targets Y otherwise."""
+        if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
+            fail_value("InnerLoop", "inner_steps", "an int >= 1", repr(inner_steps))
+        grads = grads if grads is not None else torch.zeros(
+            params.shape, dtype=torch.float32, device=params.device)
+        anchors = params.detach().clone() if eta is not None else None
+        options = options.check("InnerLoop")
+        segment = RMSpropSegment([params], [grads], [square_avgs],
+                                 [momentum_bufs] if options.has_momentum else None, options,
+                                 lr, group.backend.name)
 
-        The rates are formed in float64 on the host (as a float argument would be) and copied
-        into the device tensor that the kernels, and a captured graph, read: a new outer lr
-        costs one small copy and no re-capture."""
-        self.lr = float(lr)
-        self._host_lrs = [self.lr * f for f in inner_lr_factors(self.inner_steps, self.lr_floor)]
+        def matched(local_eta):
+            group.matched_loss_grads_(params, grads, scale=scale, anchors=anchors, eta=local_eta)
+
+        loop = cls(matched, [grads], [segment], inner_steps=inner_steps, lr_floor=lr_floor,
+                   eta=eta, prox_centre=None if anchors is None else ([anchors], [params]),
+                   constant=None if constant is None else [constant], cuda_graph=cuda_graph,
+                   can_capture_graph=group.backend.can_capture_graph(params.device), **kwargs)
+        loop.group, loop.params, loop.grads = group, params, grads
+        return loop
+
+    @property
+    def lr(self) -> float:
+        """The outer learning rate of the first segment."""
+        return self.segments[0].lr
+
+    def set_lr(self, lr: float) -> None:
+        """One outer learning rate for every segment (see ``set_lrs``)."""
+        self.set_lrs([lr] * len(self.segments))
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        """Each segment's outer learning rate; the per-iteration rates follow the inner
+        schedule. Formed in float64 on the host (as a float argument would be) and copied into
+        the device tensor the kernels, and a captured graph, read: one small copy, no
+        re-capture."""
+        factors = inner_lr_factors(self.inner_steps, self.lr_floor)
+        for seg, host, lr in zip(self.segments, self._host_lrs, lrs):
+            seg.lr = float(lr)
+            host[:] = [seg.lr * f for f in factors]
         self._lrs.copy_(torch.tensor(self._host_lrs, dtype=torch.float32))
 
     def _iterations(self, lrs) -> None:
+        local_eta = self.eta if self.dp is None else self.dp.local_eta(self.eta)
         for t in range(self.inner_steps):
-            self.group.matched_loss_grads_(self.params, self.grads, scale=self.scale,
-                                           anchors=self.anchors, eta=self.eta)
-            rmsprop_step_(self.params, self.grads, self.square_avgs, self.momentum_bufs,
-                          lr=lrs[t], **self.rms)
+            if t == 0 and self.constant is not None:
+                # p = p0: the matched part (and the prox term) is exactly 0.
+                torch._foreach_copy_(self.grad_buffers, self.constant)
+            else:
+                self._matched_loss_grads_(local_eta)
+                if self.dp is not None:
+                    for buffer in self.grad_buffers:
+                        self.dp.all_reduce_grads_(buffer)
+                if self.constant is not None:
+                    torch._foreach_add_(self.grad_buffers, self.constant)
+            for seg, seg_lrs in zip(self.segments, lrs):
+                rmsprop_step_(seg.params, seg.grads, seg.square_avgs, seg.momentum_bufs,
+                              lr=seg_lrs[t], backend=seg.backend,
+                              **dataclasses.asdict(seg.options))
 
     def run(self) -> None:
         """T inner iterations; with eta, the prox centre is the params at entry."""
-        if self.anchors is not None:
-            self.anchors.copy_(self.params)
+        if self.prox_centre is not None:
+            torch._foreach_copy_(*self.prox_centre)
         self._runs += 1
         if self.use_graph and self._runs >= 2:
             if self._graph is None:
@@ -96,7 +186,7 @@ class InnerLoop:
                 return
         # Eager: on CUDA the device rates (no sync, same values as a replay); elsewhere the
         # host floats.
-        self._iterations(self._lr_views if self.params.is_cuda else self._host_lrs)
+        self._iterations(self._lr_views if self._on_device else self._host_lrs)
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()

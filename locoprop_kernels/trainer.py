@@ -3,19 +3,22 @@ loss optimization with the official semantics (DESIGN.md sections 2 and 4).
 
 One outer step ``opt.step(x, y)`` on a batch of B rows:
 
-1. forward, keeping each layer's input X_l (B, d_in_l) and pre-activation Z_l (B, d_out_l);
+1. forward, keeping each layer's input X_l (B, d_in_l) and pre-activation Z0_l (B, d_out_l);
    the last Linear's Z is the logits and L = ``loss_fn(output, y)`` (a mean over the batch),
    the output being what the model returns (the logits, or f(logits) when the model ends in
    its output activation module, e.g. an nn.Softmax);
-2. one backward pass for G_l = dL/dZ_l of every layer (no weight gradients are formed);
-3. targets  M: Y_l = f_l(Z_l) - gamma G_l      S: Y_l = Z_l - gamma G_l (local f = identity);
-4. T inner iterations t = 0..T-1, X_l and Y_l fixed: every layer's local gradient
+2. one backward pass for dL/dW_l and dL/db_l of every layer: C = scale gamma dL/dp;
+3. targets Y0_l = f_l(Z0_l) (variant S: Z0_l; the local f is identity);
+4. T inner iterations t = 0..T-1, X_l and Y0_l fixed, through the shared ``InnerLoop``
+   (``inner_loop.py``, the one ``lk.optim.LocoProp`` runs too): every layer's local gradient
 
-       D_l = f_l(X_l W_l^T + b_l) - Y_l
-       grad W_l = scale D_l^T X_l [+ (W_l - W0_l)/eta],   grad b_l = scale sum_n D_l[n] [+ ...]
+       D_l = f_l(X_l W_l^T + b_l) - Y0_l
+       grad W_l = scale D_l^T X_l + C_W [+ (W_l - W0_l)/eta],  grad b_l = scale sum_n D_l[n] + C_b
 
-   goes into one flat gradient arena, then ONE ``rmsprop_step_`` over the whole parameter
-   arena takes the step with lr_t = lr * max(1 - t/T, lr_floor).
+   which is DESIGN's D = f(Z) - (f(Z0) - gamma G) with G^T X folded into C, goes into one flat
+   gradient arena, then ONE ``rmsprop_step_`` over the whole parameter arena takes the step
+   with lr_t = lr * max(1 - t/T, lr_floor). At t = 0 (W = W0) the matched part is exactly 0:
+   the gradient is C, with no GEMM (the t = 0 skip).
 
 Parameters, gradients and RMSProp state are flat arenas in the layout W_0, b_0, W_1, b_1, ...
 (``grouped.param_shapes``); the model's ``weight``/``bias`` become ``nn.Parameter`` views of the
@@ -26,14 +29,14 @@ references to the model's parameters (another optimizer, an EMA), and do not mov
 
 Paths for step 4 (same math, different launch counts):
 - per-layer (default except triton on CUDA): ``matched_loss_grad(..., out=arena views)`` per
-  layer, then one ``rmsprop_step_``; data-parallel training (``process_group``) uses this one.
+  layer, then one ``rmsprop_step_``; data-parallel training (``process_group``) uses this one
+  (C and each iteration's matched part are all-reduced, one flat buffer each).
 - grouped (``grouped=True``; default for triton on CUDA): ``LayerGroup`` runs all layers'
   matched-loss gradients in two launches and ``InnerLoop`` the T iterations, optionally
   replayed as one CUDA graph (``cuda_graph=True``).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -44,7 +47,7 @@ from .activations import ACTIVATIONS, activation_of_module, get_activation
 from .arena import Arena, split_views
 from .distributed import DataParallel
 from .grouped import LayerGroup, LayerSpec, param_shapes
-from .inner_loop import InnerLoop, inner_lr_factors
+from .inner_loop import InnerLoop, RMSpropSegment
 from .rmsprop_options import RMSpropOptions
 from .validation import check_choice, check_number, fail_type, fail_value
 
@@ -205,6 +208,7 @@ class LocoProp:
                    if t is not None]
         self.params = Arena.from_tensors(tensors)
         self.grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
+        self.constant = Arena(self.shapes, dtype=state_dtype, device=self.device)  # C
         self.square_avgs = Arena(self.shapes, dtype=state_dtype, device=self.device,
                                  fill=self.rmsprop.initial_square_avg)
         self.momentum_bufs = Arena(self.shapes, dtype=state_dtype, device=self.device)
@@ -214,9 +218,10 @@ class LocoProp:
         self.dp.broadcast_(self._state_buffers())
 
         self._lr = float(lr)
-        self._rmsprop_kwargs = dataclasses.asdict(self.rmsprop)
         self.steps = 0
         self._inner = {}  # batch size -> InnerLoop (grouped path)
+        self._problem = ([], [])  # this step's inputs X_l and targets Y0_l (per-layer path)
+        self._per_layer = None if self.grouped else self._per_layer_loop()
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -252,19 +257,14 @@ class LocoProp:
     # ------------------------------------------------------------------ the outer step
 
     def _forward_backward(self, x: torch.Tensor, y):
-        """(L, [X_l], [Z_l], [G_l]): one forward, one backward for every dL/dZ_l."""
+        """(L, [X_l], [Z_l], [dL/dp]): one forward, one backward for the gradients of every
+        weight and bias (flat layout order)."""
         inputs, preacts = [], []
-        a = x
+        a = x.detach()
         with torch.enable_grad():
             for l, lin in enumerate(self.linears):
                 inputs.append(a.detach())
-                w = lin.weight.detach()
-                b = None if lin.bias is None else lin.bias.detach()
-                z = nn.functional.linear(a, w, b)
-                if l == 0:
-                    # The weights are detached: Z_0 is the leaf every later Z depends on, so
-                    # the backward pass forms dL/dZ_l (and dL/dX_l) and no weight gradient.
-                    z.requires_grad_(True)
+                z = nn.functional.linear(a, lin.weight, lin.bias)
                 preacts.append(z)
                 if l < len(self.linears) - 1:
                     a = get_activation(self.activations[l]).f(z)
@@ -277,7 +277,9 @@ class LocoProp:
                            type(local_loss).__name__ if not isinstance(local_loss, torch.Tensor)
                            else f"a tensor of shape {tuple(local_loss.shape)}")
             backward_loss, loss = self.dp.global_loss(local_loss.reshape(()), x.shape[0])
-            grads = torch.autograd.grad(backward_loss, preacts)
+            params = [t for lin in self.linears for t in (lin.weight, lin.bias)
+                      if t is not None]
+            grads = torch.autograd.grad(backward_loss, params)
         return loss, inputs, [z.detach() for z in preacts], grads
 
     def step(self, x: torch.Tensor, y) -> torch.Tensor:
@@ -291,50 +293,65 @@ class LocoProp:
             fail_value(OP, "x", f"shape (B >= 1, {self.layers[0].d_in})", tuple(x.shape))
         if x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)  # the model's forward would need the parameters' dtype
-        loss, inputs, preacts, dzs = self._forward_backward(x, y)
-        targets = [ops.local_targets(z, g, act, self.gamma, variant=self.variant,
-                                     backend=self.backend)
-                   for z, g, act in zip(preacts, dzs, self.activations)]
+        loss, inputs, preacts, param_grads = self._forward_backward(x, y)
+        # C = s gamma dL/dp, summed over the replicas' shards (each carries the global 1/B).
+        for view, g in zip(self.constant.views(), param_grads):
+            torch.mul(g, self.scale * self.gamma, out=view)
+        self.dp.all_reduce_grads_(self.constant.buffer)
+        # Y0_l = f_l(Z0_l) with the local f (variant S: identity, so Z0_l).
+        targets = [get_activation(layer.activation).f(z) for layer, z in zip(self.layers,
+                                                                             preacts)]
         if self.grouped:
             self._inner_grouped(inputs, targets)
         else:
-            self._inner_per_layer(inputs, targets)
+            self._problem = (inputs, targets)
+            if self._per_layer.lr != self._lr:
+                self._per_layer.set_lr(self._lr)
+            self._per_layer.run()
+            self._problem = ([], [])
         self.steps += 1
         return loss
 
-    def _inner_per_layer(self, inputs, targets) -> None:
-        """T iterations: per-layer matched-loss gradients into the arena, one RMSProp step."""
-        eta = self.dp.local_eta(self.eta)
-        if self._anchors is not None:
-            self._anchors.copy_(self.params.buffer)  # the prox centre: params at entry
-            anchors = self._layer_params(split_views(self._anchors, self.shapes))
-        else:
-            anchors = [(None, None)] * len(self.layers)
+    def _per_layer_loop(self) -> InnerLoop:
+        """The inner loop over the arenas with one matched-loss op per layer (data parallel:
+        one all-reduce of the gradient arena per iteration)."""
         params = self._layer_params(self.params.views())
         grads = self._layer_params(self.grads.views())
-        for lr_factor in inner_lr_factors(self.inner_steps, self.lr_floor):
+        anchors = (self._layer_params(split_views(self._anchors, self.shapes))
+                   if self._anchors is not None else [(None, None)] * len(self.layers))
+
+        def matched(local_eta):
+            inputs, targets = self._problem
             for layer, X, Y, (w, b), (w0, b0), out in zip(self.layers, inputs, targets, params,
                                                           anchors, grads):
                 ops.matched_loss_grad(X, w, b, Y, layer.activation, scale=self.scale,
-                                      anchor_weight=w0, anchor_bias=b0, eta=eta,
+                                      anchor_weight=w0, anchor_bias=b0, eta=local_eta,
                                       backend=self.backend, precision=self.precision, out=out)
-            self.dp.all_reduce_grads_(self.grads.buffer)
-            ops.rmsprop_step_(self.params.buffer, self.grads.buffer, self.square_avgs.buffer,
-                              self.momentum_bufs.buffer, lr=self._lr * lr_factor,
-                              **self._rmsprop_kwargs, backend=self.backend)
+
+        segment = RMSpropSegment([self.params.buffer], [self.grads.buffer],
+                                 [self.square_avgs.buffer],
+                                 [self.momentum_bufs.buffer] if self.rmsprop.has_momentum
+                                 else None, self.rmsprop, self._lr, self.backend)
+        return InnerLoop(matched, [self.grads.buffer], [segment],
+                         inner_steps=self.inner_steps, lr_floor=self.lr_floor, eta=self.eta,
+                         prox_centre=(None if self._anchors is None
+                                      else ([self._anchors], [self.params.buffer])),
+                         constant=[self.constant.buffer], dp=self.dp)
 
     def _inner_grouped(self, inputs, targets) -> None:
-        """The same T iterations through LayerGroup + InnerLoop (one per batch size)."""
+        """The same T iterations with all layers per launch (``LayerGroup``), one loop per
+        batch size."""
         batch = inputs[0].shape[0]
         loop = self._inner.get(batch)
         if loop is None:
             group = LayerGroup(self.layers, batch, device=self.device, dtype=self.dtype,
                                backend=self.backend, precision=self.precision)
-            loop = InnerLoop(group, self.params.buffer, self.square_avgs.buffer,
-                             self.momentum_bufs.buffer, inner_steps=self.inner_steps,
-                             lr=self._lr, lr_floor=self.lr_floor, options=self.rmsprop,
-                             scale=self.scale, eta=self.eta, grads=self.grads.buffer,
-                             cuda_graph=self.cuda_graph)
+            loop = InnerLoop.for_group(group, self.params.buffer, self.square_avgs.buffer,
+                                       self.momentum_bufs.buffer, inner_steps=self.inner_steps,
+                                       lr=self._lr, lr_floor=self.lr_floor,
+                                       options=self.rmsprop, scale=self.scale, eta=self.eta,
+                                       grads=self.grads.buffer, constant=self.constant.buffer,
+                                       cuda_graph=self.cuda_graph)
             self._inner[batch] = loop
         for view, X in zip(loop.group.inputs.views(), inputs):
             view.copy_(X)

@@ -50,7 +50,7 @@ def test_inner_loop_matches_plain_loop(backend, eta, cuda_graph):
         y.copy_(torch.rand(y.shape, generator=g))
     params = (0.5 * torch.randn(group.num_params, generator=g)).to(DEVICE)
     start = params.clone()
-    loop = InnerLoop(group, params, torch.ones_like(params), torch.zeros_like(params),
+    loop = InnerLoop.for_group(group, params, torch.ones_like(params), torch.zeros_like(params),
                      inner_steps=T, lr=lr, eta=eta, scale=1.0 / B, cuda_graph=cuda_graph)
     loop.run()
     want = _plain_loop(LAYERS, group.inputs.views(), group.targets.views(), start, T, lr, 0.25,
@@ -64,7 +64,7 @@ def test_inner_lr_schedule():
     assert inner_lr_factors(10, 0.25) == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.30000000000000004,
                                           0.25, 0.25]
     with pytest.raises(ValueError, match="'inner_steps'"):
-        InnerLoop(LayerGroup(LAYERS, 2, device=DEVICE), torch.zeros(1), torch.zeros(1),
+        InnerLoop.for_group(LayerGroup(LAYERS, 2, device=DEVICE), torch.zeros(1), torch.zeros(1),
                   torch.zeros(1), inner_steps=0)
 
 
@@ -83,7 +83,7 @@ def test_graph_replays_equal_eager_runs(eta):
             x.copy_(torch.randn(x.shape, generator=g))
             y.copy_(torch.rand(y.shape, generator=g))
         params = (0.5 * torch.randn(group.num_params, generator=g)).to(DEVICE)
-        return InnerLoop(group, params, torch.ones_like(params), torch.zeros_like(params),
+        return InnerLoop.for_group(group, params, torch.ones_like(params), torch.zeros_like(params),
                          inner_steps=T, lr=1e-2, eta=eta, scale=1.0 / B, cuda_graph=cuda_graph)
 
     eager, graphed = make(False), make(True)

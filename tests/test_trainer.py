@@ -221,7 +221,8 @@ def test_load_state_dict_rejects_another_model_and_changes_nothing():
 
 @requires_interpreter
 def test_one_rmsprop_launch_per_inner_iteration():
-    """All layers' parameters take one RMSProp launch per inner iteration (triton)."""
+    """All layers' parameters take one RMSProp launch per inner iteration (triton), and the
+    first iteration runs no matched-loss launch at all (the exact t = 0 skip)."""
     T = 3
     model = make_model(dtype=torch.float32, sizes=[3, 2, 3], acts=[nn.Tanh])
     opt = lk.LocoProp(model, bce, backend="triton", inner_steps=T)
@@ -230,13 +231,11 @@ def test_one_rmsprop_launch_per_inner_iteration():
         lk.matched_loss_grad(x, model[0].weight.detach(), model[0].bias.detach(),
                              torch.rand(2, 2), "tanh", backend="triton")
     per_grad = n.triton
-    with lk.testing.count_launches() as n:
-        lk.local_targets(torch.rand(2, 2), torch.rand(2, 2), "tanh", 10.0, backend="triton")
-    per_target = n.triton
+    assert per_grad >= 1
     with lk.testing.count_launches() as n:
         opt.step(x, x)
     layers = 2
-    assert n.triton == layers * per_target + T * (layers * per_grad + 1)
+    assert n.triton == (T - 1) * layers * per_grad + T
 
 
 @pytest.mark.parametrize("model, match", [

@@ -35,6 +35,7 @@ s = ``scale``, lr_t = lr max(1 - t/T, lr_floor)):
     t = 0: the matched part is 0 (W = W0): local_grad_0(p) = s gamma p.grad, no GEMMs
     t = 0 .. T-1: ONE rmsprop_step_ over every parameter (per group when the groups' lr or
            options differ), TF1 or torch flavour, state in ``self.state`` (torch's format).
+    The T iterations run in ``inner_loop.InnerLoop``, the same loop as ``lk.LocoProp``'s.
 
 So at W0 the local gradient of every trainable parameter is s gamma times its backprop
 gradient, and with T = 1 a step is one RMSProp step on s gamma p.grad. A tied embedding, a
@@ -59,10 +60,10 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..distributed import DataParallel
-from ..inner_loop import inner_lr_factors
+from ..inner_loop import InnerLoop, RMSpropSegment
 from ..activations import get_activation
 from ..arena import Arena
-from ..ops import VARIANTS, matched_loss_grad, rmsprop_step_
+from ..ops import VARIANTS, matched_loss_grad
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
 from .layers import OP, LayerInfo, decide_activations, find_layers
@@ -214,13 +215,17 @@ class LocoProp(torch.optim.Optimizer):
         constant.mul_(g0["scale"] * g0["gamma"])
         return params, self._layer_problems(), constant
 
-    def _matched_loss_grads(self, problems, grads: "_Flat") -> None:
-        """grads <- sum over every layer use of its matched-loss gradient (all ranks)."""
+    def _matched_loss_grads(self, problems, grads: "_Flat", params=(), anchors=(),
+                            eta: Optional[float] = None) -> None:
+        """grads <- sum over every layer use of its matched-loss gradient (this rank's
+        records), + (p - p0) / eta for every parameter with eta."""
         grads.zero_()
         scale = self.param_groups[0]["scale"]
         for layer, X, Y, act in problems:
             self._add_matched_loss_grad(layer, X, Y, act, scale, grads)
-        grads.all_reduce_(self._dp)
+        if eta is not None:
+            for p, p0 in zip(params, anchors):
+                grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
 
     @torch.no_grad()
     def local_gradients(self) -> dict:
@@ -230,29 +235,32 @@ class LocoProp(torch.optim.Optimizer):
         params, problems, constant = self._prepare()
         grads = _Flat(params)
         self._matched_loss_grads(problems, grads)
+        grads.all_reduce_(self._dp)
         grads.add_(constant)
         return {p: grads[p].clone() for p in params}
 
     def _outer_step(self) -> None:
+        """T inner iterations through the shared ``InnerLoop`` (t = 0 is the constant alone)."""
         g0 = self.param_groups[0]
         eta = g0["eta"]
         params, problems, constant = self._prepare()
         if not params:
             return
         grads = _Flat(params)
-        anchors = [p.detach().clone() for p in params] if eta is not None else None
-        state_lists = self._state_lists(params)
-        T = g0["inner_steps"]
-        for t, factor in enumerate(inner_lr_factors(T, g0["lr_floor"])):
-            if t == 0:  # the local gradient at W0 is exactly s gamma p.grad: no GEMMs
-                grads.copy_from_flat(constant)
-            else:
-                self._matched_loss_grads(problems, grads)
-                grads.add_(constant)
-            if eta is not None:
-                for p, p0 in zip(params, anchors):
-                    grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
-            self._rmsprop(grads, state_lists, factor, first=t == 0)
+        anchors = [torch.empty_like(p) for p in params] if eta is not None else None
+
+        def matched(local_eta):
+            self._matched_loss_grads(problems, grads, params, anchors, local_eta)
+
+        loop = InnerLoop(matched, grads.buffers, self._segments(grads),
+                         inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
+                         prox_centre=(None if eta is None
+                                      else (anchors, [p.detach() for p in params])),
+                         constant=constant.buffers, dp=self._dp)
+        loop.run()
+        # One outer step: the state's step count, as torch.optim keeps it.
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1)
 
     def _layer_problems(self) -> list:
         """[(module, X, Y0, local activation)] for every layer with used calls: all calls'
@@ -279,44 +287,29 @@ class LocoProp(torch.optim.Optimizer):
         if b is not None and b in grads:
             grads[b].add_(gb)
 
-    def _state_lists(self, params) -> dict:
-        """Per group: (params, square_avgs, momentum_bufs) in torch's state format."""
-        lists = {}
-        for gi, group in enumerate(self.param_groups):
-            opts = RMSpropOptions.from_group(group)
-            ps, ms, bufs = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = init_state(self.state[p], p, opts)
-                ps.append(p)
-                ms.append(state["square_avg"])
-                if opts.has_momentum:
-                    bufs.append(state["momentum_buffer"])
-            lists[gi] = (ps, ms, bufs)
-        return lists
-
-    def _rmsprop(self, grads, state_lists, factor: float, first: bool) -> None:
-        """One RMSProp step on every parameter: one launch when the groups share their lr and
-        options (the usual case), else one per group."""
-        calls = []
-        for gi, group in enumerate(self.param_groups):
-            ps, ms, bufs = state_lists[gi]
-            if ps:
-                key = (group["lr"], group["backend"], RMSpropOptions.from_group(group))
-                if calls and calls[-1][0] == key:
-                    calls[-1][1].extend(zip(ps, ms, bufs or [None] * len(ps)))
-                else:
-                    calls.append((key, list(zip(ps, ms, bufs or [None] * len(ps)))))
-        for (lr, backend, options), rows in calls:
-            ps, ms, bufs = zip(*rows)
-            rmsprop_step_(list(ps), [grads[p] for p in ps], list(ms),
-                          None if bufs[0] is None else list(bufs), lr=lr * factor,
-                          backend=backend, **dataclasses.asdict(options))
-        if first:  # one outer step: the state's step count, as torch.optim keeps it
-            steps = [self.state[p]["step"] for gi in state_lists for p in state_lists[gi][0]]
-            if steps:
-                torch._foreach_add_(steps, 1)
+    def _segments(self, grads: "_Flat") -> list:
+        """The RMSProp launches of one inner iteration: one over every parameter with a
+        gradient when the groups share their lr, backend and options (the usual case), else
+        one per run of groups that do. Creates the state (torch's format) on first use."""
+        segments = []
+        for group in self.param_groups:
+            options = RMSpropOptions.from_group(group)
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            states = [init_state(self.state[p], p, options) for p in ps]
+            last = segments[-1] if segments else None
+            if last is None or (last.lr, last.backend, last.options) != (
+                    group["lr"], group["backend"], options):
+                last = RMSpropSegment([], [], [], [] if options.has_momentum else None,
+                                      options, group["lr"], group["backend"])
+                segments.append(last)
+            last.params += ps
+            last.grads += [grads[p] for p in ps]
+            last.square_avgs += [st["square_avg"] for st in states]
+            if options.has_momentum:
+                last.momentum_bufs += [st["momentum_buffer"] for st in states]
+        return segments
 
     # ------------------------------------------------------------------ state
 
