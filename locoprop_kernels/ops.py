@@ -9,6 +9,9 @@ under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
 Ops:
     locoprop::matched_loss_grad      functional, returns (grad_weight, grad_bias)
     locoprop::matched_loss_grad_out  writes into out_weight / out_bias (arena slices)
+    locoprop::matched_loss_grad_conv2d      the same for a Conv2d layer, returns (grad_weight,
+                                            grad_bias)
+    locoprop::matched_loss_grad_conv2d_out  writes into out_weight / out_bias
     locoprop::local_targets          returns Y
     locoprop::rmsprop_step_          updates params, square_avgs, momentum_bufs in place
     locoprop::not_differentiable     the backward of the functional ops: raises (see below)
@@ -54,6 +57,8 @@ def _check_backend_arg(op: str, backend) -> None:
 _NOT_DIFFERENTIABLE = {
     "matched_loss_grad": "it computes a gradient itself (of the layer's local matched loss in W "
                          "and b, in closed form)",
+    "matched_loss_grad_conv2d": "it computes a gradient itself (of the Conv2d layer's local "
+                                "matched loss in W and b, in closed form)",
     "local_targets": "it forms the local problem's targets from a gradient, in closed form",
 }
 
@@ -304,6 +309,257 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
         return out[0], out[1]
     gw, gb = _matched_loss_grad_op(x, weight, bias, target, activation, scale, anchor_weight,
                                    anchor_bias, eta, backend or "", precision)
+    return gw, (gb if bias is not None else None)
+
+
+# ---------------------------------------------------------------- matched_loss_grad_conv2d
+#
+# A Conv2d layer (DESIGN.md section 2 with one row per output position): X (N, C_in, H, W),
+# W (C_out, C_in/groups, kh, kw), b (C_out,) or None, Z = conv2d(X, W) + b and the targets
+# Y (N, C_out, H_out, W_out). The rows of section 2 are the N * H_out * W_out positions, its
+# columns the C_out channels: f acts on every position's channel vector (softmax over dim 1)
+# and the potential F is summed over channels and positions.
+
+def _pair(op: str, arg: str, value, low: int) -> List[int]:
+    """An int or a pair of ints, each >= low, as a list [h, w] (torch's conv2d arguments)."""
+    values = list(value) if isinstance(value, (tuple, list)) else [value, value]
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        fail_type(op, arg, "an int or a pair of ints", repr(value))
+    if min(values) < low:
+        fail_value(op, arg, f"ints >= {low}", repr(value))
+    return values
+
+
+def _check_int(op: str, arg: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail_type(op, arg, "an int", type(value).__name__)
+    if value < low:
+        fail_value(op, arg, f"an int >= {low}", value)
+
+
+def _conv_output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, stride, padding,
+                                    dilation, groups, scale, anchor_weight, anchor_bias, eta,
+                                    precision, out_weight=None, out_bias=None):
+    """Every argument of the Conv2d matched-loss gradient, before anything is written."""
+    get_activation(activation, op=f"locoprop.{op}")
+    check_tensor(op, "x", x)
+    if x.dim() != 4:
+        fail_value(op, "x", "a 4-D tensor (N, C_in, H, W)", tuple(x.shape))
+    if x.shape[0] == 0:
+        fail_value(op, "x", "a non-empty batch (N >= 1)", tuple(x.shape))
+    if min(x.shape[1:]) == 0:
+        fail_value(op, "x", "C_in, H, W >= 1", tuple(x.shape))
+    N, C_in, H, W = x.shape
+    for arg, value, low in (("stride", stride, 1), ("padding", padding, 0),
+                            ("dilation", dilation, 1)):
+        _pair(op, arg, value, low)
+    _check_int(op, "groups", groups, 1)
+    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    if (weight.dim() != 4 or min(weight.shape) == 0 or weight.shape[0] % groups != 0
+            or weight.shape[1] * groups != C_in):
+        fail_value(op, "weight", f"shape (C_out, C_in/groups, kh, kw) with C_in/groups = "
+                   f"{C_in}/{groups}, C_out a multiple of groups = {groups}, all >= 1",
+                   tuple(weight.shape))
+    C_out, _, kh, kw = weight.shape
+    H_out = _conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    W_out = _conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    if H_out < 1 or W_out < 1:
+        fail_value(op, "x", f"a (padded) input at least the dilated kernel's size "
+                   f"({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1}) with padding "
+                   f"{tuple(padding)}", tuple(x.shape))
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(C_out,), device=x.device, dtype=x.dtype,
+                     what=" (C_out,)")
+    check_tensor(op, "target", target, shape=(N, C_out, H_out, W_out), device=x.device,
+                 dtype=x.dtype, what=" (N, C_out, H_out, W_out)")
+    check_number(op, "scale", scale)
+    check_choice(op, "precision", precision, PRECISIONS)
+    if eta is not None:
+        check_number(op, "eta", eta, low=0.0, low_open=True)
+        if anchor_weight is None:
+            fail_value(op, "anchor_weight", "a tensor when eta is given (the prox center W0)",
+                       None)
+        if bias is not None and anchor_bias is None:
+            fail_value(op, "anchor_bias", "a tensor when eta is given and bias is not None",
+                       None)
+    if anchor_weight is not None:
+        check_tensor(op, "anchor_weight", anchor_weight, shape=tuple(weight.shape),
+                     device=x.device, dtype=x.dtype, what=" (weight's shape and dtype)")
+    if anchor_bias is not None:
+        if bias is None:
+            fail_value(op, "anchor_bias", "None when bias is None", "a tensor")
+        check_tensor(op, "anchor_bias", anchor_bias, shape=(C_out,), device=x.device,
+                     dtype=x.dtype, what=" (bias's shape and dtype)")
+    if out_weight is not None:
+        check_tensor(op, "out_weight", out_weight, shape=tuple(weight.shape), device=x.device,
+                     what=" (weight's shape)")
+        if (bias is None) != (out_bias is None):
+            fail_value(op, "out_bias", "a tensor exactly when bias is given",
+                       "None" if out_bias is None else "a tensor")
+        if out_bias is not None:
+            check_tensor(op, "out_bias", out_bias, shape=(C_out,), device=x.device,
+                         what=" (bias's shape)")
+        check_no_overlap(op, written=[("out_weight", out_weight), ("out_bias", out_bias)],
+                         read=[("x", x), ("weight", weight), ("bias", bias), ("target", target),
+                               ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
+
+
+def _run_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, stride, padding,
+                                  dilation, groups, scale, anchor_weight, anchor_bias, eta,
+                                  backend, precision, out_weight, out_bias):
+    be = backends.resolve(op, backend or None, x.device, x.dtype)
+    _check_backend_dtype(op, be, "x", x)
+    if eta is None:  # the prox centre is unused without eta: never read it
+        anchor_weight = anchor_bias = None
+    be.matched_loss_grad_conv2d_into(x, weight, bias, target, activation, list(stride),
+                                     list(padding), list(dilation), int(groups), float(scale),
+                                     anchor_weight, anchor_bias, eta, out_weight, out_bias,
+                                     precision)
+
+
+@torch.library.custom_op("locoprop::matched_loss_grad_conv2d", mutates_args=())
+def _matched_loss_grad_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                 target: Tensor, activation: str, stride: List[int],
+                                 padding: List[int], dilation: List[int], groups: int,
+                                 scale: float, anchor_weight: Optional[Tensor],
+                                 anchor_bias: Optional[Tensor], eta: Optional[float],
+                                 backend: str, precision: str) -> List[Tensor]:
+    op = "matched_loss_grad_conv2d"
+    args = (x, weight, bias, target, activation, stride, padding, dilation, groups, scale,
+            anchor_weight, anchor_bias, eta)
+    _check_matched_loss_grad_conv2d(op, *args, precision)
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    gb = torch.empty((weight.shape[0] if bias is not None else 0,), dtype=weight.dtype,
+                     device=weight.device)
+    _run_matched_loss_grad_conv2d(op, *args, backend, precision, gw,
+                                  gb if bias is not None else None)
+    return [gw, gb]
+
+
+@_matched_loss_grad_conv2d_op.register_fake
+def _(x, weight, bias, target, activation, stride, padding, dilation, groups, scale,
+      anchor_weight, anchor_bias, eta, backend, precision):
+    _check_matched_loss_grad_conv2d("matched_loss_grad_conv2d", x, weight, bias, target,
+                                    activation, stride, padding, dilation, groups, scale,
+                                    anchor_weight, anchor_bias, eta, precision)
+    gb_len = weight.shape[0] if bias is not None else 0
+    return [torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty((gb_len,))]
+
+
+_register_no_derivative(_matched_loss_grad_conv2d_op, "matched_loss_grad_conv2d")
+
+
+@torch.library.custom_op("locoprop::matched_loss_grad_conv2d_out",
+                         mutates_args=("out_weight", "out_bias"))
+def _matched_loss_grad_conv2d_out_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                     target: Tensor, activation: str, stride: List[int],
+                                     padding: List[int], dilation: List[int], groups: int,
+                                     scale: float, anchor_weight: Optional[Tensor],
+                                     anchor_bias: Optional[Tensor], eta: Optional[float],
+                                     backend: str, precision: str, out_weight: Tensor,
+                                     out_bias: Optional[Tensor]) -> None:
+    op = "matched_loss_grad_conv2d"
+    args = (x, weight, bias, target, activation, stride, padding, dilation, groups, scale,
+            anchor_weight, anchor_bias, eta)
+    _check_matched_loss_grad_conv2d(op, *args, precision, out_weight, out_bias)
+    _run_matched_loss_grad_conv2d(op, *args, backend, precision, out_weight, out_bias)
+
+
+@_matched_loss_grad_conv2d_out_op.register_fake
+def _(x, weight, bias, target, activation, stride, padding, dilation, groups, scale,
+      anchor_weight, anchor_bias, eta, backend, precision, out_weight, out_bias):
+    _check_matched_loss_grad_conv2d("matched_loss_grad_conv2d", x, weight, bias, target,
+                                    activation, stride, padding, dilation, groups, scale,
+                                    anchor_weight, anchor_bias, eta, precision, out_weight,
+                                    out_bias)
+
+
+def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             target: Tensor, activation: str, *, stride=1, padding=0,
+                             dilation=1, groups: int = 1, scale: float = 1.0,
+                             anchor_weight: Optional[Tensor] = None,
+                             anchor_bias: Optional[Tensor] = None, eta: Optional[float] = None,
+                             backend: Optional[str] = None, precision: str = "ieee",
+                             out: Optional[tuple] = None):
+    """Gradient of a Conv2d+f layer's local LocoProp objective in (W, b).
+
+    The layer is ``nn.Conv2d`` (any stride, padding, dilation, groups; depthwise included):
+    X (N, C_in, H, W), W (C_out, C_in/groups, kh, kw), b (C_out,) or None, and
+    Z = conv2d(X, W) + b (N, C_out, H_out, W_out). It is DESIGN.md section 2 with one row
+    per output position (n, h, w) and one column per channel:
+
+        targets    Y = f(Z0) - gamma G  (variant M; G = dL/dZ, f over the channels)
+                   Y = Z0 - gamma G     (variant S, with f = identity)
+        objective  scale * sum_{n,h,w} [F(z[n,:,h,w]) - y[n,:,h,w] . z[n,:,h,w]]
+                   [+ ||(W, b) - (W0, b0)||^2 / (2 eta)],  F the potential of the table
+        D      = f(conv2d(X, W) + b) - Y                           (N, C_out, H_out, W_out)
+        grad_W = scale * conv2d_weight_grad(X, D) [+ (W - W0)/eta]  (W's shape)
+        grad_b = scale * sum_{n,h,w} D[n, :, h, w] [+ (b - b0)/eta] (C_out,)
+
+    f acts on each position's channel vector (softmax over dim 1, the channels). At W = W0
+    the gradient is gamma times the backprop gradient of (W, b). conv2d_weight_grad(X, D) is
+    the weight gradient of <D, conv2d(X, W)> (``torch.nn.grad.conv2d_weight``). ``stride``,
+    ``padding`` and ``dilation`` are ints or pairs of ints as in ``nn.Conv2d`` (no string
+    padding). target (N, C_out, H_out, W_out); all tensors one dtype and device. Inputs in
+    ``torch.channels_last`` memory format save the cpp and triton backends a copy of x and of
+    the target. The prox term, ``precision`` (here: whether cuDNN may use TF32 for the fp32
+    convolutions on CUDA) and ``out=(grad_weight, grad_bias)`` are as in
+    ``matched_loss_grad``. Returns ``(grad_weight, grad_bias)``, grad_bias None when bias is
+    None.
+
+    Not differentiable: inputs that require grad are accepted and give the same values, but a
+    backward pass through the result raises (see RuntimeError below).
+
+    Raises, before anything is written (each message names the op and the argument):
+        TypeError: a tensor argument that is not a Tensor (or None where allowed), ``out``
+            not a pair; a dtype or device that differs from x's (or that the backend does not
+            support); stride / padding / dilation not an int or a pair of ints, groups not an
+            int; a number that is not a float/int or a name that is not a str.
+        ValueError: a wrong shape (x not 4-D, an empty batch or a zero C_in/H/W, weight not
+            (C_out, C_in/groups, kh, kw), groups not dividing C_in and C_out, an input smaller
+            than the dilated kernel, bias not (C_out,), target not
+            (N, C_out, H_out, W_out)), stride or dilation < 1, padding < 0, groups < 1, an
+            unknown activation, precision or backend name, a non-finite scale, eta <= 0, eta
+            without anchor_weight (anchor_bias when bias is given), anchor_bias without bias,
+            out_bias given exactly when bias is not, ``out`` overlapping an input, or a
+            backend that cannot run here.
+        RuntimeError: with ``out=``, when grad mode is on and any tensor argument requires
+            grad; without ``out=``, when a backward pass reaches the returned gradients
+            ("locoprop.matched_loss_grad_conv2d is not differentiable: ...").
+    """
+    op = "matched_loss_grad_conv2d"
+    check_call_types(op, tensors=[("x", x), ("weight", weight), ("target", target)],
+                     optional_tensors=[("bias", bias), ("anchor_weight", anchor_weight),
+                                       ("anchor_bias", anchor_bias)],
+                     numbers=[("scale", scale)], optional_numbers=[("eta", eta)],
+                     strings=[("activation", activation), ("precision", precision)])
+    stride, padding, dilation = (_pair(op, "stride", stride, 1),
+                                 _pair(op, "padding", padding, 0),
+                                 _pair(op, "dilation", dilation, 1))
+    _check_int(op, "groups", groups, 1)
+    _check_backend_arg(op, backend)
+    scale, eta = float(scale), (None if eta is None else float(eta))
+    args = (x, weight, bias, target, activation, stride, padding, dilation, groups, scale,
+            anchor_weight, anchor_bias, eta, backend or "", precision)
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            fail_type(op, "out", "a pair (grad_weight, grad_bias)", type(out).__name__)
+        check_call_types(op, tensors=[("out_weight", out[0])],
+                         optional_tensors=[("out_bias", out[1])])
+        _refuse_in_place_autograd(
+            op, "out=(grad_weight, grad_bias)",
+            dict(x=x, weight=weight, bias=bias, target=target, anchor_weight=anchor_weight,
+                 anchor_bias=anchor_bias, out_weight=out[0], out_bias=out[1]),
+            "; without out= it accepts such inputs (a backward pass through its result then "
+            "raises)")
+        _matched_loss_grad_conv2d_out_op(*args, out[0], out[1])
+        return out[0], out[1]
+    gw, gb = _matched_loss_grad_conv2d_op(*args)
     return gw, (gb if bias is not None else None)
 
 
@@ -580,4 +836,4 @@ def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: Tensor
         _rmsprop_step_op(*args)
 
 
-__all__ = ["matched_loss_grad", "local_targets", "rmsprop_step_"]
+__all__ = ["matched_loss_grad", "matched_loss_grad_conv2d", "local_targets", "rmsprop_step_"]

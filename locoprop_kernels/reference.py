@@ -2,7 +2,8 @@
 
 Plain, readable PyTorch in whatever dtype it is given (the tests call it in float64). Shapes:
 X (B, d_in), W (d_out, d_in) as ``nn.Linear``, b (d_out,) or None, Y and G (B, d_out).
-The math is DESIGN.md section 2; nothing here is fused or clever on purpose.
+The math is DESIGN.md section 2; nothing here is fused or clever on purpose. Conv2d layers
+(``*_conv2d``, at the end) are the same math with one row per output position.
 """
 from __future__ import annotations
 
@@ -118,3 +119,85 @@ def rmsprop_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         if style == "torch":
             step = lr * step
         p.copy_(p_math - step)
+
+
+# ---------------------------------------------------------------- Conv2d layers
+#
+# A Conv2d layer is a Linear layer applied at every output position: with X (N, C_in, H, W),
+# W (C_out, C_in/groups, kh, kw), b (C_out,) or None and Z = conv2d(X, W, b)
+# (N, C_out, H_out, W_out), the "rows" of section 2 are the N * H_out * W_out positions
+# (n, h, w) and the "columns" are the C_out channels. Everything row-wise in section 2 is
+# therefore channel-wise here: f acts on the channel vector z[n, :, h, w] (softmax over dim 1)
+# and the potential F is summed over channels and positions.
+
+
+def _over_channels(fn, t: torch.Tensor) -> torch.Tensor:
+    """fn (written for a channel vector on the last dim) applied over dim 1 of (N, C, H, W)."""
+    return fn(t.movedim(1, -1)).movedim(-1, 1)
+
+
+def conv2d_preactivation(x, weight, bias, *, stride=1, padding=0, dilation=1,
+                         groups=1) -> torch.Tensor:
+    """Z = conv2d(X, W) + b, shape (N, C_out, H_out, W_out)."""
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d_delta(x, weight, bias, target, activation: str, *, stride=1, padding=0,
+                 dilation=1, groups=1) -> torch.Tensor:
+    """D = f(conv2d(X, W) + b) - Y, shape (N, C_out, H_out, W_out); f acts on the channel
+    vector at every position (softmax over dim 1)."""
+    z = conv2d_preactivation(x, weight, bias, stride=stride, padding=padding,
+                             dilation=dilation, groups=groups)
+    return _over_channels(get_activation(activation).f, z) - target
+
+
+def matched_loss_grad_conv2d(x, weight, bias, target, activation: str, *, stride=1, padding=0,
+                             dilation=1, groups=1, scale: float = 1.0, anchor_weight=None,
+                             anchor_bias=None, eta: Optional[float] = None):
+    """Gradient of a Conv2d+f layer's local objective (``local_objective_conv2d``) in (W, b).
+
+        D      = f(conv2d(X, W) + b) - Y                       (N, C_out, H_out, W_out)
+        grad_W = scale * conv2d_weight_grad(X, D) [+ (W - W0)/eta]  (C_out, C_in/groups, kh, kw)
+        grad_b = scale * sum_{n,h,w} D[n, :, h, w] [+ (b - b0)/eta]  (C_out,), None without bias
+
+    conv2d_weight_grad(X, D) is the weight gradient of <D, conv2d(X, W)>, i.e. section 2's
+    D^T X with one row per output position (and per group). Any stride, padding, dilation and
+    groups (depthwise included).
+    """
+    d = conv2d_delta(x, weight, bias, target, activation, stride=stride, padding=padding,
+                     dilation=dilation, groups=groups)
+    grad_w = scale * torch.nn.grad.conv2d_weight(x, weight.shape, d, stride, padding, dilation,
+                                                 groups)
+    grad_b = None if bias is None else scale * d.sum((0, 2, 3))
+    if eta is not None:
+        grad_w = grad_w + (weight - anchor_weight) / eta
+        if bias is not None:
+            grad_b = grad_b + (bias - anchor_bias) / eta
+    return grad_w, grad_b
+
+
+def local_objective_conv2d(x, weight, bias, target, activation: str, *, stride=1, padding=0,
+                           dilation=1, groups=1, scale: float = 1.0, anchor_weight=None,
+                           anchor_bias=None, eta: Optional[float] = None):
+    """scale * sum_{n,h,w} [F(z[n,:,h,w]) - y[n,:,h,w] . z[n,:,h,w]]
+    (+ ||(W,b) - (W0,b0)||^2 / (2 eta)): a scalar, F the potential of the table summed over
+    channels. Its gradient in (W, b) is ``matched_loss_grad_conv2d``."""
+    act = get_activation(activation)
+    z = conv2d_preactivation(x, weight, bias, stride=stride, padding=padding,
+                             dilation=dilation, groups=groups)
+    value = scale * (act.potential(z.movedim(1, -1)).sum() - (target * z).sum())
+    if eta is not None:
+        prox = ((weight - anchor_weight) ** 2).sum()
+        if bias is not None:
+            prox = prox + ((bias - anchor_bias) ** 2).sum()
+        value = value + prox / (2.0 * eta)
+    return value
+
+
+def local_targets_conv2d(preact, grad_preact, activation: str, gamma: float, *,
+                         variant: str = "M"):
+    """``local_targets`` for a Conv2d layer's Z and G = dL/dZ, (N, C_out, H_out, W_out):
+    variant "M" Y = f(Z) - gamma G (f over the channels), "S" Y = Z - gamma G."""
+    return _over_channels(
+        lambda z: local_targets(z, grad_preact.movedim(1, -1), activation, gamma,
+                                variant=variant), preact)

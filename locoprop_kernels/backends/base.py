@@ -5,6 +5,9 @@ op layer), so a backend only makes the layouts its kernels need:
 
     matched_loss_grad_into(x, weight, bias, target, activation, scale, anchor_weight,
                            anchor_bias, eta, out_weight, out_bias, precision)
+    matched_loss_grad_conv2d_into(x, weight, bias, target, activation, stride, padding,
+                                  dilation, groups, scale, anchor_weight, anchor_bias, eta,
+                                  out_weight, out_bias, precision)
     local_targets_into(preact, grad_preact, activation, gamma, variant, out)
     rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
 
@@ -66,6 +69,14 @@ class Backend(ABC):
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
                                anchor_bias, eta, out_weight, out_bias, precision) -> None:
         """out_weight, out_bias <- the matched-loss gradient (ops.matched_loss_grad)."""
+
+    @abstractmethod
+    def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
+                                      padding, dilation, groups, scale, anchor_weight,
+                                      anchor_bias, eta, out_weight, out_bias,
+                                      precision) -> None:
+        """out_weight, out_bias <- a Conv2d layer's matched-loss gradient
+        (ops.matched_loss_grad_conv2d); stride, padding, dilation are pairs of ints."""
 
     @abstractmethod
     def local_targets_into(self, preact, grad_preact, activation, gamma, variant, out) -> None:

@@ -7,6 +7,11 @@ one pass of ours over raw pointers (``csrc/``, no torch headers):
                         Z <- scale (f(Z + b) - Y)       _C, one pass      (D, already scaled)
                         grad_W = D^T X                  torch.mm(out=)    (d_out, d_in)
                         grad_W += (W - W0)/eta; grad_b = sum_n D + (b - b0)/eta   _C, one pass
+    matched_loss_grad_conv2d   the same on a Conv2d's output positions (``_conv.py``):
+                        Z = conv2d(X, W), channels-last = (N*H_out*W_out, C_out) rows   torch
+                        Z <- scale (f(Z + b) - Y)       _C, the same delta pass
+                        grad_W = conv2d_weight_grad(X, D)               torch
+                        grad_W += (W - W0)/eta; grad_b = sum over rows of D + (b - b0)/eta   _C
     local_targets       Y = f(Z) - gamma G              _C, one pass
     rmsprop_step_       every tensor, one pass          _C, one call for all layers
 
@@ -27,6 +32,7 @@ import torch  # first: _C links libgomp.so.1 by soname and must find torch's cop
 
 from .. import _C
 from ..activations import get_activation
+from . import _conv as conv
 from .base import Backend
 
 #: Calls into the C++/CUDA kernels since import; ``testing.count_launches`` reads it.
@@ -161,6 +167,51 @@ class CppBackend(Backend):
 
         _into(out_weight if weight_part else None, x.dtype,
               lambda gw: _into(out_bias, x.dtype, lambda gb: finish(gw, gb)))
+
+    # ------------------------------------------------------------ matched_loss_grad_conv2d
+
+    def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
+                                      padding, dilation, groups, scale, anchor_weight,
+                                      anchor_bias, eta, out_weight, out_bias, precision):
+        """The Linear path on a Conv2d's output positions (``backends/_conv.py``):
+        Z = conv2d(X, W) channels-last, i.e. a (R = N*H_out*W_out, C_out) row matrix;
+        D = scale (f(Z + b) - Y) in place on it (the Linear delta kernel);
+        grad_W = conv2d_weight_grad(X, D) (torch); grad_W [+ (W - W0)/eta] and
+        grad_b = sum over rows of D [+ (b - b0)/eta] (the Linear finish kernel). Two C++
+        calls. A channels-last target is read where it lies; any other is copied once into
+        rows."""
+        kernels = _Kernels(x.device)
+        code = get_activation(activation).code
+        dtype = DTYPE_CODES[x.dtype]
+        x32, w32 = _fp32(x), _fp32(weight)
+        with conv.conv_precision(precision, x.device):
+            z = conv.preactivation(x32, w32, stride, padding, dilation, groups)
+        delta = conv.rows(z)
+        R, C_out = delta.shape
+        target_rows = conv.rows_copy(target)
+        bias = None if bias is None else bias.contiguous()
+        kernels.matched_loss_delta(delta.data_ptr(), _ptr(bias), target_rows.data_ptr(),
+                                   dtype, R, C_out, code, float(scale))
+        with conv.conv_precision(precision, x.device):
+            grad_w32 = conv.weight_grad(x32, w32, z, stride, padding, dilation, groups)
+
+        has_prox = eta is not None
+        if has_prox:
+            weight, anchor_weight = weight.contiguous(), anchor_weight.contiguous()
+            if bias is not None:
+                anchor_bias = anchor_bias.contiguous()
+        inv_eta = 1.0 / eta if has_prox else 0.0
+        K = grad_w32.numel() // C_out
+
+        def finish(gw, gb):
+            kernels.matched_loss_finish(
+                grad_w32.data_ptr(), _ptr(weight) if has_prox else 0,
+                _ptr(anchor_weight) if has_prox else 0, gw.data_ptr(), delta.data_ptr(),
+                _ptr(bias) if has_prox else 0, _ptr(anchor_bias) if has_prox else 0,
+                _ptr(gb), dtype, R, C_out, K, has_prox, inv_eta)
+
+        _into(out_weight, x.dtype, lambda gw: _into(out_bias, x.dtype,
+                                                   lambda gb: finish(gw, gb)))
 
     # ------------------------------------------------------------ local_targets
 

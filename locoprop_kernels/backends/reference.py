@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from .. import reference
+from ._conv import conv_precision
 from .base import HALF_DTYPES, Backend
 
 
@@ -30,6 +31,18 @@ class ReferenceBackend(Backend):
                                              _math(target), activation, scale=scale,
                                              anchor_weight=_math(anchor_weight),
                                              anchor_bias=_math(anchor_bias), eta=eta)
+        out_weight.copy_(gw)
+        if out_bias is not None:
+            out_bias.copy_(gb)
+
+    def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
+                                      padding, dilation, groups, scale, anchor_weight,
+                                      anchor_bias, eta, out_weight, out_bias, precision):
+        with conv_precision(precision, x.device):
+            gw, gb = reference.matched_loss_grad_conv2d(
+                _math(x), _math(weight), _math(bias), _math(target), activation,
+                stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
+                anchor_weight=_math(anchor_weight), anchor_bias=_math(anchor_bias), eta=eta)
         out_weight.copy_(gw)
         if out_bias is not None:
             out_bias.copy_(gb)

@@ -12,6 +12,7 @@ import os
 import torch
 
 from ..activations import get_activation
+from . import _conv as conv
 from .base import Backend
 
 
@@ -36,6 +37,8 @@ class TritonBackend(Backend):
 
     def __init__(self):
         self.kernels = importlib.import_module("locoprop_kernels.triton_kernels")
+        self.conv_kernels = importlib.import_module(
+            "locoprop_kernels.triton_kernels.conv_matched_loss_grad")
 
     @staticmethod
     def unavailable_reason(device: torch.device):
@@ -78,6 +81,33 @@ class TritonBackend(Backend):
             _contiguous_out(out_bias, lambda gb: self.kernels.matched_loss_grad_into(
                 c(x), c(weight), c(bias), c(target), code, scale, c(anchor_weight),
                 c(anchor_bias), eta, gw, gb, precision=precision))
+
+        _contiguous_out(out_weight, fill_weight)
+
+    def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
+                                      padding, dilation, groups, scale, anchor_weight,
+                                      anchor_bias, eta, out_weight, out_bias, precision):
+        """Torch's convolutions for the GEMMs, channels-last (``backends/_conv.py``); the
+        delta D = f(Z + b) - Y and the scale/bias-sum/prox finish are Triton launches on the
+        (R = N*H_out*W_out, C_out) row view of Z: two launches
+        (``triton_kernels/conv_matched_loss_grad.py``)."""
+        kernels = self.conv_kernels
+        x32, w32 = x.float(), weight.float()
+        with conv.conv_precision(precision, x.device):
+            z = conv.preactivation(x32, w32, stride, padding, dilation, groups)
+        delta = conv.rows(z)
+        kernels.delta_rows_(delta, _contiguous(bias), conv.rows_copy(target),
+                            get_activation(activation).code)
+        with conv.conv_precision(precision, x.device):
+            grad_w32 = conv.weight_grad(x32, w32, z, stride, padding, dilation, groups)
+        c = _contiguous
+        has_prox = eta is not None
+
+        def fill_weight(gw):
+            _contiguous_out(out_bias, lambda gb: kernels.finish_into(
+                grad_w32, delta, c(weight) if has_prox else None,
+                c(anchor_weight) if has_prox else None, c(bias) if has_prox else None,
+                c(anchor_bias) if has_prox else None, scale, eta, gw, gb))
 
         _contiguous_out(out_weight, fill_weight)
 
