@@ -7,18 +7,19 @@ One outer step ``opt.step(x, y)`` on a batch of B rows:
    the last Linear's Z is the logits and L = ``loss_fn(output, y)`` (a mean over the batch),
    the output being what the model returns (the logits, or f(logits) when the model ends in
    its output activation module, e.g. an nn.Softmax);
-2. one backward pass for dL/dW_l and dL/db_l of every layer: C = scale gamma dL/dp;
-3. targets Y0_l = f_l(Z0_l) (variant S: Z0_l; the local f is identity);
-4. T inner iterations t = 0..T-1, X_l and Y0_l fixed, through the shared ``InnerLoop``
+2. one backward pass for G_l = dL/dZ_l and dL/dW_l, dL/db_l of every layer;
+3. targets  M: Y_l = f_l(Z_l) - gamma G_l      S: Y_l = Z_l - gamma G_l (local f = identity);
+4. T inner iterations t = 0..T-1, X_l and Y_l fixed, through the shared ``InnerLoop``
    (``inner_loop.py``, the one ``lk.optim.LocoProp`` runs too): every layer's local gradient
 
-       D_l = f_l(X_l W_l^T + b_l) - Y0_l
-       grad W_l = scale D_l^T X_l + C_W [+ (W_l - W0_l)/eta],  grad b_l = scale sum_n D_l[n] + C_b
+       D_l = f_l(X_l W_l^T + b_l) - Y_l
+       grad W_l = scale D_l^T X_l [+ (W_l - W0_l)/eta],   grad b_l = scale sum_n D_l[n] [+ ...]
 
-   which is DESIGN's D = f(Z) - (f(Z0) - gamma G) with G^T X folded into C, goes into one flat
-   gradient arena, then ONE ``rmsprop_step_`` over the whole parameter arena takes the step
-   with lr_t = lr * max(1 - t/T, lr_floor). At t = 0 (W = W0) the matched part is exactly 0:
-   the gradient is C, with no GEMM (the t = 0 skip).
+   goes into one flat gradient arena, then ONE ``rmsprop_step_`` over the whole parameter
+   arena takes the step with lr_t = lr * max(1 - t/T, lr_floor). At t = 0 (W = W0) D is
+   exactly gamma G, so the local gradient is scale gamma dL/dp, which the backward pass
+   already formed: it goes straight into the arena and iteration 0 runs no GEMM and no f
+   (the t = 0 skip).
 
 Parameters, gradients and RMSProp state are flat arenas in the layout W_0, b_0, W_1, b_1, ...
 (``grouped.param_shapes``); the model's ``weight``/``bias`` become ``nn.Parameter`` views of the
@@ -208,7 +209,6 @@ class LocoProp:
                    if t is not None]
         self.params = Arena.from_tensors(tensors)
         self.grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
-        self.constant = Arena(self.shapes, dtype=state_dtype, device=self.device)  # C
         self.square_avgs = Arena(self.shapes, dtype=state_dtype, device=self.device,
                                  fill=self.rmsprop.initial_square_avg)
         self.momentum_bufs = Arena(self.shapes, dtype=state_dtype, device=self.device)
@@ -257,8 +257,8 @@ class LocoProp:
     # ------------------------------------------------------------------ the outer step
 
     def _forward_backward(self, x: torch.Tensor, y):
-        """(L, [X_l], [Z_l], [dL/dp]): one forward, one backward for the gradients of every
-        weight and bias (flat layout order)."""
+        """(L, [X_l], [Z_l], [G_l = dL/dZ_l], [dL/dp]): one forward, one backward for every
+        G_l and the gradient of every weight and bias (flat layout order)."""
         inputs, preacts = [], []
         a = x.detach()
         with torch.enable_grad():
@@ -279,8 +279,9 @@ class LocoProp:
             backward_loss, loss = self.dp.global_loss(local_loss.reshape(()), x.shape[0])
             params = [t for lin in self.linears for t in (lin.weight, lin.bias)
                       if t is not None]
-            grads = torch.autograd.grad(backward_loss, params)
-        return loss, inputs, [z.detach() for z in preacts], grads
+            grads = torch.autograd.grad(backward_loss, preacts + params)
+        n = len(preacts)
+        return loss, inputs, [z.detach() for z in preacts], grads[:n], grads[n:]
 
     def step(self, x: torch.Tensor, y) -> torch.Tensor:
         """One outer LocoProp step on the batch (x, y); returns L before the update, as a
@@ -293,14 +294,15 @@ class LocoProp:
             fail_value(OP, "x", f"shape (B >= 1, {self.layers[0].d_in})", tuple(x.shape))
         if x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)  # the model's forward would need the parameters' dtype
-        loss, inputs, preacts, param_grads = self._forward_backward(x, y)
-        # C = s gamma dL/dp, summed over the replicas' shards (each carries the global 1/B).
-        for view, g in zip(self.constant.views(), param_grads):
+        loss, inputs, preacts, dzs, param_grads = self._forward_backward(x, y)
+        # The t = 0 local gradient, C = s gamma dL/dp, straight into the gradient arena (the
+        # inner loop starts from it: no GEMM at W0), summed over the replicas' shards.
+        for view, g in zip(self.grads.views(), param_grads):
             torch.mul(g, self.scale * self.gamma, out=view)
-        self.dp.all_reduce_grads_(self.constant.buffer)
-        # Y0_l = f_l(Z0_l) with the local f (variant S: identity, so Z0_l).
-        targets = [get_activation(layer.activation).f(z) for layer, z in zip(self.layers,
-                                                                             preacts)]
+        self.dp.all_reduce_grads_(self.grads.buffer)
+        targets = [ops.local_targets(z, g, act, self.gamma, variant=self.variant,
+                                     backend=self.backend)
+                   for z, g, act in zip(preacts, dzs, self.activations)]
         if self.grouped:
             self._inner_grouped(inputs, targets)
         else:
@@ -336,7 +338,7 @@ class LocoProp:
                          inner_steps=self.inner_steps, lr_floor=self.lr_floor, eta=self.eta,
                          prox_centre=(None if self._anchors is None
                                       else ([self._anchors], [self.params.buffer])),
-                         constant=[self.constant.buffer], dp=self.dp)
+                         first_gradient_given=True, dp=self.dp)
 
     def _inner_grouped(self, inputs, targets) -> None:
         """The same T iterations with all layers per launch (``LayerGroup``), one loop per
@@ -350,7 +352,7 @@ class LocoProp:
                                        self.momentum_bufs.buffer, inner_steps=self.inner_steps,
                                        lr=self._lr, lr_floor=self.lr_floor,
                                        options=self.rmsprop, scale=self.scale, eta=self.eta,
-                                       grads=self.grads.buffer, constant=self.constant.buffer,
+                                       grads=self.grads.buffer, first_gradient_given=True,
                                        cuda_graph=self.cuda_graph)
             self._inner[batch] = loop
         for view, X in zip(loop.group.inputs.views(), inputs):
