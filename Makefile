@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test install bench clean cuda-check triton-check demo
+.PHONY: test install bench clean cuda-check triton-check demo race
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,24 @@ $(BENCH_STAMP): $(STAMP)
 
 demo: $(BENCH_STAMP)
 	$(PY) -m locoprop_kernels.experiments.autoencoder $(DEMO_ARGS)
+
+# make race: time to target loss (bench/race.py, docs/autoencoder.md "The race"). Every
+# optimizer trains the official autoencoder on full MNIST for --budget seconds of its own
+# steps, all interleaved in one process; run it on an otherwise idle machine. Writes
+# bench/results/race-<device>.{json,md,png}. Tune first with
+# make race RACE_ARGS="--tune --budget 60", then race with
+# RACE_ARGS="--settings bench/results/race-tune-cpu.json --repeat 2".
+# The peers are installed without their dependencies (all are met already; this makes sure no
+# other torch build is pulled in), at the versions the race was written against.
+PEERS_STAMP := $(VENV)/.installed-peers
+RACE_ARGS ?= --budget 600
+$(PEERS_STAMP): $(BENCH_STAMP)
+	$(PY) -m pip install -q --no-deps "locoprop==0.1.0" "pytorch-optimizer==4.1.0" \
+	  "asdfghjkl==0.1a5"
+	touch $(PEERS_STAMP)
+
+race: $(PEERS_STAMP)
+	$(PY) bench/race.py $(RACE_ARGS)
 
 # Microbenchmarks with timings (ratio table printed at the end).
 bench: $(STAMP)

@@ -85,3 +85,129 @@ def test_console_script_exits_0(monkeypatch):
         import sys
         sys.exit(entry())
     assert exit_info.value.code == 0
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _small_setup(monkeypatch, n=48, d=8):
+    monkeypatch.setattr(ae, "HIDDEN", [6, 3, 6])
+    monkeypatch.setattr(ae, "CODE_LAYER", 1)
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, d, generator=g), ae.layer_activations(len(ae.HIDDEN) + 1)
+
+
+def _build(name, lr, acts, **hparams):
+    return optimizers.build(name, lr, ae.build_model(8), ae.bce_loss, activations=acts,
+                            batch=16, total_epochs=100, backend="reference", **hparams)
+
+
+def test_official_preset_is_the_official_trainer_bit_for_bit(monkeypatch):
+    """The default preset stays what the reproduction ran: lk.LocoProp with its defaults and
+    the official schedule (epoch 0 at lr 0), set through start_epoch."""
+    x, acts = _small_setup(monkeypatch)
+    default = _build("locoprop-m", 1e-2, acts)
+    explicit = _build("locoprop-m", 1e-2, acts, preset="official")
+    model = ae.build_model(8)
+    by_hand = lk.LocoProp(model, ae.bce_loss, variant="M", lr=0.0, backend="reference")
+    assert default.label == "locoprop-m lr=0.01" and default.hparams == {}
+    for epoch in range(3):
+        default.start_epoch(epoch)
+        explicit.start_epoch(epoch)
+        by_hand.lr = optimizers.official_lr(1e-2, epoch, 100)
+        for i in range(0, x.shape[0], 16):
+            batch = x[i:i + 16]
+            losses = [m.step(batch) for m in (default, explicit)] + [by_hand.step(batch, batch)]
+            assert losses[0].item() == losses[1].item() == losses[2].item()
+    for a, b, c in zip(default.model.parameters(), explicit.model.parameters(),
+                       model.parameters()):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    assert default.opt.inner_steps == 10
+
+
+def test_fast_preset_zero_lr_warmup(monkeypatch):
+    x, acts = _small_setup(monkeypatch)
+    method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=2)
+    assert method.name == "locoprop-m-fast" and method.opt.inner_steps == 3
+    assert method.hparams == dict(preset="fast", inner_steps=3, warmup_steps=2,
+                                  warmup="zero-lr")
+    start = [p.detach().clone() for p in method.model.parameters()]
+    for k in range(2):  # warm steps: the square averages move, the weights do not
+        method.step(x[16 * k:16 * (k + 1)])
+        assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
+        assert method.opt.lr == 1e-2
+    assert not torch.equal(method.opt.square_avgs.buffer,
+                           torch.ones_like(method.opt.square_avgs.buffer))
+    before = method.opt.square_avgs.buffer.clone()
+    method.step(x[32:48])
+    assert not all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
+    assert not torch.equal(method.opt.square_avgs.buffer, before)
+    # the same as preset="fast" on locoprop-m
+    same = _build("locoprop-m", 1e-2, acts, preset="fast", warmup_steps=2)
+    for k in range(3):
+        same.step(x[16 * k:16 * (k + 1)])
+    assert all(torch.equal(p, q) for p, q in zip(same.model.parameters(),
+                                                 method.model.parameters()))
+
+
+def test_fast_preset_grad_square_warmup(monkeypatch):
+    """warmup='grad-square': the square averages become the mean over the warm batches of
+    (gamma * dL/dtheta)^2, the first local gradient of every layer; weights stay put."""
+    x, acts = _small_setup(monkeypatch)
+    method = _build("locoprop-m-fast", 1e-2, acts, warmup="grad-square", warmup_steps=2,
+                    gamma=5.0)
+    start = [p.detach().clone() for p in method.model.parameters()]
+    reference = ae.build_model(8)
+    want = [torch.zeros_like(p) for p in reference.parameters()]
+    for k in range(2):
+        batch = x[16 * k:16 * (k + 1)]
+        loss = method.step(batch)
+        grads = torch.autograd.grad(ae.bce_loss(reference(batch), batch),
+                                    list(reference.parameters()))
+        assert loss.item() == pytest.approx(ae.bce_loss(reference(batch), batch).item())
+        for w, g in zip(want, grads):
+            w += (5.0 * g) ** 2 / 2
+    assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
+    for avg, w in zip(method.opt.square_avgs.views(), want):
+        torch.testing.assert_close(avg, w, rtol=1e-5, atol=1e-12)
+    method.step(x[32:48])
+    assert not all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
+
+
+def test_preset_errors(monkeypatch):
+    _, acts = _small_setup(monkeypatch)
+    with pytest.raises(ValueError, match="lr = 0 epoch"):
+        _build("locoprop-m", 1e-2, acts, warmup_steps=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        _build("locoprop-m", 1e-2, acts, preset="turbo")
+    with pytest.raises(ValueError, match="unknown warmup"):
+        _build("locoprop-m-fast", 1e-2, acts, warmup="magic")
+    with pytest.raises(ValueError, match="unknown setting"):
+        _build("locoprop-m", 1e-2, acts, inner_step=3)
+    with pytest.raises(ValueError, match="bad setting for Adam"):
+        _build("adam", 1e-3, acts, betas_typo=(0.9, 0.99))
+
+
+def test_state_bytes_counts_what_a_method_holds_beyond_the_model(monkeypatch):
+    x, acts = _small_setup(monkeypatch)
+    n = sum(p.numel() for p in ae.build_model(8).parameters())
+    adam = _build("adam", 1e-3, acts)
+    assert optimizers.state_bytes(adam)["bytes"] == 0  # no state before the first step
+    adam.step(x[:16])
+    assert 2 * 4 * n <= optimizers.state_bytes(adam, exclude=[x])["bytes"] < 2 * 4 * n + 512
+    ours = _build("locoprop-m-fast", 1e-2, acts)
+    ours.step(x[:16])
+    held = optimizers.state_bytes(ours, exclude=[x], detail=10)
+    assert held["bytes"] >= 3 * 4 * n  # gradient, square-average and momentum arenas
+    assert "method.opt.square_avgs.buffer" in {path for path, _ in held["largest"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqdm") is None, reason="needs the bench extras")
+def test_run_one_fast_preset(monkeypatch):
+    x, _ = _small_setup(monkeypatch)
+    split = data.Split(x[:32], x[32:])
+    rec = ae.run_one("locoprop-m-fast", 1e-2, split, epochs=3, seed=0,
+                     device=torch.device("cpu"), dtype=torch.float32, batch=16,
+                     backend="reference", progress=False)
+    rows = rec["epochs"]
+    assert rec["status"] == "ok" and rec["label"] == "locoprop-m-fast lr=0.01"
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]

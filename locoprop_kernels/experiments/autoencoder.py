@@ -14,8 +14,15 @@ learning rate and the device, writes ``bench/results/autoencoder-<device>.json``
 epoch 1 runs at lr = 0 (the official schedule), so our epoch numbers are those of the official
 log: its 122.7 / 80.7 / 65.2 are after our epochs 2 / 3 / 5.
 
+LocoProp presets (``optimizers.PRESETS``): ``locoprop-m`` runs ``preset="official"``, the
+reproduction, unchanged. ``locoprop-m-fast`` runs ``preset="fast"``, for time to a target loss:
+T = 3, a constant lr, and 5 warm-up steps (``warmup_steps``; at lr = 0, or
+``warmup="grad-square"``: square averages set from the first batches' squared gradients)
+in place of the lr = 0 epoch. ``bench/race.py`` races them on the clock.
+
     locoprop-autoencoder --epochs 6 --optimizers locoprop-m,adam,rmsprop     # full MNIST
     locoprop-autoencoder --dataset digits --epochs 3                          # smoke run
+    locoprop-autoencoder --epochs 6 --optimizers locoprop-m-fast,adam          # preset fast
 """
 from __future__ import annotations
 

@@ -2,18 +2,30 @@
 
 Every method is built from the same model (same initial weights) and the same loss, and
 exposes ``step(x) -> loss before the update`` (a 0-d tensor) and ``start_epoch(epoch)`` for
-its learning-rate schedule (epoch counts from 0). ``build(name, lr, model, loss_fn, ...)``
-makes one; ``SWEEPS`` lists the learning rates each name is run with by default.
+its learning-rate schedule (epoch counts from 0). ``build(name, lr, model, loss_fn, ...,
+**hparams)`` makes one (``hparams``: the method's other settings, listed in ``HPARAMS``);
+``SWEEPS`` lists the learning rates each name is run with by default. ``state_bytes(method)``
+counts the bytes of the tensors a method holds beyond its model.
 
 | name          | what runs                                                            | schedule |
 |---------------|----------------------------------------------------------------------|----------|
 | locoprop-m/-s | ``lk.LocoProp`` (our ops), official defaults, variant M / S          | official: epoch 0 at lr 0, warmup, linear decay |
+| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 3 | 5 steps at lr 0, then constant |
 | rmsprop       | backprop + ``torch.optim.RMSprop``                                   | constant |
 | adam          | backprop + ``torch.optim.Adam``                                      | constant |
 | sgd           | backprop + ``torch.optim.SGD(momentum=0.9)``                         | constant |
 | pypi-locoprop | PyPI ``locoprop==0.1.0`` ``LocopropTrainer``, its own defaults        | constant |
 | shampoo       | backprop + ``pytorch_optimizer.ScalableShampoo`` (roots every 10 steps, AdaGrad grafting) | constant |
 | kfac          | ``asdfghjkl`` (asdl) K-FAC gradients (empirical Fisher) + SGD momentum | constant |
+
+LocoProp presets (``build(..., preset=...)``; ``locoprop-m-fast`` is ``locoprop-m`` with
+``preset="fast"``): ``"official"`` (the default) is the google-research notebook, bit for bit
+what the reproduction was measured with. ``"fast"`` is for time to a target loss: T = 3 inner
+steps and, instead of the official whole epoch at lr = 0 (which only warms the RMSProp square
+averages), ``warmup_steps`` outer steps that do that job: ``warmup="zero-lr"`` (the default)
+runs them at lr = 0, ``warmup="grad-square"`` sets the square averages to the mean of
+(gamma * scale * backprop gradient)^2 over that many batches (one forward and backward each:
+at W = W0 that is exactly the first local gradient). Then the lr stays constant.
 
 The peers are optional: ``available(name)`` says whether a name can run here and, if not, what
 to install. The PyPI ``locoprop`` package is run as it ships (T = 5, torch RMSprop, mean over
@@ -37,6 +49,7 @@ from ..trainer import LocoProp
 SWEEPS = {
     "locoprop-m": [1e-5],
     "locoprop-s": [1e-5],
+    "locoprop-m-fast": [1e-5],
     "rmsprop": [1e-4, 3e-4, 1e-3],
     "adam": [3e-4, 1e-3, 3e-3],
     "sgd": [1e-5, 3e-5, 1e-4],
@@ -50,6 +63,31 @@ NAMES = tuple(SWEEPS)
 #: images damping 1e-3 and 0.1 diverged at lr >= 1e-2 or barely moved below; 10 with lr 0.1
 #: trained steadily (probed on a 3-batch subset, 9 steps).
 KFAC_DAMPING = 10.0
+
+#: LocoProp presets. "official": the notebook's settings and outer schedule (epoch 0 at lr 0,
+#: a 4-epoch linear warmup, linear decay to 0 at epoch ``total_epochs``); nothing in it may
+#: change (the reproduction depends on it). "fast": for time to loss (NOTES.md: T = 3, lr 1e-5
+#: and 5 warm steps at lr 0 reached loss 70 about 1.2x sooner than Adam 1e-3 on the clock).
+PRESETS = {
+    "official": dict(schedule="official"),
+    "fast": dict(schedule="constant", inner_steps=3, warmup_steps=5, warmup="zero-lr"),
+}
+WARMUPS = ("zero-lr", "grad-square")
+
+#: The settings ``build`` accepts per method beside lr (anything else is a ValueError).
+#: Backprop methods forward them to their torch.optim class (e.g. ``eps``, ``betas``).
+HPARAMS = {
+    "locoprop": ("preset", "warmup_steps", "warmup", "inner_steps", "gamma", "alpha", "eps",
+                 "momentum", "style", "lr_floor", "eta", "scale", "grouped", "cuda_graph",
+                 "precision"),
+    "shampoo": ("preconditioning_compute_steps", "statistics_compute_steps",
+                "start_preconditioning_step", "block_size", "graft_type", "betas",
+                "matrix_eps", "diagonal_eps", "nesterov", "inverse_exponent_override"),
+    "kfac": ("damping", "curvature_upd_interval", "preconditioner_upd_interval", "ema_decay",
+             "momentum", "fisher_type"),
+    "pypi-locoprop": ("local_iterations", "learning_rate", "correction", "momentum", "eps",
+                      "alpha", "optimizer_momentum"),
+}
 
 #: Which import each optional peer needs, and how to get it.
 _PEER_MODULES = {
@@ -69,6 +107,15 @@ def available(name: str) -> Optional[str]:
     return None
 
 
+def import_peer(name: str) -> None:
+    """Import the optional package behind ``name`` now (a no-op for ours and torch.optim), so
+    that a memory baseline taken afterwards does not count the import."""
+    if name == "kfac":
+        _import_asdl()
+    elif name in _PEER_MODULES:
+        importlib.import_module(_PEER_MODULES[name][0])
+
+
 def official_lr(base: float, epoch: int, total: int = 100) -> float:
     """The official outer schedule (DESIGN.md section 2): epoch 0 at lr 0 (the RMSProp
     accumulators warm up while the weights stay put), linear warmup over epochs 1-4, then a
@@ -84,6 +131,7 @@ class Method:
 
     def __init__(self, name: str, lr: Optional[float], model: nn.Sequential):
         self.name, self.lr, self.model = name, lr, model
+        self.hparams = {}  # the settings given beside lr (recorded with the results)
 
     @property
     def label(self) -> str:
@@ -97,19 +145,83 @@ class Method:
 
 
 class LocoPropMethod(Method):
-    """Our trainer with the official defaults and schedule."""
+    """Our trainer. ``preset="official"`` (the default): the official defaults and schedule,
+    exactly as the reproduction ran. ``preset="fast"``: T = 3, ``warmup_steps`` warm-up steps
+    (module docstring), then a constant lr. Other keywords go to ``lk.LocoProp``."""
 
-    def __init__(self, name, lr, model, loss_fn, *, total_epochs, backend=None, **options):
-        super().__init__(name, lr, model)
-        variant = "M" if name == "locoprop-m" else "S"
-        self.total_epochs = total_epochs
-        self.opt = LocoProp(model, loss_fn, variant=variant, lr=0.0, backend=backend, **options)
+    def __init__(self, name, lr, model, loss_fn, *, total_epochs, backend=None,
+                 preset="official", warmup_steps=None, warmup=None, **options):
+        if preset not in PRESETS:
+            raise ValueError(f"{name}: unknown preset {preset!r} (one of {list(PRESETS)})")
+        if lr is None:
+            raise ValueError(f"{name}: needs an lr (SWEEPS[{name!r}] has the defaults)")
+        variant = "M" if name.startswith("locoprop-m") else "S"
+        base = "locoprop-m" if variant == "M" else "locoprop-s"
+        super().__init__(base if preset == "official" else f"{base}-{preset}", lr, model)
+        self.preset, self.total_epochs = preset, total_epochs
+        if preset == "official":
+            if warmup_steps is not None or warmup is not None:
+                raise ValueError(f"{name}: the official preset warms up with its lr = 0 epoch; "
+                                 "warmup_steps / warmup belong to preset='fast'")
+            self.warmup_steps, self.warmup = 0, None
+            self.opt = LocoProp(model, loss_fn, variant=variant, lr=0.0, backend=backend,
+                                **options)
+        else:
+            settings = {k: v for k, v in PRESETS[preset].items() if k != "schedule"}
+            settings.update(options)
+            if warmup_steps is not None:
+                settings["warmup_steps"] = warmup_steps
+            if warmup is not None:
+                settings["warmup"] = warmup
+            self.warmup_steps = int(settings.pop("warmup_steps"))
+            self.warmup = settings.pop("warmup")
+            if self.warmup not in WARMUPS:
+                raise ValueError(f"{name}: unknown warmup {self.warmup!r} (one of {WARMUPS})")
+            if self.warmup_steps < 0:
+                raise ValueError(f"{name}: warmup_steps must be >= 0, got {self.warmup_steps}")
+            self.loss_fn = loss_fn
+            self.opt = LocoProp(model, loss_fn, variant=variant, lr=lr, backend=backend,
+                                **settings)
+            options = dict(settings, warmup_steps=self.warmup_steps, warmup=self.warmup)
+        self.hparams = dict(options, preset=preset) if preset != "official" else dict(options)
+        self.steps_done = 0
 
     def start_epoch(self, epoch):
-        self.opt.lr = official_lr(self.lr, epoch, self.total_epochs)
+        if self.preset == "official":
+            self.opt.lr = official_lr(self.lr, epoch, self.total_epochs)
 
     def step(self, x):
-        return self.opt.step(x, x)
+        if self.preset == "official":
+            return self.opt.step(x, x)
+        self.steps_done += 1
+        if self.steps_done > self.warmup_steps:
+            return self.opt.step(x, x)
+        if self.warmup == "grad-square":
+            return self._square_avgs_from_gradient(x, self.steps_done)
+        self.opt.lr = 0.0  # warm step: the square averages move, the weights do not
+        try:
+            return self.opt.step(x, x)
+        finally:
+            self.opt.lr = self.lr
+
+    @torch.no_grad()
+    def _square_avgs_from_gradient(self, x, k):
+        """Warm step ``k`` (1-based) of ``warmup="grad-square"``: the square averages become
+        the mean over the k batches so far of g^2, g = gamma * scale * dL/dtheta: the first
+        local gradient of every layer (at W = W0 the matched-loss gradient equals that)."""
+        params = [p for lin in self.opt.linears for p in (lin.weight, lin.bias)
+                  if p is not None]  # the arena's layout: W_0, b_0, W_1, b_1, ...
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(x), x)
+            grads = torch.autograd.grad(loss, params)
+        factor = self.opt.gamma * self.opt.scale
+        for avg, g in zip(self.opt.square_avgs.views(), grads):
+            g2 = (g.to(avg.dtype) * factor).square_()
+            if k == 1:
+                avg.copy_(g2)
+            else:
+                avg.add_(g2.sub_(avg), alpha=1.0 / k)  # running mean
+        return loss.detach()
 
 
 class BackpropMethod(Method):
@@ -129,16 +241,31 @@ class BackpropMethod(Method):
 
 class PyPILocoPropMethod(Method):
     """PyPI ``locoprop==0.1.0``: its LocopropTrainer over LocoLayer-wrapped Linear layers
-    (the same Linear modules as ``model``, so evaluation reads the trained weights)."""
+    (the same Linear modules as ``model``, so evaluation reads the trained weights).
+    ``lr`` None keeps its inner RMSprop's defaults (lr 2e-5, eps 1e-6, momentum 0.999,
+    alpha 0.9); ``eps``, ``alpha``, ``optimizer_momentum`` change those, and the trainer's own
+    keywords (``local_iterations`` = T, default 5; ``learning_rate`` = gamma, default 10;
+    ``correction``; ``momentum``) pass through."""
 
-    def __init__(self, name, lr, model, loss_fn, activations):
+    DEFAULT_INNER = dict(lr=2e-5, eps=1e-6, momentum=0.999, alpha=0.9)  # its signature's
+
+    def __init__(self, name, lr, model, loss_fn, activations, **options):
         super().__init__(name, lr, model)
+        self.hparams = dict(options)
         locoprop = importlib.import_module("locoprop")
         linears = [m for m in model if isinstance(m, nn.Linear)]
         modules = {"tanh": nn.Tanh, "identity": nn.Identity, "sigmoid": nn.Sigmoid}
         layers = [locoprop.LocoLayer(lin, modules[act](), implicit=(i == len(linears) - 1))
                   for i, (lin, act) in enumerate(zip(linears, activations))]
-        self.trainer = locoprop.LocopropTrainer(nn.Sequential(*layers), loss_fn)
+        inner = dict(self.DEFAULT_INNER)
+        for key, inner_key in (("eps", "eps"), ("alpha", "alpha"),
+                               ("optimizer_momentum", "momentum")):
+            if key in options:
+                inner[inner_key] = options.pop(key)
+        if lr is not None:
+            inner["lr"] = lr
+        self.trainer = locoprop.LocopropTrainer(nn.Sequential(*layers), loss_fn,
+                                                optimizer_hparams=inner, **options)
 
     def step(self, x):
         return self.trainer.step(x, x).detach()
@@ -148,14 +275,18 @@ class KfacMethod(Method):
     """asdl's K-FAC preconditioned gradients (empirical Fisher: our loss is a BCE, which
     asdl's Monte-Carlo Fisher does not model) followed by SGD with momentum 0.9."""
 
-    def __init__(self, name, lr, model, loss_fn, batch):
+    DEFAULTS = dict(damping=KFAC_DAMPING, preconditioner_upd_interval=10,
+                    curvature_upd_interval=10, momentum=0.9, fisher_type="fisher_emp")
+
+    def __init__(self, name, lr, model, loss_fn, batch, **options):
         super().__init__(name, lr, model)
+        self.hparams = dict(options)
+        settings = {**self.DEFAULTS, **options}
+        momentum, fisher_type = settings.pop("momentum"), settings.pop("fisher_type")
         asdl = _import_asdl()
-        config = asdl.PreconditioningConfig(data_size=batch, damping=KFAC_DAMPING,
-                                            preconditioner_upd_interval=10,
-                                            curvature_upd_interval=10)
-        self.grad_maker = asdl.KfacGradientMaker(model, config, fisher_type="fisher_emp")
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        config = asdl.PreconditioningConfig(data_size=batch, **settings)
+        self.grad_maker = asdl.KfacGradientMaker(model, config, fisher_type=fisher_type)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         self.loss_fn = loss_fn
 
     def step(self, x):
@@ -188,33 +319,133 @@ def _import_asdl():
     return importlib.import_module("asdl")
 
 
+def _check_hparams(name: str, family: Optional[str], hparams: dict) -> None:
+    """A clear error for a setting ``name`` does not take (backprop methods: checked by torch)."""
+    if family is None:
+        return
+    unknown = sorted(set(hparams) - set(HPARAMS[family]))
+    if unknown:
+        raise ValueError(f"{name}: unknown setting(s) {unknown}; it takes lr and "
+                         f"{list(HPARAMS[family])}")
+
+
+def _torch_optimizer(name: str, cls, params, lr: float, defaults: dict, hparams: dict):
+    try:
+        return cls(params, lr=lr, **{**defaults, **hparams})
+    except TypeError as error:
+        raise ValueError(f"{name}: bad setting for {cls.__name__}: {error}") from error
+
+
 def build(name: str, lr: Optional[float], model: nn.Sequential, loss_fn: Callable, *,
-          activations, batch: int, total_epochs: int, backend: Optional[str] = None) -> Method:
-    """The method ``name`` at learning rate ``lr`` over ``model`` (trained in place)."""
+          activations, batch: int, total_epochs: int, backend: Optional[str] = None,
+          **hparams) -> Method:
+    """The method ``name`` at learning rate ``lr`` over ``model`` (trained in place), with the
+    optional settings ``hparams`` (``HPARAMS``; ``preset=`` for LocoProp). With no hparams
+    every method is exactly what it was before they existed."""
     missing = available(name)
     if missing is not None:
         raise RuntimeError(f"{name} cannot run here: {missing}")
-    if name in ("locoprop-m", "locoprop-s"):
+    if name in ("locoprop-m", "locoprop-s", "locoprop-m-fast"):
+        _check_hparams(name, "locoprop", hparams)
+        if name == "locoprop-m-fast":
+            hparams = {"preset": "fast", **hparams}
         return LocoPropMethod(name, lr, model, loss_fn, total_epochs=total_epochs,
-                              backend=backend)
+                              backend=backend, **hparams)
     params = model.parameters()
-    if name == "rmsprop":
-        return BackpropMethod(name, lr, model, loss_fn, torch.optim.RMSprop(params, lr=lr))
-    if name == "adam":
-        return BackpropMethod(name, lr, model, loss_fn, torch.optim.Adam(params, lr=lr))
-    if name == "sgd":
-        return BackpropMethod(name, lr, model, loss_fn,
-                              torch.optim.SGD(params, lr=lr, momentum=0.9))
+    if name in ("rmsprop", "adam", "sgd"):
+        cls, defaults = dict(rmsprop=(torch.optim.RMSprop, {}), adam=(torch.optim.Adam, {}),
+                             sgd=(torch.optim.SGD, dict(momentum=0.9)))[name]
+        method = BackpropMethod(name, lr, model, loss_fn,
+                                _torch_optimizer(name, cls, params, lr, defaults, hparams))
+        method.hparams = dict(hparams)
+        return method
     if name == "pypi-locoprop":
-        return PyPILocoPropMethod(name, lr, model, loss_fn, activations)
+        _check_hparams(name, name, hparams)
+        return PyPILocoPropMethod(name, lr, model, loss_fn, activations, **hparams)
     if name == "shampoo":
+        _check_hparams(name, name, hparams)
         po = importlib.import_module("pytorch_optimizer")
         # AdaGrad grafting: the RMSProp graft (beta 0.999, no bias correction) takes ~30x
         # steps while its average fills and blew the loss up to ~1e3 in a probe.
-        grafting = importlib.import_module(
-            "pytorch_optimizer.optimizer.utils.graft").LayerWiseGrafting.ADAGRAD
-        return BackpropMethod(name, lr, model, loss_fn, po.ScalableShampoo(
-            params, lr=lr, preconditioning_compute_steps=10, graft_type=grafting))
+        grafts = importlib.import_module(
+            "pytorch_optimizer.optimizer.utils.graft").LayerWiseGrafting
+        settings = dict(preconditioning_compute_steps=10, graft_type=grafts.ADAGRAD)
+        settings.update(hparams)
+        if isinstance(settings["graft_type"], str):  # "adagrad", "rmsprop", "sgd", ...
+            settings["graft_type"] = grafts[settings["graft_type"].upper()]
+        method = BackpropMethod(name, lr, model, loss_fn, po.ScalableShampoo(params, lr=lr,
+                                                                              **settings))
+        method.hparams = dict(hparams)
+        return method
     if name == "kfac":
-        return KfacMethod(name, lr, model, loss_fn, batch)
+        _check_hparams(name, name, hparams)
+        return KfacMethod(name, lr, model, loss_fn, batch, **hparams)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def state_bytes(method: Method, exclude=(), detail: int = 0) -> dict:
+    """Bytes of the tensors ``method`` holds beyond its model: every tensor reachable from it
+    (attributes, containers, torch.optim state, objects such as Shampoo's preconditioners,
+    K-FAC factors that asdl stores as module attributes), minus the storages of the model's
+    parameters and buffers and of ``exclude`` (e.g. the data set and the last batch). Each
+    storage counts once (an arena and its views: once). For ``lk.LocoProp``: its flat arenas
+    (gradients, square averages, momentum: at least 3 x the parameters, and whatever other
+    buffer it keeps between steps), plus the grouped inner loop's buffers where that runs.
+
+    Returns ``dict(bytes=..., tensors=...)`` (``tensors``: distinct storages) and, with
+    ``detail=n``, ``largest``: the n largest as ``[attribute path, bytes]``."""
+    skip = set()
+    for t in list(method.model.parameters()) + list(method.model.buffers()) + list(exclude):
+        skip.add(_storage_key(t))
+    seen_objects, storages = set(), {}
+    atoms = (str, bytes, int, float, bool, complex, type(None), type, types.ModuleType,
+             types.FunctionType, types.MethodType, types.BuiltinFunctionType, torch.device,
+             torch.dtype)
+
+    def visit(obj, path, depth):
+        if depth > 12 or id(obj) in seen_objects or isinstance(obj, atoms):
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key is not None and key not in skip and key not in storages:
+                storages[key] = (obj.untyped_storage().nbytes(), path)
+            return
+        if isinstance(obj, dict):
+            for i, (k, v) in enumerate(obj.items()):
+                name = k if isinstance(k, (str, int)) else f"<key {i}>"
+                visit(k, f"{path}[{name}].key", depth + 1)
+                visit(v, f"{path}[{name}]", depth + 1)
+            return
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            for i, v in enumerate(obj):
+                visit(v, f"{path}[{i}]", depth + 1)
+            return
+        attrs = dict(getattr(obj, "__dict__", None) or {})
+        for slot in getattr(type(obj), "__slots__", ()):
+            if isinstance(slot, str) and hasattr(obj, slot):
+                attrs[slot] = getattr(obj, slot)
+        if isinstance(obj, nn.Module):
+            # Its parameters/buffers are the model's (skipped by storage anyway) and hooks
+            # are callables; what a peer attaches as plain attributes (asdl's factors) counts.
+            attrs = {k: v for k, v in attrs.items()
+                     if k not in ("_parameters", "_buffers") and "hook" not in k}
+        for k, v in attrs.items():
+            visit(v, f"{path}.{k}", depth + 1)
+
+    visit(method, "method", 0)
+    out = dict(bytes=int(sum(n for n, _ in storages.values())), tensors=len(storages))
+    if detail:
+        biggest = sorted(storages.values(), key=lambda item: -item[0])[:detail]
+        out["largest"] = [[path, n] for n, path in biggest]
+    return out
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        storage = t.untyped_storage()
+        return (t.device.type, t.device.index, storage.data_ptr())
+    except (RuntimeError, NotImplementedError):  # meta, sparse, ...
+        return None
