@@ -1,6 +1,7 @@
 """lk.LocoProp.step now against the same trainer at an earlier git revision, in one process.
 
     .venv/bin/python bench/trainer_vs_revision.py --rev 0a5a651 [--repeats 15] [--backend cpp]
+        [--threads N]   (with OMP_NUM_THREADS=N for the cpp backend's OpenMP loops)
 
 This machine's speed drifts by up to 2x within a run, so two processes timed one after the other
 compare nothing: here both trainers run in ONE process, one outer step of each per round,
@@ -61,8 +62,11 @@ def main(argv=None):
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--name", default="trainer-vs-revision-cpu")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     Old = load_revision_trainer(args.rev)
     loss_fn = autoencoder.bce_loss
 
