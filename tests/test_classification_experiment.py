@@ -31,8 +31,12 @@ def test_layer_tables():
     mlp = clf.layer_table("mlp", 784)
     assert [(r["name"], r["loss"], r["f"]) for r in mlp] == [
         ("0", "matched", "relu"), ("2", "matched", "relu"), ("4", "matched", "softmax")]
-    cnn = clf.layer_table("cnn", 784)
+    cnn = clf.layer_table("cnn", 784)  # issue 12: the convolutions take matched losses
     assert [(r["module"], r["loss"], r["f"]) for r in cnn] == [
+        ("Conv2d", "matched", "relu"), ("Conv2d", "matched", "relu"),
+        ("Linear", "matched", "softmax")]
+    linconv = clf.layer_table("cnn", 784, optimizer="locoprop-m-linconv")
+    assert [(r["module"], r["loss"], r["f"]) for r in linconv] == [
         ("Conv2d", "linearized", None), ("Conv2d", "linearized", None),
         ("Linear", "matched", "softmax")]
 
@@ -69,7 +73,7 @@ def test_cli_one_epoch_on_synthetic(task, tmp_path, capsys):
         assert 0.0 <= last["test_acc"] <= 1.0 and last["wall_s"] > 0
     kinds = {r["module"]: r["loss"] for r in result["layers"]}
     assert kinds["Linear"] == "matched"
-    assert kinds.get("Conv2d", "linearized") == "linearized"
+    assert kinds.get("Conv2d", "matched") == "matched"  # issue 12: matched conv losses
     assert out.with_suffix(".png").stat().st_size > 0
     assert "**adam lr=0.001**" in out.with_suffix(".md").read_text()
     assert "train loss ep 1" in capsys.readouterr().out
@@ -83,3 +87,40 @@ def test_labeled_loaders_keep_the_images_of_load():
     assert torch.equal(sets.x_train, data.load("digits").train)
     assert sets.y_train.shape == (1500,) and sets.y_test.shape == (297,)
     assert sets.y_train.dtype == torch.int64 and int(sets.y_train.max()) == 9
+
+
+def test_sgd_and_linearized_convs_are_what_they_say():
+    model = clf.build_model("cnn", 784, seed=0)
+    sgd = clf.build_optimizer("sgd", 0.1, model)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    opt = clf.build_optimizer("locoprop-m-linconv", 1e-6, model)
+    assert [i.name for i in opt.layers] == ["head"]
+    conv_params = {id(p) for n, p in model.named_parameters() if n.startswith("features.")}
+    assert conv_params == {id(p) for p in opt.param_groups[1]["params"]}
+    opt.remove_hooks()
+
+
+@needs_bench
+def test_cli_step_timing_and_four_optimizers(tmp_path):
+    """The CNN with matched and linearized convs, Adam and SGD; the interleaved step timing
+    lands in the JSON and the .md."""
+    out = tmp_path / "classification-fashion-cnn.json"
+    clf.main(["--task", "fashion-cnn", "--dataset", "synthetic", "--epochs", "1",
+              "--synthetic-pixels", "256", "--train-subset", "100", "--eval-train", "50",
+              "--batch", "50", "--optimizers", "locoprop-m,locoprop-m-linconv,adam,sgd",
+              "--lrs", "locoprop-m=1e-6,locoprop-m-linconv=1e-6,adam=1e-3,sgd=1e-2",
+              "--timing-rounds", "3", "--timing-steps", "1", "--output", str(out),
+              "--no-progress", "--threads", str(torch.get_num_threads())])
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["runs"]] == [
+        "locoprop-m lr=1e-06", "locoprop-m-linconv lr=1e-06", "adam lr=0.001", "sgd lr=0.01"]
+    assert all(r["status"] == "ok" for r in result["runs"])
+    assert [r["loss"] for r in result["layers_linconv"]] == ["linearized"] * 2 + ["matched"]
+    timing = result["step_timing"]
+    assert timing["rounds"] == 3 and timing["ratio_to"] == "locoprop-m-linconv"
+    for name in ("locoprop-m", "locoprop-m-linconv", "adam", "sgd"):
+        assert len(timing["per_round_s"][name]) == 3
+        t = timing["s_per_step"][name]
+        assert 0 < t["min"] <= t["median"] <= t["max"]
+    assert set(timing["ratio"]) == {"locoprop-m", "adam", "sgd"}
+    assert "ratio median" in out.with_suffix(".md").read_text()

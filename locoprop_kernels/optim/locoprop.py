@@ -6,9 +6,11 @@
         loss_fn(model(x), y).backward()   # hooks record X and Z of every layer call
         opt.step()                        # or opt.step(closure)
 
-Layers (``optim/layers.py``): every trainable ``nn.Linear`` not excluded; ``opt.layers`` says
-which f each one's local loss uses and why. A forward hook records each call of a layer made
-while autograd records (X its input, Z its output, both flattened to rows), and a hook on the
+Layers (``optim/layers.py``): every trainable ``nn.Linear`` and ``nn.Conv2d`` not excluded
+(a Conv2d with a padding_mode other than "zeros" is listed as refused, and linearized);
+``opt.layers`` says which f each one's local loss uses and why. A forward hook records each
+call of a layer made while autograd records (X its input, Z its output: a Linear's flattened
+to rows, a Conv2d's as (N, C_in, H, W) and (N, C_out, H_out, W_out)), and a hook on the
 tensor Z marks the call as used when the backward pass reaches it; calls it never reaches
 (evaluation under ``no_grad`` records nothing at all, an output the loss does not use) count
 for nothing. ``step()`` clears the records; ``zero_grad()`` clears those whose gradients it
@@ -22,12 +24,28 @@ its calls, plus gamma R for the uses of its parameters the hooks do not see, has
 
 because G^T X (summed over the recorded calls) plus R IS the backprop gradient p.grad. So
 G itself is never needed: the matched-loss gradient with the target f(Z0) (variant S: Z0, and
-f = identity) plus the constant s gamma p.grad. One ``step()`` (T = ``inner_steps``,
-s = ``scale``, lr_t = lr max(1 - t/T, lr_floor)):
+f = identity) plus the constant s gamma p.grad.
+
+A Conv2d layer is the same with one row per output position (n, h, w) and one column per
+channel (``lk.matched_loss_grad_conv2d``): X (N, C_in, H, W), W (C_out, C_in/groups, kh, kw),
+Z = conv2d(X, W) + b (N, C_out, H_out, W_out), G = dL/dZ of Z's shape, targets
+Y = f(Z0) - gamma G with f over each position's channel vector (softmax over dim 1), local
+objective s sum_{n,h,w} [F(z[n,:,h,w]) - y[n,:,h,w] . z[n,:,h,w]] (+ the prox term), and
+
+    s (f(Z) - Y)^T X  becomes  s conv2d_weight_grad(X, f(Z) - Y)  (grad_b: s sum_{n,h,w})
+    G^T X             becomes  conv2d_weight_grad(X, G), the conv's backprop dL/dW,
+
+so the same identity holds: local gradient = s conv2d_weight_grad(X, f(Z) - f(Z0))
++ s gamma p.grad. Its calls are stacked along N (one problem per input size when they
+differ), with the module's stride, padding, dilation and groups ("same"/"valid" padding as
+ints, ``layers.conv_geometry``). One ``step()`` (T = ``inner_steps``, s = ``scale``,
+lr_t = lr max(1 - t/T, lr_floor)):
 
     every trainable parameter p with a gradient: p0 = p, and
       LocoProp layers' W, b (param_groups[0]):
         local_grad_t(p) = sum over the layer's uses of matched_loss_grad(X, W, b, f(Z0), f)
+                          (a Conv2d: matched_loss_grad_conv2d(X, W, b, f(Z0), f, stride=...,
+                          padding=..., dilation=..., groups=...))
                           + s gamma p.grad
       every other parameter (param_groups[1], the linearized local loss):
         local_grad_t(p) = s gamma p.grad
@@ -48,7 +66,7 @@ it unscales p.grad (the only gradient used) and skips the step on inf/NaN.
 Data parallel (a ``DistributedDataParallel`` model, or ``process_group``): each rank records
 its shard; the matched-loss gradients are all-reduced (summed) once per inner iteration, one
 flat buffer; p.grad is DDP's average (averaged here when there is no DDP). Every rank then
-takes the same RMSProp step. Conv layers get the linearized loss (for now).
+takes the same RMSProp step. Linear and Conv2d layers take this same path.
 """
 from __future__ import annotations
 
@@ -63,16 +81,16 @@ from ..distributed import DataParallel
 from ..inner_loop import InnerLoop, RMSpropSegment
 from ..activations import get_activation
 from ..arena import Arena
-from ..ops import VARIANTS, matched_loss_grad
+from ..ops import VARIANTS, matched_loss_grad, matched_loss_grad_conv2d
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
-from .layers import OP, LayerInfo, decide_activations, find_layers
+from .layers import OP, LayerInfo, conv_geometry, decide_activations, find_layers
 from .rmsprop import init_state, state_dtype
 
 
 class _Call:
-    """One recorded call of a layer: rows of its input X and output Z; used once the backward
-    pass has reached Z."""
+    """One recorded call of a layer: its input X and output Z (a Linear's flattened to rows,
+    a Conv2d's (N, C, H, W)); used once the backward pass has reached Z."""
 
     __slots__ = ("x", "z", "used")
 
@@ -90,7 +108,7 @@ class LocoProp(torch.optim.Optimizer):
     Options as ``lk.LocoProp`` (DESIGN §2, the official defaults) plus ``activations``
     ({layer name: activation}), ``output_activation`` (f of layers whose output is the
     model's output: "sigmoid" for BCE-with-logits, "softmax" for cross-entropy), ``exclude``
-    (regex patterns of Linear names sent to the linearized loss), ``other_lr`` (lr of
+    (regex patterns of Linear / Conv2d names sent to the linearized loss), ``other_lr`` (lr of
     param_groups[1], default ``lr``) and ``backend``. ``lr_floor`` and ``inner_steps`` apply to
     both groups.
     """
@@ -129,7 +147,10 @@ class LocoProp(torch.optim.Optimizer):
         self.model = model
         modules = find_layers(model, exclude)
         self.layers = decide_activations(model, modules, activations, output_activation)
-        self._modules = [m for _, m in modules]
+        matched = [(m, info) for (_, m), info in zip(modules, self.layers)
+                   if info.loss == "matched"]
+        self._modules = [m for m, _ in matched]
+        self._infos = [info for _, info in matched]
         layer_params = []
         for m in self._modules:
             for p in (m.weight, m.bias):
@@ -158,9 +179,13 @@ class LocoProp(torch.optim.Optimizer):
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor):
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return None  # evaluation: nothing will come back, record nothing
-        x = inputs[0]
-        call = _Call(x.detach().reshape(-1, x.shape[-1]),
-                     output.detach().reshape(-1, output.shape[-1]))
+        x, z = inputs[0].detach(), output.detach()
+        if isinstance(module, nn.Conv2d):
+            if x.dim() == 3:  # an unbatched (C, H, W) call: one image
+                x, z = x.unsqueeze(0), z.unsqueeze(0)
+            call = _Call(x, z)
+        else:
+            call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]))
         self._records[module].append(call)
         output.register_hook(call.mark_used)
         return None
@@ -221,8 +246,8 @@ class LocoProp(torch.optim.Optimizer):
         records), + (p - p0) / eta for every parameter with eta."""
         grads.zero_()
         scale = self.param_groups[0]["scale"]
-        for layer, X, Y, act in problems:
-            self._add_matched_loss_grad(layer, X, Y, act, scale, grads)
+        for problem in problems:
+            self._add_matched_loss_grad(problem, scale, grads)
         if eta is not None:
             for p, p0 in zip(params, anchors):
                 grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
@@ -263,26 +288,48 @@ class LocoProp(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
 
     def _layer_problems(self) -> list:
-        """[(module, X, Y0, local activation)] for every layer with used calls: all calls'
-        rows stacked, Y0 = f(Z0) (variant S: Z0, the local f identity)."""
+        """[_Problem] for every layer with used calls: all calls' X stacked, Y0 = f(Z0)
+        (variant S: Z0, the local f identity). A Linear's rows are stacked; a Conv2d's calls
+        along N, one problem per input size (H, W) when calls differ in it, X and Y0 made
+        channels-last once here (the compiled backends' layout, so the T - 1 inner iterations
+        copy neither) and f applied over the channels."""
         variant = self.param_groups[0]["variant"]
         problems = []
-        for m, info in zip(self._modules, self.layers):
+        for m, info in zip(self._modules, self._infos):
             calls = [c for c in self._records[m] if c.used]
             if not calls or m.weight.grad is None:
                 continue
-            X = torch.cat([c.x for c in calls]) if len(calls) > 1 else calls[0].x
-            Z = torch.cat([c.z for c in calls]) if len(calls) > 1 else calls[0].z
-            if variant == "M":
-                problems.append((m, X, get_activation(info.activation).f(Z), info.activation))
-            else:
-                problems.append((m, X, Z, "identity"))
+            act = info.activation if variant == "M" else "identity"
+            if not isinstance(m, nn.Conv2d):
+                X, Z = _stack([c.x for c in calls]), _stack([c.z for c in calls])
+                problems.append(_Problem(m, X, Z if variant == "S" else
+                                         get_activation(act).f(Z), act))
+                continue
+            geometry, extra = conv_geometry(m)
+            by_size: dict = {}
+            for c in calls:
+                by_size.setdefault(tuple(c.x.shape[1:]), []).append(c)
+            for same in by_size.values():
+                X = _stack([c.x for c in same])
+                if extra is not None:  # "same" padding with an even dilated kernel
+                    X = nn.functional.pad(X, (0, extra[0], 0, extra[1]))
+                X = X.contiguous(memory_format=torch.channels_last)
+                Z = _stack([c.z for c in same]).contiguous(memory_format=torch.channels_last)
+                Y = Z if variant == "S" else _over_channels(get_activation(act).f, Z)
+                problems.append(_Problem(m, X, Y.contiguous(memory_format=torch.channels_last),
+                                         act, geometry))
         return problems
 
-    def _add_matched_loss_grad(self, layer, X, Y, act, scale, grads) -> None:
-        w, b = layer.weight, layer.bias
-        gw, gb = matched_loss_grad(X, w.detach(), None if b is None else b.detach(), Y, act,
-                                   scale=scale, backend=self.param_groups[0]["backend"])
+    def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads) -> None:
+        w, b = problem.layer.weight, problem.layer.bias
+        args = (problem.x, w.detach(), None if b is None else b.detach(), problem.y,
+                problem.activation)
+        backend = self.param_groups[0]["backend"]
+        if problem.conv is None:
+            gw, gb = matched_loss_grad(*args, scale=scale, backend=backend)
+        else:
+            gw, gb = matched_loss_grad_conv2d(*args, scale=scale, backend=backend,
+                                              **problem.conv)
         grads[w].add_(gw)
         if b is not None and b in grads:
             grads[b].add_(gb)
@@ -318,6 +365,28 @@ class LocoProp(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+
+class _Problem:
+    """One layer's local problem of a step: the module, its stacked inputs X, targets Y0,
+    local activation and, for a Conv2d, its geometry (``layers.conv_geometry``)."""
+
+    __slots__ = ("layer", "x", "y", "activation", "conv")
+
+    def __init__(self, layer: nn.Module, x: Tensor, y: Tensor, activation: str,
+                 conv: Optional[dict] = None):
+        self.layer, self.x, self.y, self.activation, self.conv = layer, x, y, activation, conv
+
+
+def _stack(tensors: list) -> Tensor:
+    """The calls' tensors concatenated along dim 0 (rows; a Conv2d's N): no copy for one."""
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
+def _over_channels(f, z: Tensor) -> Tensor:
+    """f (written for a vector on the last dim) applied to the channel vector (dim 1) of every
+    position of z (N, C, H, W): the elementwise ones as they are, softmax over dim 1."""
+    return f(z.movedim(1, -1)).movedim(-1, 1)
 
 
 class _Flat:
