@@ -67,6 +67,19 @@ step tests_gpu 180 $PY -m pytest -q $XDIST --timeout 120 tests/test_gpu.py tests
   tests/test_inner_loop.py tests/test_grouped.py tests/test_checkpoint.py tests/test_trainer.py
 # Both LocoProp APIs: fp32 on CUDA vs fp64 on the CPU after 3 steps, and one step's time.
 step optim_locoprop 120 $PY bench/optim_locoprop_gpu.py
+# Issue 12: the conv op and lk.optim.LocoProp's conv layers on CUDA; the refactored shared inner
+# loop (issue 10) through the trainer and optimizer tests.
+step tests_round2 120 $PY -m pytest -q $XDIST --timeout 100 tests/test_gpu.py \
+  tests/test_inner_loop.py tests/test_grouped.py tests/test_trainer.py tests/test_conv2d.py \
+  tests/test_optim_conv.py tests/test_optim_locoprop.py tests/test_cpp_backend.py
+# The Fashion-MNIST CNN step: matched conv losses vs linearized vs Adam (+ fp64 check).
+step optim_conv 90 $PY bench/optim_conv_gpu.py
+# The race at an equal (short: a GPU step is ~100x a CPU one) budget per optimizer; MNIST and
+# the peers come as carried wheels (.whl).
+step race_gpu 170 $PY bench/race.py --device cuda --budget 15 --slice-seconds 1 \
+  --eval-seconds 1 --optimizers locoprop-m,locoprop-m-fast,adam,rmsprop,shampoo,kfac,pypi-locoprop-t2 \
+  --lrs adam=1e-3,rmsprop=3e-4,shampoo=1e-3,kfac=0.1 --memory inprocess --progress lines \
+  --name nvidia-h200
 step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$LOGS/suite-b1000-fp32" \
   --batches 1000 --dtypes float32
 step rmsprop_bandwidth 90 $PY bench/cuda_rmsprop_bandwidth.py
@@ -86,4 +99,5 @@ step suite_bf16 180 $PY bench/gpu_suite.py --out "$LOGS/suite-bf16" \
 step tests_rest 300 $PY -m pytest -q $XDIST --timeout 120 tests
 echo "=== summary"
 cat "$STEPS"
-cat "$LOGS"/suite-b1000-fp32/*.md "$LOGS"/optim-locoprop-nvidia*.md 2>/dev/null
+cat "$LOGS"/suite-b1000-fp32/*.md "$LOGS"/optim-locoprop-nvidia*.md "$LOGS"/optim-conv-nvidia*.md \
+  "$LOGS"/race-nvidia*.md 2>/dev/null
