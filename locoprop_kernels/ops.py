@@ -139,22 +139,10 @@ def _refuse_in_place_autograd(op: str, writes: str, args: dict, hint: str = "") 
 
 # ---------------------------------------------------------------- matched_loss_grad
 
-def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
-                             anchor_bias, eta, precision, out_weight=None, out_bias=None):
-    """Every argument of the matched-loss gradient, before anything is written."""
-    get_activation(activation, op=f"locoprop.{op}")
-    check_matrix(op, "x", x, rows_name="B", cols_name="d_in")
-    B, d_in = x.shape
-    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
-    if weight.dim() != 2 or weight.shape[1] != d_in or weight.shape[0] == 0:
-        fail_value(op, "weight", f"shape (d_out, d_in) with d_in = {d_in} and d_out >= 1",
-                   tuple(weight.shape))
-    d_out = weight.shape[0]
-    if bias is not None:
-        check_tensor(op, "bias", bias, shape=(d_out,), device=x.device, dtype=x.dtype,
-                     what=" (d_out,)")
-    check_tensor(op, "target", target, shape=(B, d_out), device=x.device, dtype=x.dtype,
-                 what=" (B, d_out)")
+def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
+                          precision, out_weight, out_bias):
+    """The arguments both matched-loss gradients (Linear, Conv2d) share: scale, precision, the
+    prox term (eta, W0, b0: weight's and bias's shapes) and ``out=`` (no overlap with inputs)."""
     check_number(op, "scale", scale)
     check_choice(op, "precision", precision, PRECISIONS)
     if eta is not None:
@@ -171,7 +159,7 @@ def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anc
     if anchor_bias is not None:
         if bias is None:
             fail_value(op, "anchor_bias", "None when bias is None", "a tensor")
-        check_tensor(op, "anchor_bias", anchor_bias, shape=(d_out,), device=x.device,
+        check_tensor(op, "anchor_bias", anchor_bias, shape=tuple(bias.shape), device=x.device,
                      dtype=x.dtype, what=" (bias's shape and dtype)")
     if out_weight is not None:
         check_tensor(op, "out_weight", out_weight, shape=tuple(weight.shape), device=x.device,
@@ -180,11 +168,31 @@ def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anc
             fail_value(op, "out_bias", "a tensor exactly when bias is given",
                        "None" if out_bias is None else "a tensor")
         if out_bias is not None:
-            check_tensor(op, "out_bias", out_bias, shape=(d_out,), device=x.device,
+            check_tensor(op, "out_bias", out_bias, shape=tuple(bias.shape), device=x.device,
                          what=" (bias's shape)")
         check_no_overlap(op, written=[("out_weight", out_weight), ("out_bias", out_bias)],
                          read=[("x", x), ("weight", weight), ("bias", bias), ("target", target),
                                ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
+
+
+def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
+                             anchor_bias, eta, precision, out_weight=None, out_bias=None):
+    """Every argument of the matched-loss gradient, before anything is written."""
+    get_activation(activation, op=f"locoprop.{op}")
+    check_matrix(op, "x", x, rows_name="B", cols_name="d_in")
+    B, d_in = x.shape
+    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    if weight.dim() != 2 or weight.shape[1] != d_in or weight.shape[0] == 0:
+        fail_value(op, "weight", f"shape (d_out, d_in) with d_in = {d_in} and d_out >= 1",
+                   tuple(weight.shape))
+    d_out = weight.shape[0]
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(d_out,), device=x.device, dtype=x.dtype,
+                     what=" (d_out,)")
+    check_tensor(op, "target", target, shape=(B, d_out), device=x.device, dtype=x.dtype,
+                 what=" (B, d_out)")
+    _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
+                          precision, out_weight, out_bias)
 
 
 def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
@@ -376,36 +384,8 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
                      what=" (C_out,)")
     check_tensor(op, "target", target, shape=(N, C_out, H_out, W_out), device=x.device,
                  dtype=x.dtype, what=" (N, C_out, H_out, W_out)")
-    check_number(op, "scale", scale)
-    check_choice(op, "precision", precision, PRECISIONS)
-    if eta is not None:
-        check_number(op, "eta", eta, low=0.0, low_open=True)
-        if anchor_weight is None:
-            fail_value(op, "anchor_weight", "a tensor when eta is given (the prox center W0)",
-                       None)
-        if bias is not None and anchor_bias is None:
-            fail_value(op, "anchor_bias", "a tensor when eta is given and bias is not None",
-                       None)
-    if anchor_weight is not None:
-        check_tensor(op, "anchor_weight", anchor_weight, shape=tuple(weight.shape),
-                     device=x.device, dtype=x.dtype, what=" (weight's shape and dtype)")
-    if anchor_bias is not None:
-        if bias is None:
-            fail_value(op, "anchor_bias", "None when bias is None", "a tensor")
-        check_tensor(op, "anchor_bias", anchor_bias, shape=(C_out,), device=x.device,
-                     dtype=x.dtype, what=" (bias's shape and dtype)")
-    if out_weight is not None:
-        check_tensor(op, "out_weight", out_weight, shape=tuple(weight.shape), device=x.device,
-                     what=" (weight's shape)")
-        if (bias is None) != (out_bias is None):
-            fail_value(op, "out_bias", "a tensor exactly when bias is given",
-                       "None" if out_bias is None else "a tensor")
-        if out_bias is not None:
-            check_tensor(op, "out_bias", out_bias, shape=(C_out,), device=x.device,
-                         what=" (bias's shape)")
-        check_no_overlap(op, written=[("out_weight", out_weight), ("out_bias", out_bias)],
-                         read=[("x", x), ("weight", weight), ("bias", bias), ("target", target),
-                               ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
+    _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
+                          precision, out_weight, out_bias)
 
 
 def _run_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, stride, padding,
