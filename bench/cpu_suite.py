@@ -55,17 +55,21 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({model}), {gpu}"
 
 
-def compare_times(entries: dict, repeats: int, warmup: int = 2) -> dict:
+def compare_times(entries: dict, repeats: int, warmup: int = 2, sync=None) -> dict:
     """Seconds of every call of each entry. Entries run round-robin (one call of each per
-    round), so load from other processes on this shared machine hits every entry alike."""
+    round), so load from other processes on this shared machine hits every entry alike.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each timed call."""
+    sync = sync or (lambda: None)
     for fn in entries.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in entries}
     for _ in range(repeats):
         for name, fn in entries.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 

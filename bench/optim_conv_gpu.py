@@ -23,14 +23,13 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import machine  # noqa: E402
+from cpu_suite import compare_times, machine  # noqa: E402
 from optim_locoprop_gpu import _cuda_backends  # noqa: E402
 
 from locoprop_kernels.experiments import classification  # noqa: E402
@@ -99,18 +98,9 @@ def main(argv=None):
         print(f"{name}: {errors.get(name, 'ok')}", flush=True)
 
     x, y = batches[0][0].to(dev), batches[0][1].to(dev)
-    for e in entries.values():
-        for _ in range(2):
-            e.step(x, y)
-    sync()
-    times = {name: [] for name in entries}
-    for _ in range(args.repeats):
-        for name, e in entries.items():
-            sync()
-            t0 = time.perf_counter()
-            e.step(x, y)
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    seconds = compare_times({name: (lambda e=e: e.step(x, y)) for name, e in entries.items()},
+                            args.repeats, warmup=2, sync=sync)
+    times = {name: [t * 1e3 for t in ts] for name, ts in seconds.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     gpu_name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run)"
     result = dict(machine=machine(), torch=torch.__version__, batch=args.batch, inner_steps=10,

@@ -25,13 +25,12 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import machine  # noqa: E402
+from cpu_suite import compare_times, machine  # noqa: E402
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels import backends  # noqa: E402
@@ -120,18 +119,9 @@ def main(argv=None):
         print(f"{name}: rel err after 3 steps vs fp64 CPU = {errors[name]}", flush=True)
 
     x = batches[0].to(dev)
-    for e in entries.values():
-        for _ in range(2):
-            e.step(x)
-    sync()
-    times = {name: [] for name in entries}
-    for _ in range(args.repeats):
-        for name, e in entries.items():
-            sync()
-            t0 = time.perf_counter()
-            e.step(x)
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    seconds = compare_times({name: (lambda e=e: e.step(x)) for name, e in entries.items()},
+                            args.repeats, warmup=2, sync=sync)
+    times = {name: [t * 1e3 for t in ts] for name, ts in seconds.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     graph_states = {name: getattr(getattr(e.opt, "_inner", {}).get(args.batch), "graph_state",
                                   None) for name, e in entries.items() if e.api == "seq"}
