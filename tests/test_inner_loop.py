@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from locoprop_kernels import reference
+from locoprop_kernels.activations import get_activation
 from locoprop_kernels.arena import split_views
 from locoprop_kernels.grouped import LayerGroup, LayerSpec
 from locoprop_kernels.inner_loop import InnerLoop, inner_lr_factors
@@ -95,3 +96,58 @@ def test_graph_replays_equal_eager_runs(eta):
             loop.run()
         assert torch.equal(graphed.params, eager.params), f"run {run}: {graphed.graph_state}"
     assert graphed.graph_state == ("graph" if DEVICE == "cuda" else "eager")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eta", [None, 2.0])
+def test_t0_skip_changes_no_result(backend, eta):
+    """The exact t = 0 skip: with targets Y = f(Z0) - gamma G, the loop that takes its first
+    local gradient from the backward pass (C = s gamma [G^T X, sum G], no GEMM, as lk.LocoProp
+    runs it) gives the loop that computes it with the matched-loss kernels (Z = Z0 there, so
+    D = gamma G). float64 where the backend computes in it (reference: <= 1e-12), else fp32
+    against the same fp32 path without the skip (<= 1e-6)."""
+    B, T, gamma, scale = 9, 4, 10.0, 1.0 / 9
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    layers = [LayerSpec(l.d_in, l.d_out, l.activation, l.bias) for l in LAYERS]
+    params0 = (0.5 * torch.randn(LayerGroup(layers, B, device=DEVICE).num_params,
+                                 generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+    xs = [torch.randn(B, l.d_in, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+          for l in layers]
+    gs = [torch.randn(B, l.d_out, generator=g, dtype=torch.float64).to(DEVICE, dtype) / B
+          for l in layers]
+    shapes = LayerGroup(layers, B, device=DEVICE).param_shapes
+    p_views = split_views(params0, shapes)
+
+    def run(skip):
+        group = LayerGroup(layers, B, device=DEVICE, dtype=dtype, backend=backend)
+        params = params0.clone()
+        k = 0
+        for i, l in enumerate(layers):
+            w = p_views[k]
+            b = p_views[k + 1] if l.bias else None
+            z0 = xs[i] @ w.T + (b if b is not None else 0)
+            f = get_activation(l.activation).f
+            group.inputs[i].copy_(xs[i])
+            group.targets[i].copy_(f(z0) - gamma * gs[i])
+            k += 2 if l.bias else 1
+        state = torch.float64 if dtype == torch.float64 else torch.float32
+        grads = torch.zeros(params.shape, dtype=state, device=DEVICE)
+        if skip:  # C = s gamma dL/dp from G and X, written before run()
+            views = split_views(grads, shapes)
+            k = 0
+            for i, l in enumerate(layers):
+                views[k].copy_(scale * gamma * gs[i].T @ xs[i])
+                if l.bias:
+                    views[k + 1].copy_(scale * gamma * gs[i].sum(0))
+                k += 2 if l.bias else 1
+        loop = InnerLoop.for_group(group, params, torch.ones_like(params, dtype=state),
+                                   torch.zeros_like(params, dtype=state), inner_steps=T,
+                                   lr=1e-2, eta=eta, scale=scale, grads=grads,
+                                   first_gradient_given=skip)
+        loop.run()
+        return params
+
+    with_skip, without = run(True), run(False)
+    assert rel_err(with_skip - params0, without - params0) <= (
+        1e-12 if dtype == torch.float64 else 1e-6)
