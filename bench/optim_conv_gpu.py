@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_suite import compare_times, machine  # noqa: E402
-from optim_locoprop_gpu import _cuda_backends  # noqa: E402
+from optim_rmsprop_gpu import _cuda_backends  # noqa: E402
 
 from locoprop_kernels.experiments import classification  # noqa: E402
 

@@ -31,21 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_suite import compare_times, machine  # noqa: E402
+from optim_rmsprop_gpu import _cuda_backends  # noqa: E402
 
 import locoprop_kernels as lk  # noqa: E402
-from locoprop_kernels import backends  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cuda_backends():
-    names = ["triton"]
-    if backends.cpp_available():
-        from locoprop_kernels.backends import cpp
-        if cpp.build_info()["cuda"]:
-            names.append("cpp")
-    return names
 
 
 class Entry:

@@ -97,6 +97,9 @@ class InnerLoop:
         self.grad_buffers = list(grads)
         self.constant = None if constant is None else list(constant)
         self.segments = list(segments)
+        # rmsprop_step_'s keywords per segment, formed once (not per inner iteration).
+        self._rmsprop_kwargs = [dict(dataclasses.asdict(seg.options), backend=seg.backend)
+                                for seg in self.segments]
         self.inner_steps, self.lr_floor, self.eta = inner_steps, float(lr_floor), eta
         self.prox_centre = prox_centre
         self.dp = dp
@@ -127,8 +130,6 @@ class InnerLoop:
         buffers in its ``param_shapes`` layout (the Sequential trainer's arenas); its targets
         are f(Z0) when ``constant`` (C, flat) is given, Y = f(Z0) - gamma G otherwise (and
         with ``first_gradient_given``, C is in ``grads`` before every ``run()``)."""
-        if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
-            fail_value("InnerLoop", "inner_steps", "an int >= 1", repr(inner_steps))
         grads = grads if grads is not None else torch.zeros(
             params.shape, dtype=torch.float32, device=params.device)
         anchors = params.detach().clone() if eta is not None else None
@@ -181,10 +182,9 @@ class InnerLoop:
                         self.dp.all_reduce_grads_(buffer)
                 if self.constant is not None:
                     torch._foreach_add_(self.grad_buffers, self.constant)
-            for seg, seg_lrs in zip(self.segments, lrs):
+            for seg, seg_lrs, kwargs in zip(self.segments, lrs, self._rmsprop_kwargs):
                 rmsprop_step_(seg.params, seg.grads, seg.square_avgs, seg.momentum_bufs,
-                              lr=seg_lrs[t], backend=seg.backend,
-                              **dataclasses.asdict(seg.options))
+                              lr=seg_lrs[t], **kwargs)
 
     def run(self) -> None:
         """T inner iterations; with eta, the prox centre is the params at entry."""

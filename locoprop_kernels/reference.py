@@ -43,6 +43,16 @@ def matched_loss_grad(x, weight, bias, target, activation: str, *, scale: float 
     return grad_w, grad_b
 
 
+def _prox_objective(weight, bias, anchor_weight, anchor_bias, eta):
+    """||(W, b) - (W0, b0)||^2 / (2 eta), 0 without eta: the prox part of a local objective."""
+    if eta is None:
+        return 0.0
+    prox = ((weight - anchor_weight) ** 2).sum()
+    if bias is not None:
+        prox = prox + ((bias - anchor_bias) ** 2).sum()
+    return prox / (2.0 * eta)
+
+
 def local_objective(x, weight, bias, target, activation: str, *, scale: float = 1.0,
                     anchor_weight=None, anchor_bias=None, eta: Optional[float] = None):
     """scale * sum_n [F(z_n) - y_n . z_n] (+ ||(W,b) - (W0,b0)||^2 / (2 eta)): a scalar.
@@ -52,12 +62,7 @@ def local_objective(x, weight, bias, target, activation: str, *, scale: float = 
     act = get_activation(activation)
     z = preactivation(x, weight, bias)
     value = scale * (act.potential(z) - (target * z).sum(-1)).sum()
-    if eta is not None:
-        prox = ((weight - anchor_weight) ** 2).sum()
-        if bias is not None:
-            prox = prox + ((bias - anchor_bias) ** 2).sum()
-        value = value + prox / (2.0 * eta)
-    return value
+    return value + _prox_objective(weight, bias, anchor_weight, anchor_bias, eta)
 
 
 def local_targets(preact, grad_preact, activation: str, gamma: float, *, variant: str = "M"):
@@ -186,12 +191,7 @@ def local_objective_conv2d(x, weight, bias, target, activation: str, *, stride=1
     z = conv2d_preactivation(x, weight, bias, stride=stride, padding=padding,
                              dilation=dilation, groups=groups)
     value = scale * (act.potential(z.movedim(1, -1)).sum() - (target * z).sum())
-    if eta is not None:
-        prox = ((weight - anchor_weight) ** 2).sum()
-        if bias is not None:
-            prox = prox + ((bias - anchor_bias) ** 2).sum()
-        value = value + prox / (2.0 * eta)
-    return value
+    return value + _prox_objective(weight, bias, anchor_weight, anchor_bias, eta)
 
 
 def local_targets_conv2d(preact, grad_preact, activation: str, gamma: float, *,

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._launch import launch, tile
 from .activation import SOFTMAX, apply_elementwise, online_softmax_update
+from .matched_loss_grad import _add_prox  # the prox term's gradient, as for Linear
 
 #: Element-wise tiles of D: 64 x 64 as in ``local_targets`` (16 the floor for few channels).
 MIN_TILE = 16
@@ -73,14 +74,6 @@ def _delta_kernel(z_ptr, b_ptr, y_ptr, R, N, HAS_BIAS: tl.constexpr, ACT: tl.con
         z = _preact_tile(z_ptr, b_ptr, offs, ok, cols, N, HAS_BIAS)
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(z_ptr + offs, apply_elementwise(z, ACT) - y, mask=ok)
-
-
-@triton.jit
-def _add_prox(grad, p_ptr, p0_ptr, offs, mask, inv_eta):
-    """grad + (P - P0) / eta on a block: the prox term's gradient, in fp32."""
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p0 = tl.load(p0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return grad + (p - p0) * inv_eta
 
 
 @triton.jit
