@@ -94,7 +94,8 @@ ENTRIES = {
     "adam": Entry("adam", 1e-3, note="backprop, torch.optim.Adam"),
     "rmsprop": Entry("rmsprop", 3e-4, note="backprop, torch.optim.RMSprop"),
     "shampoo": Entry("shampoo", 1e-3, note="pytorch-optimizer ScalableShampoo, AdaGrad graft"),
-    "kfac": Entry("kfac", 0.1, note="asdfghjkl K-FAC (empirical Fisher) + SGD momentum"),
+    "kfac": Entry("kfac", 0.1, note="asdfghjkl K-FAC + SGD momentum (fisher_type: empirical, "
+                  "or the sampled Bernoulli Fisher)"),
     "pypi-locoprop": Entry("pypi-locoprop", None, note="locoprop==0.1.0, its defaults (T = 5)"),
     "pypi-locoprop-t2": Entry("pypi-locoprop", None, {"local_iterations": 2},
                               note="locoprop==0.1.0, T = 2"),

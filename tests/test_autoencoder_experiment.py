@@ -211,3 +211,45 @@ def test_run_one_fast_preset(monkeypatch):
     rows = rec["epochs"]
     assert rec["status"] == "ok" and rec["label"] == "locoprop-m-fast lr=0.01"
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("asdl") is None,
+                    reason="needs the race's peers (make race installs asdfghjkl)")
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_mc"])
+def test_kfac_step_is_lr_times_preconditioned_gradient_of_the_real_loss(monkeypatch,
+                                                                         fisher_type):
+    """K-FAC (asdl) with either Fisher: the update is -lr x the K-FAC-preconditioned gradient
+    of the real loss (for fisher_mc the factors come from sampled targets, not the gradient);
+    the two kinds build different factors."""
+    x, acts = _small_setup(monkeypatch)
+    torch.manual_seed(0)
+    kfac = _build("kfac", 0.5, acts, fisher_type=fisher_type, momentum=0.0, damping=1e-2)
+    before = [p.detach().clone() for p in kfac.model.parameters()]
+    kfac.step(x[:16])
+    moved = [p.detach() - b for p, b in zip(kfac.model.parameters(), before)]
+    with torch.no_grad():  # the same weights, the factors of that step: precondition by hand
+        for p, b in zip(kfac.model.parameters(), before):
+            p.copy_(b)
+    kfac.model.zero_grad(set_to_none=True)
+    ae.bce_loss(kfac.model(x[:16]), x[:16]).backward()
+    kfac.grad_maker.precondition()
+    for d, p in zip(moved, kfac.model.parameters()):
+        torch.testing.assert_close(d, -0.5 * p.grad, rtol=1e-4, atol=1e-6)
+    plain_grad = torch.autograd.grad(ae.bce_loss(kfac.model(x[:16]), x[:16]),
+                                     list(kfac.model.parameters()))
+    assert any(not torch.allclose(g, p.grad) for g, p in zip(plain_grad, kfac.model.parameters()))
+    with pytest.raises(ValueError, match="fisher_type"):
+        _build("kfac", 0.5, acts, fisher_type="fisher_exact")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("asdl") is None,
+                    reason="needs the race's peers (make race installs asdfghjkl)")
+def test_kfac_fisher_kinds_build_different_factors(monkeypatch):
+    x, acts = _small_setup(monkeypatch)
+    inverses = {}
+    for kind in ("fisher_emp", "fisher_mc"):
+        torch.manual_seed(0)
+        kfac = _build("kfac", 0.5, acts, fisher_type=kind, damping=1e-2)
+        kfac.step(x[:16])
+        inverses[kind] = kfac.model[0].fisher.kron.B_inv.clone()
+    assert not torch.allclose(inverses["fisher_emp"], inverses["fisher_mc"], rtol=1e-3)

@@ -16,7 +16,7 @@ counts the bytes of the tensors a method holds beyond its model.
 | sgd           | backprop + ``torch.optim.SGD(momentum=0.9)``                         | constant |
 | pypi-locoprop | PyPI ``locoprop==0.1.0`` ``LocopropTrainer``, its own defaults        | constant |
 | shampoo       | backprop + ``pytorch_optimizer.ScalableShampoo`` (roots every 10 steps, AdaGrad grafting) | constant |
-| kfac          | ``asdfghjkl`` (asdl) K-FAC gradients (empirical Fisher) + SGD momentum | constant |
+| kfac          | ``asdfghjkl`` (asdl) K-FAC gradients (empirical or sampled Bernoulli Fisher) + SGD momentum | constant |
 
 LocoProp presets (``build(..., preset=...)``; ``locoprop-m-fast`` is ``locoprop-m`` with
 ``preset="fast"``): ``"official"`` (the default) is the google-research notebook, bit for bit
@@ -272,28 +272,61 @@ class PyPILocoPropMethod(Method):
 
 
 class KfacMethod(Method):
-    """asdl's K-FAC preconditioned gradients (empirical Fisher: our loss is a BCE, which
-    asdl's Monte-Carlo Fisher does not model) followed by SGD with momentum 0.9."""
+    """asdl's K-FAC preconditioned gradients followed by SGD with momentum 0.9.
+
+    ``fisher_type``: ``"fisher_emp"`` (the default) builds the Kronecker factors from the
+    gradients of the loss itself (the empirical Fisher). ``"fisher_mc"`` is the true Fisher
+    of our model's output distribution, sampled as Martens & Grosse (2015) do for this
+    autoencoder: the logits define independent Bernoulli pixels, so on a step whose
+    curvature is due the factors come from the backward of BCE(logits, y) with
+    y ~ Bernoulli(sigmoid(logits)) (one sample per pixel), and the update preconditions the
+    gradient of the real loss, from a second forward and backward. asdl's own ``fisher_mc``
+    models softmax cross-entropy or MSE only, not our per-pixel BCE, so it is not used.
+    ``ema_decay`` (asdl's): each curvature update mixes the new factors in with this weight
+    (``None``: the new batch's factors replace the old)."""
 
     DEFAULTS = dict(damping=KFAC_DAMPING, preconditioner_upd_interval=10,
                     curvature_upd_interval=10, momentum=0.9, fisher_type="fisher_emp")
+    FISHER_TYPES = ("fisher_emp", "fisher_mc")
 
     def __init__(self, name, lr, model, loss_fn, batch, **options):
         super().__init__(name, lr, model)
         self.hparams = dict(options)
         settings = {**self.DEFAULTS, **options}
         momentum, fisher_type = settings.pop("momentum"), settings.pop("fisher_type")
+        if fisher_type not in self.FISHER_TYPES:
+            raise ValueError(f"kfac: fisher_type must be one of {self.FISHER_TYPES}, "
+                             f"got {fisher_type!r}")
+        if settings.get("ema_decay", 0) is None:
+            settings.pop("ema_decay")
         asdl = _import_asdl()
         config = asdl.PreconditioningConfig(data_size=batch, **settings)
-        self.grad_maker = asdl.KfacGradientMaker(model, config, fisher_type=fisher_type)
+        # Both kinds give asdl the empirical-Fisher machinery; "fisher_mc" feeds it sampled
+        # targets, which makes the same computation the sampled true Fisher.
+        self.grad_maker = asdl.KfacGradientMaker(model, config, fisher_type="fisher_emp")
+        self.sampled = fisher_type == "fisher_mc"
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         self.loss_fn = loss_fn
 
-    def step(self, x):
+    def _asdl_step(self, x, target):
+        """asdl's forward and backward on loss_fn(model(x), target): curvature and inverse
+        updates when due, then preconditioned gradients in ``.grad``."""
         self.optimizer.zero_grad(set_to_none=True)
         dummy = self.grad_maker.setup_model_call(self.model, x)
-        self.grad_maker.setup_loss_call(self.loss_fn, dummy, x)
-        _, loss = self.grad_maker.forward_and_backward()
+        self.grad_maker.setup_loss_call(self.loss_fn, dummy, target)
+        return self.grad_maker.forward_and_backward()
+
+    def step(self, x):
+        if self.sampled and self.grad_maker.do_update_curvature():
+            with torch.no_grad():
+                target = torch.bernoulli(torch.sigmoid(self.model(x)))
+            self._asdl_step(x, target)  # the factors; its gradients are not the loss's
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), x)
+            loss.backward()
+            self.grad_maker.precondition()
+        else:
+            _, loss = self._asdl_step(x, x)
         self.optimizer.step()
         return loss.detach()
 
