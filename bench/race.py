@@ -731,6 +731,21 @@ def tune_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def tune_grids(ids: list, text: Optional[str]) -> dict:
+    """TUNE_GRIDS for ``ids`` with ``--grid``'s changes: 'adam.lr=1e-3:3e-3' replaces (or
+    adds) an axis, 'kfac.intervals=' (no value) drops one, leaving the method's default."""
+    grids = {i: dict(TUNE_GRIDS.get(i, {})) for i in ids}
+    for entry, axes in parse_assignments(text, lists=True).items():
+        if entry not in grids:
+            raise SystemExit(f"race: --grid names {entry!r}, not among {ids}")
+        for axis, values in axes.items():
+            if values == [""]:
+                grids[entry].pop(axis, None)
+            else:
+                grids[entry][axis] = values
+    return grids
+
+
 def tune(specs: dict, grids: dict, train, eval_images, args, common: dict, stem: Path) -> dict:
     """Per entry, race its grid's settings interleaved for ``--budget`` s each; the best
     (lowest final loss among runs that neither diverged nor failed) goes to ``best``."""
@@ -807,7 +822,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune", action="store_true",
                    help="race each entry's grid (TUNE_GRIDS) and write the best settings")
     p.add_argument("--grid", default=None,
-                   help="with --tune: replace grid axes, e.g. 'adam.lr=1e-3:3e-3'")
+                   help="with --tune: replace or add grid axes, e.g. 'adam.lr=1e-3:3e-3'; "
+                        "'kfac.intervals=' drops an axis")
     p.add_argument("--repeat", type=int, default=1, help="race this many times (spread)")
     p.add_argument("--append", action="store_true",
                    help="add the races to an existing JSON of the same configuration")
@@ -897,11 +913,7 @@ def main(argv=None) -> dict:
                   command="python bench/race.py " + " ".join(shlex.quote(a) for a in
                                                              (argv or sys.argv[1:])))
     if args.tune:
-        grids = {i: dict(TUNE_GRIDS.get(i, {})) for i in ids}
-        for entry, axes in parse_assignments(args.grid, lists=True).items():
-            if entry not in grids:
-                raise SystemExit(f"race: --grid names {entry!r}, not among {ids}")
-            grids[entry].update(axes)
+        grids = tune_grids(ids, args.grid)
         result = tune(specs, grids, train, eval_images, args,
                       dict(common, _device=device, _dtype=dtype), stem)
         print(tune_table(result))

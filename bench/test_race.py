@@ -70,6 +70,17 @@ def test_grid_settings_product_and_dict_axes():
     assert base["hparams"] == {}  # the base spec is not modified
 
 
+def test_grid_overrides_replace_add_and_drop_axes():
+    grids = race.tune_grids(["kfac", "adam"], "kfac.lr=0.03:0.1,kfac.fisher_type=fisher_emp:"
+                                              "fisher_mc,kfac.intervals=,adam.lr=1e-3")
+    assert grids["kfac"] == {"lr": [0.03, 0.1], "damping": race.TUNE_GRIDS["kfac"]["damping"],
+                             "fisher_type": ["fisher_emp", "fisher_mc"]}
+    assert grids["adam"] == {"lr": [1e-3]}
+    assert race.tune_grids(["adam"], None) == {"adam": race.TUNE_GRIDS["adam"]}
+    with pytest.raises(SystemExit, match="not among"):
+        race.tune_grids(["adam"], "kfac.lr=1")
+
+
 def test_every_grid_setting_builds_and_steps(small_model, one_thread):
     """Every setting of every built-in grid names real settings: it builds and takes a step
     (on a 8-6-3-6-8 autoencoder; peers that are not installed are left out)."""
