@@ -84,22 +84,25 @@ class Entry:
     note: str = ""
 
 
-#: Default settings: the best rates of the 6-epoch sweeps (bench/results/README.md) until a
-#: ``--tune`` file says otherwise.
+#: Default settings: the best of the CPU tuning races (bench/results/race-tune-cpu*.md: 30 s
+#: per setting; rates at the top of a grid were raced again against the next ones up), until
+#: a ``--settings`` file says otherwise.
 ENTRIES = {
     "locoprop-m": Entry("locoprop-m", 1e-5, note="ours, official preset (lr 0 epoch, warmup, "
                         "decay; T = 10)"),
-    "locoprop-m-fast": Entry("locoprop-m-fast", 1e-5, note="ours, preset fast (T = 3, 5 warm "
+    "locoprop-m-fast": Entry("locoprop-m-fast", 4e-5, note="ours, preset fast (T = 3, 5 warm "
                              "steps, constant lr)"),
     "adam": Entry("adam", 1e-3, note="backprop, torch.optim.Adam"),
     "rmsprop": Entry("rmsprop", 3e-4, note="backprop, torch.optim.RMSprop"),
-    "shampoo": Entry("shampoo", 1e-3, note="pytorch-optimizer ScalableShampoo, AdaGrad graft"),
-    "kfac": Entry("kfac", 0.1, note="asdfghjkl K-FAC + SGD momentum (fisher_type: empirical, "
-                  "or the sampled Bernoulli Fisher)"),
+    "shampoo": Entry("shampoo", 1e-3, {"preconditioning_compute_steps": 20},
+                     note="pytorch-optimizer ScalableShampoo, AdaGrad graft"),
+    "kfac": Entry("kfac", 0.03, {"damping": 1.0},
+                  note="asdfghjkl K-FAC + SGD momentum (fisher_type: empirical, or the "
+                  "sampled Bernoulli Fisher)"),
     "pypi-locoprop": Entry("pypi-locoprop", None, note="locoprop==0.1.0, its defaults (T = 5)"),
-    "pypi-locoprop-t2": Entry("pypi-locoprop", None, {"local_iterations": 2},
+    "pypi-locoprop-t2": Entry("pypi-locoprop", 1e-4, {"local_iterations": 2},
                               note="locoprop==0.1.0, T = 2"),
-    "pypi-locoprop-t3": Entry("pypi-locoprop", None, {"local_iterations": 3},
+    "pypi-locoprop-t3": Entry("pypi-locoprop", 5e-5, {"local_iterations": 3},
                               note="locoprop==0.1.0, T = 3"),
     "pypi-locoprop-t5": Entry("pypi-locoprop", None, {"local_iterations": 5},
                               note="locoprop==0.1.0, T = 5 (tunable copy of the defaults)"),
@@ -109,7 +112,8 @@ ENTRIES = {
 #: any other axis takes dicts of settings applied together. The grid is the product of its
 #: axes. ``locoprop-m`` (the reproduction) and ``pypi-locoprop`` (its defaults) are not tuned.
 TUNE_GRIDS = {
-    "locoprop-m-fast": {"lr": [1e-5, 2e-5], "inner_steps": [2, 3, 5], "gamma": [5.0, 10.0],
+    "locoprop-m-fast": {"lr": [1e-5, 2e-5, 4e-5], "inner_steps": [2, 3, 5],
+                        "gamma": [5.0, 10.0],
                         "warmup": ["zero-lr", "grad-square"]},
     "adam": {"lr": [3e-4, 1e-3, 2e-3, 3e-3]},
     "rmsprop": {"lr": [1e-4, 3e-4, 1e-3]},
@@ -119,9 +123,9 @@ TUNE_GRIDS = {
     "kfac": {"lr": [0.01, 0.03, 0.1, 0.3], "damping": [0.1, 1.0, 10.0],
              "intervals": [dict(curvature_upd_interval=1, preconditioner_upd_interval=10),
                            dict(curvature_upd_interval=10, preconditioner_upd_interval=10)]},
-    "pypi-locoprop-t2": {"lr": [1e-5, 2e-5, 5e-5]},
-    "pypi-locoprop-t3": {"lr": [1e-5, 2e-5, 5e-5]},
-    "pypi-locoprop-t5": {"lr": [1e-5, 2e-5, 5e-5]},
+    "pypi-locoprop-t2": {"lr": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4]},
+    "pypi-locoprop-t3": {"lr": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4]},
+    "pypi-locoprop-t5": {"lr": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4]},
 }
 
 

@@ -56,7 +56,8 @@ def test_parse_assignments_and_resolve():
                          {"adam": {"lr": 2e-3}, "pypi-locoprop-t3": {"correction": 0.0}})
     assert specs["adam"]["lr"] == 2e-3 and "command line" in specs["adam"]["source"]
     assert specs["pypi-locoprop-t3"]["hparams"] == {"local_iterations": 3, "correction": 0.0}
-    assert race.setting_label(specs["pypi-locoprop-t3"]) == "local_iterations=3 correction=0"
+    assert race.setting_label(specs["pypi-locoprop-t3"]) == \
+        "lr=5e-05 local_iterations=3 correction=0"  # ENTRIES' tuned lr, then the override
 
 
 def test_grid_settings_product_and_dict_axes():
@@ -67,7 +68,7 @@ def test_grid_settings_product_and_dict_axes():
     assert len(settings) == 4
     assert {(s["lr"], s["hparams"]["curvature_upd_interval"]) for s in settings} == {
         (0.1, 1), (0.1, 10), (0.3, 1), (0.3, 10)}
-    assert base["hparams"] == {}  # the base spec is not modified
+    assert base["hparams"] == race.ENTRIES["kfac"].hparams == {"damping": 1.0}  # unmodified
 
 
 def test_grid_overrides_replace_add_and_drop_axes():

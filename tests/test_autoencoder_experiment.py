@@ -126,7 +126,7 @@ def test_official_preset_is_the_official_trainer_bit_for_bit(monkeypatch):
 
 def test_fast_preset_zero_lr_warmup(monkeypatch):
     x, acts = _small_setup(monkeypatch)
-    method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=2)
+    method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=2, warmup="zero-lr")
     assert method.name == "locoprop-m-fast" and method.opt.inner_steps == 3
     assert method.hparams == dict(preset="fast", inner_steps=3, warmup_steps=2,
                                   warmup="zero-lr")
@@ -142,7 +142,7 @@ def test_fast_preset_zero_lr_warmup(monkeypatch):
     assert not all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
     assert not torch.equal(method.opt.square_avgs.buffer, before)
     # the same as preset="fast" on locoprop-m
-    same = _build("locoprop-m", 1e-2, acts, preset="fast", warmup_steps=2)
+    same = _build("locoprop-m", 1e-2, acts, preset="fast", warmup_steps=2, warmup="zero-lr")
     for k in range(3):
         same.step(x[16 * k:16 * (k + 1)])
     assert all(torch.equal(p, q) for p, q in zip(same.model.parameters(),
@@ -153,8 +153,8 @@ def test_fast_preset_grad_square_warmup(monkeypatch):
     """warmup='grad-square': the square averages become the mean over the warm batches of
     (gamma * dL/dtheta)^2, the first local gradient of every layer; weights stay put."""
     x, acts = _small_setup(monkeypatch)
-    method = _build("locoprop-m-fast", 1e-2, acts, warmup="grad-square", warmup_steps=2,
-                    gamma=5.0)
+    method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=2, gamma=5.0)  # the default
+    assert method.hparams["warmup"] == "grad-square"
     start = [p.detach().clone() for p in method.model.parameters()]
     reference = ae.build_model(8)
     want = [torch.zeros_like(p) for p in reference.parameters()]

@@ -10,7 +10,7 @@ counts the bytes of the tensors a method holds beyond its model.
 | name          | what runs                                                            | schedule |
 |---------------|----------------------------------------------------------------------|----------|
 | locoprop-m/-s | ``lk.LocoProp`` (our ops), official defaults, variant M / S          | official: epoch 0 at lr 0, warmup, linear decay |
-| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 3 | 5 steps at lr 0, then constant |
+| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 3 | 5 warm-up steps (squared gradients), then constant |
 | rmsprop       | backprop + ``torch.optim.RMSprop``                                   | constant |
 | adam          | backprop + ``torch.optim.Adam``                                      | constant |
 | sgd           | backprop + ``torch.optim.SGD(momentum=0.9)``                         | constant |
@@ -22,10 +22,12 @@ LocoProp presets (``build(..., preset=...)``; ``locoprop-m-fast`` is ``locoprop-
 ``preset="fast"``): ``"official"`` (the default) is the google-research notebook, bit for bit
 what the reproduction was measured with. ``"fast"`` is for time to a target loss: T = 3 inner
 steps and, instead of the official whole epoch at lr = 0 (which only warms the RMSProp square
-averages), ``warmup_steps`` outer steps that do that job: ``warmup="zero-lr"`` (the default)
-runs them at lr = 0, ``warmup="grad-square"`` sets the square averages to the mean of
-(gamma * scale * backprop gradient)^2 over that many batches (one forward and backward each:
-at W = W0 that is exactly the first local gradient). Then the lr stays constant.
+averages), ``warmup_steps`` outer steps that do that job: ``warmup="grad-square"`` (the
+default) sets the square averages to the mean of (gamma * scale * backprop gradient)^2 over
+that many batches (one forward and backward each: at W = W0 that is exactly the first local
+gradient), ``warmup="zero-lr"`` runs them as LocoProp steps at lr = 0. Then the lr stays
+constant. Its settings are the race's tuning (bench/results/race-tune-cpu*.md): T = 3,
+gamma 10, grad-square warm-up, lr 4e-5.
 
 The peers are optional: ``available(name)`` says whether a name can run here and, if not, what
 to install. The PyPI ``locoprop`` package is run as it ships (T = 5, torch RMSprop, mean over
@@ -49,7 +51,7 @@ from ..trainer import LocoProp
 SWEEPS = {
     "locoprop-m": [1e-5],
     "locoprop-s": [1e-5],
-    "locoprop-m-fast": [1e-5],
+    "locoprop-m-fast": [4e-5],
     "rmsprop": [1e-4, 3e-4, 1e-3],
     "adam": [3e-4, 1e-3, 3e-3],
     "sgd": [1e-5, 3e-5, 1e-4],
@@ -66,11 +68,12 @@ KFAC_DAMPING = 10.0
 
 #: LocoProp presets. "official": the notebook's settings and outer schedule (epoch 0 at lr 0,
 #: a 4-epoch linear warmup, linear decay to 0 at epoch ``total_epochs``); nothing in it may
-#: change (the reproduction depends on it). "fast": for time to loss (NOTES.md: T = 3, lr 1e-5
-#: and 5 warm steps at lr 0 reached loss 70 about 1.2x sooner than Adam 1e-3 on the clock).
+#: change (the reproduction depends on it). "fast": for time to loss, from the race's tuning
+#: (30 s per setting, interleaved: T 2/3 x gamma 5/10 x lr 1e-5/2e-5/4e-5 x warm-up kind; the
+#: grad-square warm-up beat zero-lr in all 8 pairs; bench/results/race-tune-cpu*.md).
 PRESETS = {
     "official": dict(schedule="official"),
-    "fast": dict(schedule="constant", inner_steps=3, warmup_steps=5, warmup="zero-lr"),
+    "fast": dict(schedule="constant", inner_steps=3, warmup_steps=5, warmup="grad-square"),
 }
 WARMUPS = ("zero-lr", "grad-square")
 
