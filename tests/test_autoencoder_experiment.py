@@ -213,14 +213,17 @@ def test_run_one_fast_preset(monkeypatch):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("asdl") is None,
-                    reason="needs the race's peers (make race installs asdfghjkl)")
+needs_asdl = pytest.mark.skipif(importlib.util.find_spec("asdl") is None,
+                                reason="needs the race's peers (make race installs asdfghjkl)")
+
+
+@needs_asdl
 @pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_mc"])
 def test_kfac_step_is_lr_times_preconditioned_gradient_of_the_real_loss(monkeypatch,
                                                                          fisher_type):
     """K-FAC (asdl) with either Fisher: the update is -lr x the K-FAC-preconditioned gradient
-    of the real loss (for fisher_mc the factors come from sampled targets, not the gradient);
-    the two kinds build different factors."""
+    of the real loss (for fisher_mc the factors come from sampled targets, not the gradient),
+    and the preconditioning changes it; an unknown kind is refused."""
     x, acts = _small_setup(monkeypatch)
     torch.manual_seed(0)
     kfac = _build("kfac", 0.5, acts, fisher_type=fisher_type, momentum=0.0, damping=1e-2)
@@ -237,13 +240,13 @@ def test_kfac_step_is_lr_times_preconditioned_gradient_of_the_real_loss(monkeypa
         torch.testing.assert_close(d, -0.5 * p.grad, rtol=1e-4, atol=1e-6)
     plain_grad = torch.autograd.grad(ae.bce_loss(kfac.model(x[:16]), x[:16]),
                                      list(kfac.model.parameters()))
-    assert any(not torch.allclose(g, p.grad) for g, p in zip(plain_grad, kfac.model.parameters()))
+    assert any(not torch.allclose(g, p.grad)
+               for g, p in zip(plain_grad, kfac.model.parameters()))
     with pytest.raises(ValueError, match="fisher_type"):
         _build("kfac", 0.5, acts, fisher_type="fisher_exact")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("asdl") is None,
-                    reason="needs the race's peers (make race installs asdfghjkl)")
+@needs_asdl
 def test_kfac_fisher_kinds_build_different_factors(monkeypatch):
     x, acts = _small_setup(monkeypatch)
     inverses = {}

@@ -61,9 +61,11 @@ SWEEPS = {
 }
 NAMES = tuple(SWEEPS)
 
-#: K-FAC's damping. Our loss sums over 784 pixels, so the curvature is large: on 3000 MNIST
-#: images damping 1e-3 and 0.1 diverged at lr >= 1e-2 or barely moved below; 10 with lr 0.1
-#: trained steadily (probed on a 3-batch subset, 9 steps).
+#: K-FAC's damping in the per-epoch experiment, whose committed results were made with it:
+#: on 3000 MNIST images damping 1e-3 and 0.1 diverged at lr >= 1e-2 or barely moved below;
+#: 10 with lr 0.1 looked steady over 9 steps, but on the full set it is SGD in disguise (the
+#: damping swamps the curvature) and stalls at 206. The race's tuning found damping 1 with
+#: lr 0.03 (bench/results/race-tune-cpu.md), which bench/race.py uses.
 KFAC_DAMPING = 10.0
 
 #: LocoProp presets. "official": the notebook's settings and outer schedule (epoch 0 at lr 0,
@@ -321,12 +323,15 @@ class KfacMethod(Method):
 
     def step(self, x):
         if self.sampled and self.grad_maker.do_update_curvature():
-            with torch.no_grad():
-                target = torch.bernoulli(torch.sigmoid(self.model(x)))
+            # The real loss's forward also gives the logits to sample the targets from.
+            params = list(self.model.parameters())
+            logits = self.model(x)
+            loss = self.loss_fn(logits, x)
+            grads = torch.autograd.grad(loss, params)
+            target = torch.bernoulli(torch.sigmoid(logits.detach()))
             self._asdl_step(x, target)  # the factors; its gradients are not the loss's
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(x), x)
-            loss.backward()
+            for p, g in zip(params, grads):
+                p.grad = g
             self.grad_maker.precondition()
         else:
             _, loss = self._asdl_step(x, x)
