@@ -1,36 +1,43 @@
 """Which modules of a model are LocoProp layers, and the activation f of each (DESIGN §9).
 
-A LocoProp layer is an ``nn.Linear`` or an ``nn.Conv2d`` (or a subclass of either) whose
-weight requires grad and whose qualified name matches no ``exclude`` pattern
-(``re.search``). A Conv2d whose ``padding_mode`` is not "zeros" (reflect, replicate,
-circular) is listed in ``opt.layers`` with ``loss="linearized"``, ``how="refused"`` and the
-reason: the matched conv loss (``lk.matched_loss_grad_conv2d``) pads with zeros. String
-padding is converted (``conv_geometry``): "valid" is 0, "same" the symmetric part as ints,
-plus one zero row / column on the bottom / right of the recorded input where the dilated
-kernel is even (as torch pads it). A layer's f, in this order:
+A LocoProp layer is an affine module whose weight requires grad and whose qualified name
+matches no ``exclude`` pattern (``re.search``):
+- ``nn.Linear`` (subclasses too): z = x W^T + b, W (d_out, d_in);
+- transformers' ``Conv1D`` (GPT-2's blocks; recognised without importing transformers):
+  z = x W + b, W stored (d_in, d_out);
+- any type declared with ``register_affine_type`` (its weight and bias attributes and their
+  layout), and
+- ``nn.Conv2d``. A Conv2d whose ``padding_mode`` is not "zeros" (reflect, replicate, circular)
+  is listed in ``opt.layers`` with ``loss="linearized"``, ``how="refused"`` and the reason: the
+  matched conv loss (``lk.matched_loss_grad_conv2d``) pads with zeros. String padding is
+  converted (``conv_geometry``): "valid" is 0, "same" the symmetric part as ints, plus one
+  zero row / column on the bottom / right of the recorded input where the dilated kernel is
+  even (as torch pads it).
+A layer's f, in this order:
 1. ``activations={name: table_name}``, given by the user ("explicit");
 2. ``output_activation`` when the layer's output is the model's output ("output");
-3. detected: with ``torch.fx``, the layer's output goes only into one known activation
-   (module, function or Tensor-method form, as the activation table lists them); where the
-   model cannot be traced, the next module of the ``nn.Sequential`` that holds the layer
-   ("detected");
-4. identity ("default").
+3. read from what a forward pass computes on the layer's output (``detection.py``): one
+   activation of the table ("detected") or a loss with a known link ("loss"); before the first
+   observed forward, and for layers no forward has called, ``torch.fx`` (the layer's output
+   goes only into one known activation) or the next module of the ``nn.Sequential`` that holds
+   the layer ("detected");
+4. identity ("default"), with the reason once a forward pass has been observed.
 For a Conv2d, f acts on each position's channel vector (dim 1): the elementwise activations
-are detected as for a Linear, a softmax only where the model declares it over the channels
-(``nn.Softmax(dim=1)`` or ``dim=-3``, ``F.softmax(z, dim=1)``, ``z.softmax(1)``); a softmax
-over another dim (or with an implicit dim) is no detection, and the conv's f falls to 4.
-``activations=`` and ``output_activation="softmax"`` declare it (cross-entropy over the
-channels of an (N, C, H, W) output is that softmax).
+are detected as for a Linear, a softmax only over the channels (``nn.Softmax(dim=1)`` or
+``dim=-3``, ``F.softmax(z, dim=1)``, ``z.softmax(1)``); a softmax over another dim is no
+detection, and the conv's f falls to 4. ``activations=`` and ``output_activation="softmax"``
+declare it (cross-entropy over the channels of an (N, C, H, W) output is that softmax).
 Variant S uses identity for every layer's local loss whatever f is.
 """
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..activations import activation_of_call, activation_of_module, get_activation
 
@@ -48,11 +55,105 @@ class LayerInfo:
     how: str               # "explicit", "output", "detected", "default"; "refused"
     loss: str = "matched"  # "matched", or "linearized" for a refused layer
     reason: Optional[str] = None  # why a layer is refused (its parameters are linearized)
-    module: str = "Linear"  # "Linear" or "Conv2d"
+    module: str = "Linear"  # "Linear", "Conv1D", "Conv2d" or a declared type's class name
 
 
-#: The module types that get matched local losses.
-LAYER_TYPES = (nn.Linear, nn.Conv2d)
+@dataclass(frozen=True)
+class AffineType:
+    """How a module computes z = x W^T + b over the last dim of x: the attribute names of its
+    weight and bias (``bias=None``: it has none) and the weight's layout, "out_in"
+    ((d_out, d_in), ``nn.Linear``) or "in_out" ((d_in, d_out), z = x W + b)."""
+
+    weight: str = "weight"
+    bias: Optional[str] = "bias"
+    layout: str = "out_in"
+
+
+#: Declared affine module types (``register_affine_type``), looked up along the MRO.
+_AFFINE_TYPES: dict = {nn.Linear: AffineType()}
+
+#: transformers' Conv1D (``transformers.pytorch_utils.Conv1D``), recognised only when
+#: transformers is already imported: a model holding one has imported it.
+_CONV1D = ("transformers.pytorch_utils", "Conv1D")
+
+
+def register_affine_type(module_type: type, *, weight: str = "weight",
+                         bias: Optional[str] = "bias", layout: str = "out_in") -> None:
+    """Declare ``module_type`` (and its subclasses) a LocoProp layer: its forward computes
+    ``x W^T + b`` (layout "out_in", W = ``getattr(m, weight)`` of shape (d_out, d_in)) or
+    ``x W + b`` (layout "in_out", W of shape (d_in, d_out)) over the last dim of its first
+    argument, with b = ``getattr(m, bias)`` (shape (d_out,), or None). Nothing else may happen
+    in that forward: its output is the layer's Z. Re-declaring a type replaces its entry."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"locoprop.register_affine_type: argument 'module_type' expected an "
+                        f"nn.Module subclass, got {module_type!r}")
+    if layout not in ("out_in", "in_out"):
+        raise ValueError(f"locoprop.register_affine_type: argument 'layout' expected 'out_in' "
+                         f"or 'in_out', got {layout!r}")
+    for arg, value in (("weight", weight), ("bias", bias)):
+        if not (isinstance(value, str) or (arg == "bias" and value is None)):
+            raise TypeError(f"locoprop.register_affine_type: argument '{arg}' expected an "
+                            f"attribute name{' or None' if arg == 'bias' else ''}, got "
+                            f"{value!r}")
+    _AFFINE_TYPES[module_type] = AffineType(weight, bias, layout)
+
+
+def affine_type(module: nn.Module) -> Optional[AffineType]:
+    """The ``AffineType`` of an affine module (nn.Linear, Conv1D, declared), else None."""
+    for cls in type(module).__mro__:
+        if cls in _AFFINE_TYPES:
+            return _AFFINE_TYPES[cls]
+    conv1d = getattr(sys.modules.get(_CONV1D[0]), _CONV1D[1], None)
+    if conv1d is not None and isinstance(module, conv1d):
+        return AffineType(layout="in_out")
+    return None
+
+
+def is_layer_type(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) or affine_type(module) is not None
+
+
+def layer_params(module: nn.Module) -> tuple:
+    """(weight, bias or None) of a LocoProp layer."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight, module.bias
+    kind = affine_type(module)
+    return getattr(module, kind.weight), (None if kind.bias is None
+                                          else getattr(module, kind.bias, None))
+
+
+def module_kind(module: nn.Module) -> str:
+    """How ``opt.layers`` names a layer's type: "Linear" (nn.Linear and subclasses), "Conv2d",
+    "Conv1D", or a declared type's class name."""
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return type(module).__name__
+
+
+def features(module: nn.Module) -> tuple:
+    """(the feature dim of the layer's output Z, its size): a Conv2d's channels (dim 1),
+    an affine layer's last dim."""
+    if isinstance(module, nn.Conv2d):
+        return 1, module.out_channels
+    weight, _ = layer_params(module)
+    return -1, weight.shape[1 if affine_type(module).layout == "in_out" else 0]
+
+
+def preactivation(module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Z = the layer's affine map of x, computed in ``dtype`` (autocast off): what the layer
+    computes, recomputed from a record (an input (rows, d_in), a Conv2d's (N, C, H, W))."""
+    weight, bias = layer_params(module)
+    x, w = x.to(dtype), weight.detach().to(dtype)
+    b = None if bias is None else bias.detach().to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if isinstance(module, nn.Conv2d):
+            return module._conv_forward(x, w, b)
+        if affine_type(module).layout == "in_out":
+            z = x @ w
+            return z if b is None else z + b
+        return nn.functional.linear(x, w, b)
 
 
 def refusal(module: nn.Module) -> Optional[str]:
@@ -82,13 +183,18 @@ def conv_geometry(module: nn.Conv2d) -> tuple:
 
 
 def find_layers(model: nn.Module, exclude) -> list:
-    """[(qualified name, module)] of the Linear and Conv2d layers with a trainable weight whose
+    """[(qualified name, module)] of the affine and Conv2d layers with a trainable weight whose
     name matches no ``exclude`` pattern, in ``named_modules`` order (refused ones included:
     see ``refusal``)."""
     patterns = [re.compile(p) for p in ((exclude,) if isinstance(exclude, str) else exclude)]
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LAYER_TYPES) and m.weight.requires_grad
-            and not any(p.search(name) for p in patterns)]
+    found = []
+    for name, m in model.named_modules():
+        if not is_layer_type(m) or any(p.search(name) for p in patterns):
+            continue
+        weight, _ = layer_params(m)
+        if isinstance(weight, Tensor) and weight.requires_grad:
+            found.append((name, m))
+    return found
 
 
 #: The dims of an (N, C, H, W) output that are its channels: a softmax over them is f of a
@@ -159,7 +265,7 @@ def _sequential_activations(model: nn.Module) -> dict:
         children = list(m.named_children())
         for (name, child), (_, nxt) in zip(children, children[1:]):
             act = (_module_activation(nxt, isinstance(child, nn.Conv2d))
-                   if isinstance(child, LAYER_TYPES) else None)
+                   if is_layer_type(child) else None)
             if act is not None:
                 found[f"{prefix}.{name}" if prefix else name] = act
     return found
@@ -187,8 +293,9 @@ def decide_activations(model: nn.Module, layers: list, activations: Optional[dic
     sequential = _sequential_activations(model) if traced is None else {}
     infos = []
     for name, m in layers:
-        kind = "Conv2d" if isinstance(m, nn.Conv2d) else "Linear"
-        shape, bias = tuple(m.weight.shape), m.bias is not None
+        kind = module_kind(m)
+        weight, bias = layer_params(m)
+        shape, bias = tuple(weight.shape), bias is not None
         if name in refused:
             infos.append(LayerInfo(name, shape, bias, None, "refused", loss="linearized",
                                    reason=refused[name], module=kind))
@@ -205,3 +312,18 @@ def decide_activations(model: nn.Module, layers: list, activations: Optional[dic
             act, how = sequential[name], "detected"
         infos.append(LayerInfo(name, shape, bias, act or "identity", how, module=kind))
     return infos
+
+
+def observed(info: LayerInfo, decision, explicit: bool,
+             output_activation: Optional[str]) -> LayerInfo:
+    """``info`` updated with what a forward pass showed (``detection.Decision``); an explicit
+    or refused layer stays as it is."""
+    if explicit or info.how == "refused":
+        return info
+    if decision.to_output and output_activation is not None:
+        act, how, reason = output_activation, "output", None
+    elif decision.activation is not None:
+        act, how, reason = decision.activation, decision.how, None
+    else:
+        act, how, reason = "identity", "default", decision.reason
+    return LayerInfo(info.name, info.shape, info.bias, act, how, info.loss, reason, info.module)

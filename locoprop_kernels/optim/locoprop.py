@@ -70,6 +70,7 @@ takes the same RMSProp step. Linear and Conv2d layers take this same path.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -84,18 +85,26 @@ from ..arena import Arena
 from ..ops import VARIANTS, matched_loss_grad, matched_loss_grad_conv2d
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
-from .layers import OP, LayerInfo, conv_geometry, decide_activations, find_layers
+from .detection import Detector
+from .layers import (OP, LayerInfo, affine_type, conv_geometry, decide_activations, features,
+                     find_layers, layer_params, observed, preactivation)
 from .rmsprop import init_state, state_dtype
+
+#: Forward passes observed for activation detection at most (``Detector``): a layer that no
+#: pass has called by then keeps its construction-time decision.
+DETECTION_PASSES = 8
 
 
 class _Call:
-    """One recorded call of a layer: its input X and output Z (a Linear's flattened to rows,
-    a Conv2d's (N, C, H, W)); used once the backward pass has reached Z."""
+    """One recorded call of a layer: its input X and output Z (an affine layer's flattened to
+    rows, a Conv2d's (N, C, H, W)) with their version counters at record time; used once the
+    backward pass has reached Z."""
 
-    __slots__ = ("x", "z", "used")
+    __slots__ = ("x", "z", "x_version", "z_version", "used")
 
     def __init__(self, x: Tensor, z: Tensor):
         self.x, self.z, self.used = x, z, False
+        self.x_version, self.z_version = x._version, z._version
 
     def mark_used(self, grad: Tensor) -> None:
         """The hook on the tensor Z (it fires also when a later op modifies Z in place)."""
@@ -132,6 +141,10 @@ class LocoProp(torch.optim.Optimizer):
         self._grads_averaged = ddp  # DDP has averaged .grad over the ranks already
         if ddp:
             model = model.module  # hooks on the wrapped modules, whose forward is called
+        root = model
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(compiled, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = compiled  # torch.compile's wrapper: names and hooks on the real modules
         check_choice(OP, "variant", variant, VARIANTS)
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
@@ -151,18 +164,18 @@ class LocoProp(torch.optim.Optimizer):
                    if info.loss == "matched"]
         self._modules = [m for m, _ in matched]
         self._infos = [info for _, info in matched]
-        layer_params = []
+        matched_params = []
         for m in self._modules:
-            for p in (m.weight, m.bias):
-                if p is not None and p.requires_grad and all(p is not q for q in layer_params):
-                    layer_params.append(p)
+            for p in layer_params(m):
+                if p is not None and p.requires_grad and all(p is not q for q in matched_params):
+                    matched_params.append(p)
         others = [p for p in model.parameters()
-                  if p.requires_grad and all(p is not q for q in layer_params)]
-        groups = [dict(params=layer_params, lr=lr, kind="locoprop")]
+                  if p.requires_grad and all(p is not q for q in matched_params)]
+        groups = [dict(params=matched_params, lr=lr, kind="locoprop")]
         if others:
             groups.append(dict(params=others, lr=lr if other_lr is None else other_lr,
                                kind="linearized"))
-        if not layer_params:
+        if not matched_params:
             groups = groups[1:]
         if not groups:
             fail_value(OP, "model", "at least one trainable parameter", "none")
@@ -173,11 +186,26 @@ class LocoProp(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self._records = {m: [] for m in self._modules}
         self._hooks = [m.register_forward_hook(self._record) for m in self._modules]
+        # Activation detection from the first forward passes (detection.py): hooks on the
+        # model the user calls (torch.compile's wrapper included).
+        self._explicit = set(activations or {})
+        self._output_activation = output_activation
+        self._detector = Detector(model, {m: features(m) for m in self._modules})
+        self._detection_passes = DETECTION_PASSES
+        self._compiled = model if root is not model else None
+        self._pass = None
+        self._recording = True
+        if self._modules:
+            self._hooks.append(root.register_forward_pre_hook(self._detect_before,
+                                                              with_kwargs=True))
+            self._hooks.append(root.register_forward_hook(self._detect_after,
+                                                          always_call=True))
 
     # ------------------------------------------------------------------ recording
 
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor):
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        if not (self._recording and torch.is_grad_enabled() and isinstance(output, Tensor)
+                and output.requires_grad):
             return None  # evaluation: nothing will come back, record nothing
         x, z = inputs[0].detach(), output.detach()
         if isinstance(module, nn.Conv2d):
@@ -189,6 +217,49 @@ class LocoProp(torch.optim.Optimizer):
         self._records[module].append(call)
         output.register_hook(call.mark_used)
         return None
+
+    # ------------------------------------------------------------------ detection
+
+    def _detect_before(self, root, args, kwargs):
+        """Before a forward of the model: observe it (an eager model), or observe one eager
+        call of the original module of a compiled one, whose own forward runs inside compiled
+        graphs (RNG state restored after it, nothing recorded)."""
+        if not (torch.is_grad_enabled() and self._detector.pending
+                and self._detection_passes > 0 and self._pass is None):
+            return None
+        self._detection_passes -= 1
+        if self._compiled is None:
+            self._pass = self._detector.start()
+            return None
+        run = self._detector.start()
+        self._recording = False
+        outputs = None
+        try:
+            with torch.random.fork_rng(devices=_devices(self._compiled)):
+                outputs = self._compiled(*args, **kwargs)
+        finally:
+            self._recording = True
+            self._detector.finish(run, outputs)
+            del outputs
+            self._apply_decisions()
+        return None
+
+    def _detect_after(self, root, args, output):
+        run, self._pass = self._pass, None
+        if run is not None:
+            self._detector.finish(run, output)
+            self._apply_decisions()
+        return None
+
+    def _apply_decisions(self) -> None:
+        decisions = self._detector.decisions
+        by_name = {info.name: m for m, info in zip(self._modules, self._infos)}
+        self.layers = [observed(info, decisions[by_name[info.name]],
+                                info.name in self._explicit, self._output_activation)
+                       if by_name.get(info.name) in decisions else info
+                       for info in self.layers]
+        infos = {info.name: info for info in self.layers}
+        self._infos = [infos[info.name] for info in self._infos]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad; the records whose gradient it clears go with it. Calls the backward
@@ -219,7 +290,13 @@ class LocoProp(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            self._outer_step()
+            # The local problems are solved in the parameters' precision: a step called inside
+            # a torch.autocast region must not run its GEMMs in bf16.
+            with contextlib.ExitStack() as no_autocast:
+                for device_type in {p.device.type for g in self.param_groups
+                                    for p in g["params"]}:
+                    no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+                self._outer_step()
         finally:
             self._clear_records()
         return loss
@@ -289,40 +366,49 @@ class LocoProp(torch.optim.Optimizer):
 
     def _layer_problems(self) -> list:
         """[_Problem] for every layer with used calls: all calls' X stacked, Y0 = f(Z0)
-        (variant S: Z0, the local f identity). A Linear's rows are stacked; a Conv2d's calls
-        along N, one problem per input size (H, W) when calls differ in it, X and Y0 made
-        channels-last once here (the compiled backends' layout, so the T - 1 inner iterations
-        copy neither) and f applied over the channels."""
+        (variant S: Z0, the local f identity). An affine layer's rows are stacked; a Conv2d's
+        calls along N, one problem per input size (H, W) when calls differ in it, X and Y0
+        made channels-last once here (the compiled backends' layout, so the T - 1 inner
+        iterations copy neither) and f applied over the channels. Each call's X and Z0 are
+        what the layer computed (``_true_record``)."""
         variant = self.param_groups[0]["variant"]
         problems = []
         for m, info in zip(self._modules, self._infos):
+            weight, _ = layer_params(m)
             calls = [c for c in self._records[m] if c.used]
-            if not calls or m.weight.grad is None:
+            if not calls or weight.grad is None:
                 continue
             act = info.activation if variant == "M" else "identity"
+            f = get_activation(act).f
+            records = [_true_record(m, info.name, c, state_dtype(weight)) for c in calls]
             if not isinstance(m, nn.Conv2d):
-                X, Z = _stack([c.x for c in calls]), _stack([c.z for c in calls])
-                problems.append(_Problem(m, X, Z if variant == "S" else
-                                         get_activation(act).f(Z), act))
+                X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
+                problems.append(_Problem(m, X, Z if variant == "S" else f(Z), act))
                 continue
             geometry, extra = conv_geometry(m)
             by_size: dict = {}
-            for c in calls:
-                by_size.setdefault(tuple(c.x.shape[1:]), []).append(c)
+            for x, z in records:
+                by_size.setdefault(tuple(x.shape[1:]), []).append((x, z))
             for same in by_size.values():
-                X = _stack([c.x for c in same])
+                X = _stack([x for x, _ in same])
                 if extra is not None:  # "same" padding with an even dilated kernel
                     X = nn.functional.pad(X, (0, extra[0], 0, extra[1]))
                 X = X.contiguous(memory_format=torch.channels_last)
-                Z = _stack([c.z for c in same]).contiguous(memory_format=torch.channels_last)
-                Y = Z if variant == "S" else _over_channels(get_activation(act).f, Z)
+                Z = _stack([z for _, z in same]).contiguous(memory_format=torch.channels_last)
+                Y = Z if variant == "S" else _over_channels(f, Z)
                 problems.append(_Problem(m, X, Y.contiguous(memory_format=torch.channels_last),
                                          act, geometry))
         return problems
 
     def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads) -> None:
-        w, b = problem.layer.weight, problem.layer.bias
-        args = (problem.x, w.detach(), None if b is None else b.detach(), problem.y,
+        m = problem.layer
+        w, b = layer_params(m)
+        in_out = problem.conv is None and _in_out(m)
+        # In the records' compute dtype (``_true_record``): a copy only for half parameters.
+        dtype = problem.x.dtype
+        weight = w.detach().to(dtype)
+        weight = weight.t() if in_out else weight
+        args = (problem.x, weight, None if b is None else b.detach().to(dtype), problem.y,
                 problem.activation)
         backend = self.param_groups[0]["backend"]
         if problem.conv is None:
@@ -330,7 +416,7 @@ class LocoProp(torch.optim.Optimizer):
         else:
             gw, gb = matched_loss_grad_conv2d(*args, scale=scale, backend=backend,
                                               **problem.conv)
-        grads[w].add_(gw)
+        grads[w].add_(gw.t() if in_out else gw)
         if b is not None and b in grads:
             grads[b].add_(gb)
 
@@ -376,6 +462,44 @@ class _Problem:
     def __init__(self, layer: nn.Module, x: Tensor, y: Tensor, activation: str,
                  conv: Optional[dict] = None):
         self.layer, self.x, self.y, self.activation, self.conv = layer, x, y, activation, conv
+
+
+def _in_out(module: nn.Module) -> bool:
+    """An affine layer whose weight is stored (d_in, d_out) (transformers' Conv1D)."""
+    kind = affine_type(module)
+    return kind is not None and kind.layout == "in_out"
+
+
+def _true_record(module: nn.Module, name: str, call: _Call, dtype: torch.dtype) -> tuple:
+    """(X, Z0) of one call as the layer computed them, in ``dtype`` (the state dtype: fp32
+    for fp32 and half parameters).
+
+    - X modified in place after the call (its version counter moved): autograd refuses that
+      before the backward (the layer saved X for dL/dW), so it happened between the backward
+      and ``step()``: a RuntimeError, since X as the layer saw it is gone.
+    - Z modified in place (an ``nn.ReLU(inplace=True)`` after the layer): Z0 is recomputed
+      from X and the weights, which have not moved since the forward. The common case, an
+      unmodified Z, costs nothing.
+    - A record in another dtype than ``dtype`` (bf16/fp16 under ``torch.autocast``, or a model
+      cast to half, whose state and local gradients are fp32): X is converted once per step
+      and Z0 recomputed in ``dtype`` from it, so that the inner loop's Z(W), computed from the
+      same X, equals Z0 at W0 (the half Z0 would differ from it by half rounding).
+    """
+    x, z = call.x, call.z
+    if x._version != call.x_version:
+        raise RuntimeError(
+            f"locoprop.{OP}: the input of layer '{name}' was modified in place after its "
+            f"forward (its version counter moved from {call.x_version} to {x._version}): the "
+            f"local loss needs X as the layer saw it. Modify a copy (x.clone()) instead")
+    x = x.to(dtype)
+    if z._version != call.z_version or z.dtype != dtype:
+        z = preactivation(module, x, dtype).reshape(z.shape)
+    return x, z
+
+
+def _devices(module: nn.Module) -> list:
+    """The CUDA devices of a module's parameters (whose RNG ``fork_rng`` must save)."""
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
 
 
 def _stack(tensors: list) -> Tensor:
