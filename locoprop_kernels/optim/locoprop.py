@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
@@ -95,16 +96,45 @@ from .rmsprop import init_state, state_dtype
 DETECTION_PASSES = 8
 
 
+class _Hook:
+    """A module hook that calls a method of the optimizer through a weak reference, so that
+    the model does not keep its optimizer alive. A deep copy or a pickle of the model carries
+    an inert hook: the copy's modules are not the ones the optimizer records."""
+
+    __slots__ = ("_optimizer", "_method")
+
+    def __init__(self, optimizer, method: str):
+        self._optimizer = None if optimizer is None else weakref.ref(optimizer)
+        self._method = method
+
+    def __call__(self, *args, **kwargs):
+        optimizer = None if self._optimizer is None else self._optimizer()
+        return None if optimizer is None else getattr(optimizer, self._method)(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _Hook(None, self._method)
+
+    def __reduce__(self):
+        return (_Hook, (None, self._method))
+
+
+def _remove_hooks(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 class _Call:
     """One recorded call of a layer: its input X and output Z (an affine layer's flattened to
     rows, a Conv2d's (N, C, H, W)) with their version counters at record time; used once the
     backward pass has reached Z."""
 
-    __slots__ = ("x", "z", "x_version", "z_version", "used")
+    __slots__ = ("x", "z", "x_version", "z_version", "param_versions", "used")
 
-    def __init__(self, x: Tensor, z: Tensor):
+    def __init__(self, x: Tensor, z: Tensor, params: tuple):
         self.x, self.z, self.used = x, z, False
         self.x_version, self.z_version = x._version, z._version
+        self.param_versions = tuple(p._version for p in params if p is not None)
 
     def mark_used(self, grad: Tensor) -> None:
         """The hook on the tensor Z (it fires also when a later op modifies Z in place)."""
@@ -185,7 +215,7 @@ class LocoProp(torch.optim.Optimizer):
                         **dataclasses.asdict(self.rmsprop))
         super().__init__(groups, defaults)
         self._records = {m: [] for m in self._modules}
-        self._hooks = [m.register_forward_hook(self._record) for m in self._modules]
+        self._hooks = [m.register_forward_hook(_Hook(self, "_record")) for m in self._modules]
         # Activation detection from the first forward passes (detection.py): hooks on the
         # model the user calls (torch.compile's wrapper included).
         self._explicit = set(activations or {})
@@ -196,10 +226,12 @@ class LocoProp(torch.optim.Optimizer):
         self._pass = None
         self._recording = True
         if self._modules:
-            self._hooks.append(root.register_forward_pre_hook(self._detect_before,
+            self._hooks.append(root.register_forward_pre_hook(_Hook(self, "_detect_before"),
                                                               with_kwargs=True))
-            self._hooks.append(root.register_forward_hook(self._detect_after,
+            self._hooks.append(root.register_forward_hook(_Hook(self, "_detect_after"),
                                                           always_call=True))
+        # The hooks hold the optimizer weakly; once it is collected, they go too.
+        weakref.finalize(self, _remove_hooks, self._hooks)
 
     # ------------------------------------------------------------------ recording
 
@@ -211,9 +243,10 @@ class LocoProp(torch.optim.Optimizer):
         if isinstance(module, nn.Conv2d):
             if x.dim() == 3:  # an unbatched (C, H, W) call: one image
                 x, z = x.unsqueeze(0), z.unsqueeze(0)
-            call = _Call(x, z)
+            call = _Call(x, z, layer_params(module))
         else:
-            call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]))
+            call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]),
+                         layer_params(module))
         self._records[module].append(call)
         output.register_hook(call.mark_used)
         return None
@@ -275,9 +308,7 @@ class LocoProp(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (its forward runs without recording after)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        _remove_hooks(self._hooks)
 
     # ------------------------------------------------------------------ the step
 
@@ -330,13 +361,24 @@ class LocoProp(torch.optim.Optimizer):
                 grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
 
     @torch.no_grad()
-    def local_gradients(self) -> dict:
-        """{parameter: its local gradient at the current parameters} from the current records
-        and gradients (the formula of inner iterations t >= 1, without the prox term): a
-        diagnostic. Right after the backward pass (W = W0) every entry is s gamma p.grad."""
+    def local_gradients(self, at: Optional[dict] = None) -> dict:
+        """{parameter: its local gradient} from the current records and gradients (the
+        formula of inner iterations t >= 1, without the prox term): a diagnostic. The local
+        problems are those of the current parameters (W0); the gradient is taken at W0, or at
+        ``at`` = {parameter: value} for the parameters it names (the others at W0; the model
+        is left as it was). At W0 every entry is s gamma p.grad."""
         params, problems, constant = self._prepare()
         grads = _Flat(params)
-        self._matched_loss_grads(problems, grads)
+        saved = {p: p.detach().clone() for p in (at or {})}
+        try:
+            # Through .data: a diagnostic must not bump the version counters that tell the
+            # records whether the weights changed since the forward.
+            for p, value in (at or {}).items():
+                p.data.copy_(value)
+            self._matched_loss_grads(problems, grads)
+        finally:
+            for p, value in saved.items():
+                p.data.copy_(value)
         grads.all_reduce_(self._dp)
         grads.add_(constant)
         return {p: grads[p].clone() for p in params}
@@ -493,6 +535,13 @@ def _true_record(module: nn.Module, name: str, call: _Call, dtype: torch.dtype) 
             f"local loss needs X as the layer saw it. Modify a copy (x.clone()) instead")
     x = x.to(dtype)
     if z._version != call.z_version or z.dtype != dtype:
+        params = tuple(p for p in layer_params(module) if p is not None)
+        if tuple(p._version for p in params) != call.param_versions:
+            raise RuntimeError(
+                f"locoprop.{OP}: layer '{name}': its output was modified in place (or recorded "
+                f"in {z.dtype} under autocast), so Z0 is recomputed from X and the weights, "
+                f"but the weights were changed in place after the forward: Z0 is lost. Step "
+                f"before changing them")
         z = preactivation(module, x, dtype).reshape(z.shape)
     return x, z
 
