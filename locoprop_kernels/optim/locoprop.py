@@ -73,7 +73,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -129,16 +129,19 @@ class _Call:
     rows, a Conv2d's (N, C, H, W)) with their version counters at record time; used once the
     backward pass has reached Z."""
 
-    __slots__ = ("x", "z", "x_version", "z_version", "param_versions", "used")
+    __slots__ = ("x", "z", "x_version", "z_version", "param_versions", "used", "grad")
 
-    def __init__(self, x: Tensor, z: Tensor, params: tuple):
+    def __init__(self, x: Tensor, z: Tensor, params: tuple, keep_grad: bool = False):
         self.x, self.z, self.used = x, z, False
         self.x_version, self.z_version = x._version, z._version
         self.param_versions = tuple(p._version for p in params if p is not None)
+        self.grad = [] if keep_grad else None  # G = dL/dZ, kept for a custom target rule
 
     def mark_used(self, grad: Tensor) -> None:
         """The hook on the tensor Z (it fires also when a later op modifies Z in place)."""
         self.used = True
+        if self.grad is not None:
+            self.grad.append(grad.detach().reshape(self.z.shape))
 
 
 class LocoProp(torch.optim.Optimizer):
@@ -158,7 +161,7 @@ class LocoProp(torch.optim.Optimizer):
                  lr_floor: float = 0.25, eta: Optional[float] = None, scale: float = 1.0,
                  activations: Optional[dict] = None, output_activation: Optional[str] = None,
                  exclude=(), other_lr: Optional[float] = None, backend: Optional[str] = None,
-                 process_group=None):
+                 process_group=None, targets=None, regularizer: Optional[Callable] = None):
         if not isinstance(model, nn.Module):
             fail_type(OP, "model", "an nn.Module", type(model).__name__)
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -181,8 +184,16 @@ class LocoProp(torch.optim.Optimizer):
         for name, value in (("gamma", gamma), ("scale", scale)):
             check_number(OP, name, value)
         check_number(OP, "lr_floor", lr_floor, low=0.0)
+        layer_eta = eta if isinstance(eta, dict) else {}
+        if isinstance(eta, dict):
+            eta = None
+            for name, value in layer_eta.items():
+                check_number(OP, f"eta[{name!r}]", value, low=0.0, low_open=True)
         if eta is not None:
             check_number(OP, "eta", eta, low=0.0, low_open=True)
+        if regularizer is not None and not callable(regularizer):
+            fail_type(OP, "regularizer", "a callable (name, p, p0) -> Tensor or None",
+                      type(regularizer).__name__)
         backends.check_name(OP, backend)
         self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps,
                                       momentum=momentum).check(OP)
@@ -214,6 +225,17 @@ class LocoProp(torch.optim.Optimizer):
                         scale=float(scale), backend=backend,
                         **dataclasses.asdict(self.rmsprop))
         super().__init__(groups, defaults)
+        names = {m: info.name for m, info in zip(self._modules, self._infos)}
+        self._targets = _per_layer(OP, "targets", targets, names, callable, "a callable "
+                                   "(z0, grad, f, gamma) -> Y")
+        if self._targets and self._dp.active:
+            fail_value(OP, "targets", "None under data parallel (a custom target's constant "
+                       "term is not all-reduced yet)", "a target rule")
+        self._layer_eta = _per_layer(OP, "eta", layer_eta or None, names,
+                                     lambda v: True, "a number > 0")
+        self._regularizer = regularizer
+        self._param_names = {p: n for n, p in model.named_parameters()}
+        self._names = names
         self._records = {m: [] for m in self._modules}
         self._hooks = [m.register_forward_hook(_Hook(self, "_record")) for m in self._modules]
         # Activation detection from the first forward passes (detection.py): hooks on the
@@ -243,10 +265,10 @@ class LocoProp(torch.optim.Optimizer):
         if isinstance(module, nn.Conv2d):
             if x.dim() == 3:  # an unbatched (C, H, W) call: one image
                 x, z = x.unsqueeze(0), z.unsqueeze(0)
-            call = _Call(x, z, layer_params(module))
+            call = _Call(x, z, layer_params(module), module in self._targets)
         else:
             call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]),
-                         layer_params(module))
+                         layer_params(module), module in self._targets)
         self._records[module].append(call)
         output.register_hook(call.mark_used)
         return None
@@ -346,7 +368,34 @@ class LocoProp(torch.optim.Optimizer):
         if self._dp.active and not self._grads_averaged:
             constant.all_reduce_(self._dp, average=True)  # what DDP would have done
         constant.mul_(g0["scale"] * g0["gamma"])
-        return params, self._layer_problems(), constant
+        problems = self._layer_problems()
+        self._add_target_terms(problems, constant)
+        return params, problems, constant
+
+    def _add_target_terms(self, problems: list, constant: "_Flat") -> None:
+        """A custom target rule Y = rule(Z0, G, f, gamma) of a layer: its local gradient
+        s (f(Z) - Y)^T X + s gamma R (R: the uses of W the hooks do not see) is the usual
+        s (f(Z) - f(Z0))^T X + s gamma p.grad plus the constant s (f(Z0) - Y - gamma G)^T X,
+        which is the matched-loss gradient at W0 with the target Y + gamma G: added to C once
+        per step, so the T inner iterations are unchanged."""
+        g0 = self.param_groups[0]
+        gamma, scale = g0["gamma"], g0["scale"]
+        for problem in problems:
+            rule = self._targets.get(problem.layer)
+            if rule is None:
+                continue
+            act = get_activation(problem.activation).f
+            f = act if problem.conv is None else (lambda z, act=act: _over_channels(act, z))
+            y = rule(problem.z0, problem.g, f, gamma)
+            name = self._names[problem.layer]
+            if not isinstance(y, Tensor) or y.shape != problem.z0.shape:
+                fail_value(OP, f"targets[{name!r}]", f"a tensor of Z0's shape "
+                           f"{tuple(problem.z0.shape)}",
+                           tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__)
+            target = (y.to(problem.z0.dtype) + gamma * problem.g)
+            if problem.conv is not None:
+                target = target.contiguous(memory_format=torch.channels_last)
+            self._add_matched_loss_grad(problem, scale, constant, target=target)
 
     def _matched_loss_grads(self, problems, grads: "_Flat", params=(), anchors=(),
                             eta: Optional[float] = None) -> None:
@@ -359,6 +408,41 @@ class LocoProp(torch.optim.Optimizer):
         if eta is not None:
             for p, p0 in zip(params, anchors):
                 grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
+
+    def _regularization(self, params: list, constant: "_Flat"):
+        """The per-layer prox terms (``eta={layer: eta}``) and the ``regularizer``: None without
+        them, else a function adding their gradients at the current parameters, minus the
+        regularizer's at p0, to the local gradients of iterations t >= 1; the regularizer's
+        gradient at p0 goes into C (t = 0 takes C alone), so every iteration gets it exactly.
+        Under data parallel each replica adds 1/world_size of them (the sum is all-reduced)."""
+        if not self._layer_eta and self._regularizer is None:
+            return None
+        share = 1.0 / self._dp.world_size if self._dp.active else 1.0
+        prox = [(p, 1.0 / eta) for m, eta in self._layer_eta.items()
+                for p in layer_params(m) if p is not None and p in constant]
+        regularized = []
+        if self._regularizer is not None:
+            for p in params:
+                p0 = p.detach().clone()
+                g0 = self._regularizer(self._param_names.get(p, ""), p.detach(), p0)
+                if g0 is not None:
+                    if not isinstance(g0, Tensor) or g0.shape != p.shape:
+                        fail_value(OP, "regularizer", f"None or a tensor of the parameter's "
+                                   f"shape {tuple(p.shape)} for {self._param_names.get(p)!r}",
+                                   type(g0).__name__ if not isinstance(g0, Tensor)
+                                   else tuple(g0.shape))
+                    constant[p].add_(g0)
+                    regularized.append((p, p0, g0))
+        anchors = {p: p.detach().clone() for p, _ in prox}
+
+        def add(grads: "_Flat") -> None:
+            for p, inv_eta in prox:
+                grads[p].add_(p.detach() - anchors[p], alpha=inv_eta * share)
+            for p, p0, g0 in regularized:
+                g = self._regularizer(self._param_names.get(p, ""), p.detach(), p0)
+                grads[p].add_(g - g0, alpha=share)
+
+        return add
 
     @torch.no_grad()
     def local_gradients(self, at: Optional[dict] = None) -> dict:
@@ -392,9 +476,12 @@ class LocoProp(torch.optim.Optimizer):
             return
         grads = _Flat(params)
         anchors = [torch.empty_like(p) for p in params] if eta is not None else None
+        extra = self._regularization(params, constant)
 
         def matched(local_eta):
             self._matched_loss_grads(problems, grads, params, anchors, local_eta)
+            if extra is not None:
+                extra(grads)
 
         loop = InnerLoop(matched, grads.buffers, self._segments(grads),
                          inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
@@ -423,26 +510,36 @@ class LocoProp(torch.optim.Optimizer):
             act = info.activation if variant == "M" else "identity"
             f = get_activation(act).f
             records = [_true_record(m, info.name, c, state_dtype(weight)) for c in calls]
+            grads = ([sum(c.grad).to(state_dtype(weight)) for c in calls]
+                     if m in self._targets else None)
             if not isinstance(m, nn.Conv2d):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
-                problems.append(_Problem(m, X, Z if variant == "S" else f(Z), act))
+                problems.append(_Problem(m, X, Z if variant == "S" else f(Z), act, z0=Z,
+                                         g=None if grads is None else _stack(grads)))
                 continue
             geometry, extra = conv_geometry(m)
             by_size: dict = {}
-            for x, z in records:
-                by_size.setdefault(tuple(x.shape[1:]), []).append((x, z))
+            for i, (x, z) in enumerate(records):
+                by_size.setdefault(tuple(x.shape[1:]), []).append(
+                    (x, z, None if grads is None else grads[i]))
+            last = torch.channels_last
             for same in by_size.values():
-                X = _stack([x for x, _ in same])
+                X = _stack([x for x, _, _ in same])
                 if extra is not None:  # "same" padding with an even dilated kernel
                     X = nn.functional.pad(X, (0, extra[0], 0, extra[1]))
-                X = X.contiguous(memory_format=torch.channels_last)
-                Z = _stack([z for _, z in same]).contiguous(memory_format=torch.channels_last)
+                X = X.contiguous(memory_format=last)
+                Z = _stack([z for _, z, _ in same]).contiguous(memory_format=last)
                 Y = Z if variant == "S" else _over_channels(f, Z)
-                problems.append(_Problem(m, X, Y.contiguous(memory_format=torch.channels_last),
-                                         act, geometry))
+                G = None if grads is None else _stack([g for _, _, g in same]).contiguous(
+                    memory_format=last)
+                problems.append(_Problem(m, X, Y.contiguous(memory_format=last), act,
+                                         geometry, z0=Z, g=G))
         return problems
 
-    def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads) -> None:
+    def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads,
+                               target: Optional[Tensor] = None) -> None:
+        """grads[W], grads[b] += the layer's matched-loss gradient at the current weights, with
+        the problem's target f(Z0) (or ``target``)."""
         m = problem.layer
         w, b = layer_params(m)
         in_out = problem.conv is None and _in_out(m)
@@ -450,8 +547,8 @@ class LocoProp(torch.optim.Optimizer):
         dtype = problem.x.dtype
         weight = w.detach().to(dtype)
         weight = weight.t() if in_out else weight
-        args = (problem.x, weight, None if b is None else b.detach().to(dtype), problem.y,
-                problem.activation)
+        args = (problem.x, weight, None if b is None else b.detach().to(dtype),
+                problem.y if target is None else target, problem.activation)
         backend = self.param_groups[0]["backend"]
         if problem.conv is None:
             gw, gb = matched_loss_grad(*args, scale=scale, backend=backend)
@@ -497,13 +594,35 @@ class LocoProp(torch.optim.Optimizer):
 
 class _Problem:
     """One layer's local problem of a step: the module, its stacked inputs X, targets Y0,
-    local activation and, for a Conv2d, its geometry (``layers.conv_geometry``)."""
+    local activation and, for a Conv2d, its geometry (``layers.conv_geometry``); Z0 and, for a
+    layer with a custom target rule, G = dL/dZ of its calls, stacked the same way."""
 
-    __slots__ = ("layer", "x", "y", "activation", "conv")
+    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g")
 
     def __init__(self, layer: nn.Module, x: Tensor, y: Tensor, activation: str,
-                 conv: Optional[dict] = None):
+                 conv: Optional[dict] = None, z0: Optional[Tensor] = None,
+                 g: Optional[Tensor] = None):
         self.layer, self.x, self.y, self.activation, self.conv = layer, x, y, activation, conv
+        self.z0, self.g = z0, g
+
+
+def _per_layer(op: str, arg: str, value, names: dict, check, expected: str) -> dict:
+    """{module: value} from one value for every LocoProp layer or {layer name: value}; the
+    names must be LocoProp layers (``names``: module -> name), the values pass ``check``."""
+    if value is None:
+        return {}
+    by_name = {n: m for m, n in names.items()}
+    if not isinstance(value, dict):
+        value = {n: value for n in by_name}
+    out = {}
+    for name, v in value.items():
+        if name not in by_name:
+            fail_value(op, arg, f"names of LocoProp layers (one of {sorted(by_name)})",
+                       repr(name))
+        if not check(v):
+            fail_type(op, f"{arg}[{name!r}]", expected, type(v).__name__)
+        out[by_name[name]] = v
+    return out
 
 
 def _in_out(module: nn.Module) -> bool:
