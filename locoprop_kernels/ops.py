@@ -34,7 +34,8 @@ from . import backends
 from .activations import get_activation
 from .rmsprop_options import STYLES, RMSpropOptions
 from .validation import (FLOAT_DTYPES, is_fake, check_call_types, check_choice, check_matrix,
-                         check_no_overlap, check_number, check_tensor, fail_type, fail_value)
+                         check_no_overlap, check_number, check_operand_dtype, check_tensor,
+                         fail_type, fail_value)
 
 Tensor = torch.Tensor
 PRECISIONS = ("ieee", "tf32")
@@ -155,12 +156,12 @@ def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anc
                        None)
     if anchor_weight is not None:
         check_tensor(op, "anchor_weight", anchor_weight, shape=tuple(weight.shape),
-                     device=x.device, dtype=x.dtype, what=" (weight's shape and dtype)")
+                     device=x.device, dtype=weight.dtype, what=" (weight's shape and dtype)")
     if anchor_bias is not None:
         if bias is None:
             fail_value(op, "anchor_bias", "None when bias is None", "a tensor")
         check_tensor(op, "anchor_bias", anchor_bias, shape=tuple(bias.shape), device=x.device,
-                     dtype=x.dtype, what=" (bias's shape and dtype)")
+                     dtype=weight.dtype, what=" (bias's shape and dtype)")
     if out_weight is not None:
         check_tensor(op, "out_weight", out_weight, shape=tuple(weight.shape), device=x.device,
                      what=" (weight's shape)")
@@ -175,30 +176,42 @@ def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anc
                                ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
 
 
+def _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bias_what,
+                       target_what):
+    """bias: weight's dtype; target: weight's dtype or a lower-precision operand dtype
+    (``validation.OPERAND_DTYPES``); both on x's device, of the given shapes."""
+    if bias is not None:
+        check_tensor(op, "bias", bias, device=x.device, dtype=weight.dtype,
+                     what=" (weight's dtype)")
+        check_tensor(op, "bias", bias, shape=bias_shape, what=f" {bias_what}")
+    check_tensor(op, "target", target, device=x.device)
+    check_operand_dtype(op, "target", target, "weight", weight.dtype)
+    check_tensor(op, "target", target, shape=target_shape, what=f" {target_what}")
+
+
 def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
                              anchor_bias, eta, precision, out_weight=None, out_bias=None):
     """Every argument of the matched-loss gradient, before anything is written."""
     get_activation(activation, op=f"locoprop.{op}")
     check_matrix(op, "x", x, rows_name="B", cols_name="d_in")
     B, d_in = x.shape
-    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    check_tensor(op, "weight", weight, device=x.device)
+    check_operand_dtype(op, "x", x, "weight", weight.dtype, blame_param=True)
     if weight.dim() != 2 or weight.shape[1] != d_in or weight.shape[0] == 0:
         fail_value(op, "weight", f"shape (d_out, d_in) with d_in = {d_in} and d_out >= 1",
                    tuple(weight.shape))
     d_out = weight.shape[0]
-    if bias is not None:
-        check_tensor(op, "bias", bias, shape=(d_out,), device=x.device, dtype=x.dtype,
-                     what=" (d_out,)")
-    check_tensor(op, "target", target, shape=(B, d_out), device=x.device, dtype=x.dtype,
-                 what=" (B, d_out)")
+    _check_bias_target(op, x, weight, bias, target, (d_out,), (B, d_out), "(d_out,)",
+                       "(B, d_out)")
     _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
                           precision, out_weight, out_bias)
 
 
 def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
                            anchor_bias, eta, backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device, x.dtype)
+    be = backends.resolve(op, backend or None, x.device, weight.dtype)
     _check_backend_dtype(op, be, "x", x)
+    _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
     be.matched_loss_grad_into(x, weight, bias, target, activation, float(scale), anchor_weight,
@@ -366,7 +379,8 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
                             ("dilation", dilation, 1)):
         _pair(op, arg, value, low)
     _check_int(op, "groups", groups, 1)
-    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    check_tensor(op, "weight", weight, device=x.device)
+    check_operand_dtype(op, "x", x, "weight", weight.dtype, blame_param=True)
     if (weight.dim() != 4 or min(weight.shape) == 0 or weight.shape[0] % groups != 0
             or weight.shape[1] * groups != C_in):
         fail_value(op, "weight", f"shape (C_out, C_in/groups, kh, kw) with C_in/groups = "
@@ -379,11 +393,8 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
         fail_value(op, "x", f"a (padded) input at least the dilated kernel's size "
                    f"({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1}) with padding "
                    f"{tuple(padding)}", tuple(x.shape))
-    if bias is not None:
-        check_tensor(op, "bias", bias, shape=(C_out,), device=x.device, dtype=x.dtype,
-                     what=" (C_out,)")
-    check_tensor(op, "target", target, shape=(N, C_out, H_out, W_out), device=x.device,
-                 dtype=x.dtype, what=" (N, C_out, H_out, W_out)")
+    _check_bias_target(op, x, weight, bias, target, (C_out,), (N, C_out, H_out, W_out),
+                       "(C_out,)", "(N, C_out, H_out, W_out)")
     _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
                           precision, out_weight, out_bias)
 
@@ -391,8 +402,9 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
 def _run_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, stride, padding,
                                   dilation, groups, scale, anchor_weight, anchor_bias, eta,
                                   backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device, x.dtype)
+    be = backends.resolve(op, backend or None, x.device, weight.dtype)
     _check_backend_dtype(op, be, "x", x)
+    _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
     be.matched_loss_grad_conv2d_into(x, weight, bias, target, activation, list(stride),
