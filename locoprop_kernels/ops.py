@@ -16,6 +16,21 @@ Ops:
     locoprop::rmsprop_step_          updates params, square_avgs, momentum_bufs in place
     locoprop::not_differentiable     the backward of the functional ops: raises (see below)
 
+Dtypes of the matched-loss ops (mixed precision, as ``torch.autocast`` records a layer):
+the parameters -- weight, bias, anchor_weight, anchor_bias -- set the compute dtype and must
+all have the weight's dtype. The operands x and target may each have that dtype or, when the
+weight is float32 or float64, a lower-precision float (bfloat16 or float16). Nothing else
+mixes: fp32 x with an fp64 weight, fp16 with bf16, integer tensors, and an operand more
+precise than the weight (fp32 x with a bf16 weight: the error names the weight) are refused
+with a TypeError. The math runs in the weight's dtype, fp32 for half storage (fp32 weight:
+fp32 accumulation; the half operands are converted exactly), and the returned gradients have
+the weight's dtype; ``out=`` buffers may be of any float dtype and receive that result
+rounded once. So all-half calls (a model cast to bf16) keep half storage with fp32 math on
+every backend, fp32 and mixed calls run on every backend, and an fp64 weight runs on the
+reference backend (auto-selected; named, the cpp and triton backends refuse it).
+``local_targets`` takes preact and grad_preact of one dtype (half ones included) and returns
+Y in that dtype, computed in fp32 for half storage.
+
 None of them is differentiable (DESIGN.md section 4: the trainer calls them on detached
 tensors). The functional ops accept inputs that require grad and return correct values; their
 autograd formula raises a RuntimeError naming the op if a backward pass reaches them. The
@@ -281,11 +296,15 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
         grad_W = scale * D^T X  [+ (W - W0) / eta]    (d_out, d_in)
         grad_b = scale * D.sum(0) [+ (b - b0) / eta]  (d_out,)
 
-    x (B, d_in), weight (d_out, d_in), bias (d_out,) or None, target (B, d_out), all one
-    dtype and device. The prox term is on when ``eta`` is given (``anchor_weight`` /
-    ``anchor_bias`` are W0 / b0). ``precision`` "ieee" or "tf32" picks the fp32 dot on the
-    GPU (triton backend). ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g.
-    arena views; grad_bias None when bias is None) and returns them. Returns
+    x (B, d_in), weight (d_out, d_in), bias (d_out,) or None, target (B, d_out), all on one
+    device. Dtypes (the module docstring): bias and the anchors have the weight's dtype; x
+    and target the weight's dtype or, with an fp32/fp64 weight, bf16/fp16 (mixed precision:
+    the inputs ``torch.autocast`` records for a layer with fp32 parameters); the math is in
+    the weight's dtype (fp32 for half storage) and the gradients are returned in it. The prox
+    term is on when ``eta`` is given (``anchor_weight`` / ``anchor_bias`` are W0 / b0).
+    ``precision`` "ieee" or "tf32" picks the fp32 dot on the GPU (triton backend).
+    ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g. arena views, of any float
+    dtype; grad_bias None when bias is None) and returns them. Returns
     ``(grad_weight, grad_bias)``, grad_bias None when bias is None.
 
     Not differentiable: inputs that require grad are accepted and give the same values, but a
@@ -293,8 +312,11 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
 
     Raises, before anything is written (each message names the op and the argument):
         TypeError: a tensor argument that is not a Tensor (or None where allowed), ``out``
-            not a pair; a dtype or device that differs from x's (or that the backend does not
-            support); a number that is not a float/int or a name that is not a str.
+            not a pair; a device that differs from x's; a dtype that breaks the rule above
+            (x / target neither the weight's dtype nor a half dtype under an fp32/fp64
+            weight; a weight less precise than x; bias / anchors not the weight's dtype) or
+            that the backend does not support; a number that is not a float/int or a name
+            that is not a str.
         ValueError: a wrong shape (not 2-D, d_in / d_out / B mismatched), an empty batch, an
             unknown activation, precision or backend name, a non-finite scale, eta <= 0,
             eta without anchor_weight (anchor_bias when bias is given), anchor_bias without
@@ -497,7 +519,9 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     the gradient is gamma times the backprop gradient of (W, b). conv2d_weight_grad(X, D) is
     the weight gradient of <D, conv2d(X, W)> (``torch.nn.grad.conv2d_weight``). ``stride``,
     ``padding`` and ``dilation`` are ints or pairs of ints as in ``nn.Conv2d`` (no string
-    padding). target (N, C_out, H_out, W_out); all tensors one dtype and device. Inputs in
+    padding). target (N, C_out, H_out, W_out); all tensors on one device, dtypes as in
+    ``matched_loss_grad`` (x and target may be bf16/fp16 under an fp32/fp64 weight; the math
+    and the gradients are in the weight's dtype). Inputs in
     ``torch.channels_last`` memory format save the cpp and triton backends a copy of x and of
     the target. The prox term, ``precision`` (here: whether cuDNN may use TF32 for the fp32
     convolutions on CUDA) and ``out=(grad_weight, grad_bias)`` are as in
@@ -509,9 +533,10 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
     Raises, before anything is written (each message names the op and the argument):
         TypeError: a tensor argument that is not a Tensor (or None where allowed), ``out``
-            not a pair; a dtype or device that differs from x's (or that the backend does not
-            support); stride / padding / dilation not an int or a pair of ints, groups not an
-            int; a number that is not a float/int or a name that is not a str.
+            not a pair; a device that differs from x's; a dtype that breaks
+            ``matched_loss_grad``'s rule (or that the backend does not support); stride /
+            padding / dilation not an int or a pair of ints, groups not an int; a number
+            that is not a float/int or a name that is not a str.
         ValueError: a wrong shape (x not 4-D, an empty batch or a zero C_in/H/W, weight not
             (C_out, C_in/groups, kh, kw), groups not dividing C_in and C_out, an input smaller
             than the dilated kernel, bias not (C_out,), target not
