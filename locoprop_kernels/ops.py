@@ -16,6 +16,21 @@ Ops:
     locoprop::rmsprop_step_          updates params, square_avgs, momentum_bufs in place
     locoprop::not_differentiable     the backward of the functional ops: raises (see below)
 
+Dtypes of the matched-loss ops (mixed precision, as ``torch.autocast`` records a layer):
+the parameters -- weight, bias, anchor_weight, anchor_bias -- set the compute dtype and must
+all have the weight's dtype. The operands x and target may each have that dtype or, when the
+weight is float32 or float64, a lower-precision float (bfloat16 or float16). Nothing else
+mixes: fp32 x with an fp64 weight, fp16 with bf16, integer tensors, and an operand more
+precise than the weight (fp32 x with a bf16 weight: the error names the weight) are refused
+with a TypeError. The math runs in the weight's dtype, fp32 for half storage (fp32 weight:
+fp32 accumulation; the half operands are converted exactly), and the returned gradients have
+the weight's dtype; ``out=`` buffers may be of any float dtype and receive that result
+rounded once. So all-half calls (a model cast to bf16) keep half storage with fp32 math on
+every backend, fp32 and mixed calls run on every backend, and an fp64 weight runs on the
+reference backend (auto-selected; named, the cpp and triton backends refuse it).
+``local_targets`` takes preact and grad_preact of one dtype (half ones included) and returns
+Y in that dtype, computed in fp32 for half storage.
+
 None of them is differentiable (DESIGN.md section 4: the trainer calls them on detached
 tensors). The functional ops accept inputs that require grad and return correct values; their
 autograd formula raises a RuntimeError naming the op if a backward pass reaches them. The
@@ -34,7 +49,8 @@ from . import backends
 from .activations import get_activation
 from .rmsprop_options import STYLES, RMSpropOptions
 from .validation import (FLOAT_DTYPES, is_fake, check_call_types, check_choice, check_matrix,
-                         check_no_overlap, check_number, check_tensor, fail_type, fail_value)
+                         check_no_overlap, check_number, check_operand_dtype, check_tensor,
+                         fail_type, fail_value)
 
 Tensor = torch.Tensor
 PRECISIONS = ("ieee", "tf32")
@@ -155,12 +171,12 @@ def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anc
                        None)
     if anchor_weight is not None:
         check_tensor(op, "anchor_weight", anchor_weight, shape=tuple(weight.shape),
-                     device=x.device, dtype=x.dtype, what=" (weight's shape and dtype)")
+                     device=x.device, dtype=weight.dtype, what=" (weight's shape and dtype)")
     if anchor_bias is not None:
         if bias is None:
             fail_value(op, "anchor_bias", "None when bias is None", "a tensor")
         check_tensor(op, "anchor_bias", anchor_bias, shape=tuple(bias.shape), device=x.device,
-                     dtype=x.dtype, what=" (bias's shape and dtype)")
+                     dtype=weight.dtype, what=" (bias's shape and dtype)")
     if out_weight is not None:
         check_tensor(op, "out_weight", out_weight, shape=tuple(weight.shape), device=x.device,
                      what=" (weight's shape)")
@@ -175,30 +191,42 @@ def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anc
                                ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
 
 
+def _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bias_what,
+                       target_what):
+    """bias: weight's dtype; target: weight's dtype or a lower-precision operand dtype
+    (``validation.OPERAND_DTYPES``); both on x's device, of the given shapes."""
+    if bias is not None:
+        check_tensor(op, "bias", bias, device=x.device, dtype=weight.dtype,
+                     what=" (weight's dtype)")
+        check_tensor(op, "bias", bias, shape=bias_shape, what=f" {bias_what}")
+    check_tensor(op, "target", target, device=x.device)
+    check_operand_dtype(op, "target", target, "weight", weight.dtype)
+    check_tensor(op, "target", target, shape=target_shape, what=f" {target_what}")
+
+
 def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
                              anchor_bias, eta, precision, out_weight=None, out_bias=None):
     """Every argument of the matched-loss gradient, before anything is written."""
     get_activation(activation, op=f"locoprop.{op}")
     check_matrix(op, "x", x, rows_name="B", cols_name="d_in")
     B, d_in = x.shape
-    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    check_tensor(op, "weight", weight, device=x.device)
+    check_operand_dtype(op, "x", x, "weight", weight.dtype, blame_param=True)
     if weight.dim() != 2 or weight.shape[1] != d_in or weight.shape[0] == 0:
         fail_value(op, "weight", f"shape (d_out, d_in) with d_in = {d_in} and d_out >= 1",
                    tuple(weight.shape))
     d_out = weight.shape[0]
-    if bias is not None:
-        check_tensor(op, "bias", bias, shape=(d_out,), device=x.device, dtype=x.dtype,
-                     what=" (d_out,)")
-    check_tensor(op, "target", target, shape=(B, d_out), device=x.device, dtype=x.dtype,
-                 what=" (B, d_out)")
+    _check_bias_target(op, x, weight, bias, target, (d_out,), (B, d_out), "(d_out,)",
+                       "(B, d_out)")
     _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
                           precision, out_weight, out_bias)
 
 
 def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
                            anchor_bias, eta, backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device, x.dtype)
+    be = backends.resolve(op, backend or None, x.device, weight.dtype)
     _check_backend_dtype(op, be, "x", x)
+    _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
     be.matched_loss_grad_into(x, weight, bias, target, activation, float(scale), anchor_weight,
@@ -268,11 +296,15 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
         grad_W = scale * D^T X  [+ (W - W0) / eta]    (d_out, d_in)
         grad_b = scale * D.sum(0) [+ (b - b0) / eta]  (d_out,)
 
-    x (B, d_in), weight (d_out, d_in), bias (d_out,) or None, target (B, d_out), all one
-    dtype and device. The prox term is on when ``eta`` is given (``anchor_weight`` /
-    ``anchor_bias`` are W0 / b0). ``precision`` "ieee" or "tf32" picks the fp32 dot on the
-    GPU (triton backend). ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g.
-    arena views; grad_bias None when bias is None) and returns them. Returns
+    x (B, d_in), weight (d_out, d_in), bias (d_out,) or None, target (B, d_out), all on one
+    device. Dtypes (the module docstring): bias and the anchors have the weight's dtype; x
+    and target the weight's dtype or, with an fp32/fp64 weight, bf16/fp16 (mixed precision:
+    the inputs ``torch.autocast`` records for a layer with fp32 parameters); the math is in
+    the weight's dtype (fp32 for half storage) and the gradients are returned in it. The prox
+    term is on when ``eta`` is given (``anchor_weight`` / ``anchor_bias`` are W0 / b0).
+    ``precision`` "ieee" or "tf32" picks the fp32 dot on the GPU (triton backend).
+    ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g. arena views, of any float
+    dtype; grad_bias None when bias is None) and returns them. Returns
     ``(grad_weight, grad_bias)``, grad_bias None when bias is None.
 
     Not differentiable: inputs that require grad are accepted and give the same values, but a
@@ -280,8 +312,11 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
 
     Raises, before anything is written (each message names the op and the argument):
         TypeError: a tensor argument that is not a Tensor (or None where allowed), ``out``
-            not a pair; a dtype or device that differs from x's (or that the backend does not
-            support); a number that is not a float/int or a name that is not a str.
+            not a pair; a device that differs from x's; a dtype that breaks the rule above
+            (x / target neither the weight's dtype nor a half dtype under an fp32/fp64
+            weight; a weight less precise than x; bias / anchors not the weight's dtype) or
+            that the backend does not support; a number that is not a float/int or a name
+            that is not a str.
         ValueError: a wrong shape (not 2-D, d_in / d_out / B mismatched), an empty batch, an
             unknown activation, precision or backend name, a non-finite scale, eta <= 0,
             eta without anchor_weight (anchor_bias when bias is given), anchor_bias without
@@ -366,7 +401,8 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
                             ("dilation", dilation, 1)):
         _pair(op, arg, value, low)
     _check_int(op, "groups", groups, 1)
-    check_tensor(op, "weight", weight, device=x.device, dtype=x.dtype, what=" (x's dtype)")
+    check_tensor(op, "weight", weight, device=x.device)
+    check_operand_dtype(op, "x", x, "weight", weight.dtype, blame_param=True)
     if (weight.dim() != 4 or min(weight.shape) == 0 or weight.shape[0] % groups != 0
             or weight.shape[1] * groups != C_in):
         fail_value(op, "weight", f"shape (C_out, C_in/groups, kh, kw) with C_in/groups = "
@@ -379,11 +415,8 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
         fail_value(op, "x", f"a (padded) input at least the dilated kernel's size "
                    f"({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1}) with padding "
                    f"{tuple(padding)}", tuple(x.shape))
-    if bias is not None:
-        check_tensor(op, "bias", bias, shape=(C_out,), device=x.device, dtype=x.dtype,
-                     what=" (C_out,)")
-    check_tensor(op, "target", target, shape=(N, C_out, H_out, W_out), device=x.device,
-                 dtype=x.dtype, what=" (N, C_out, H_out, W_out)")
+    _check_bias_target(op, x, weight, bias, target, (C_out,), (N, C_out, H_out, W_out),
+                       "(C_out,)", "(N, C_out, H_out, W_out)")
     _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
                           precision, out_weight, out_bias)
 
@@ -391,8 +424,9 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
 def _run_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, stride, padding,
                                   dilation, groups, scale, anchor_weight, anchor_bias, eta,
                                   backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device, x.dtype)
+    be = backends.resolve(op, backend or None, x.device, weight.dtype)
     _check_backend_dtype(op, be, "x", x)
+    _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
     be.matched_loss_grad_conv2d_into(x, weight, bias, target, activation, list(stride),
@@ -485,7 +519,9 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     the gradient is gamma times the backprop gradient of (W, b). conv2d_weight_grad(X, D) is
     the weight gradient of <D, conv2d(X, W)> (``torch.nn.grad.conv2d_weight``). ``stride``,
     ``padding`` and ``dilation`` are ints or pairs of ints as in ``nn.Conv2d`` (no string
-    padding). target (N, C_out, H_out, W_out); all tensors one dtype and device. Inputs in
+    padding). target (N, C_out, H_out, W_out); all tensors on one device, dtypes as in
+    ``matched_loss_grad`` (x and target may be bf16/fp16 under an fp32/fp64 weight; the math
+    and the gradients are in the weight's dtype). Inputs in
     ``torch.channels_last`` memory format save the cpp and triton backends a copy of x and of
     the target. The prox term, ``precision`` (here: whether cuDNN may use TF32 for the fp32
     convolutions on CUDA) and ``out=(grad_weight, grad_bias)`` are as in
@@ -497,9 +533,10 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
     Raises, before anything is written (each message names the op and the argument):
         TypeError: a tensor argument that is not a Tensor (or None where allowed), ``out``
-            not a pair; a dtype or device that differs from x's (or that the backend does not
-            support); stride / padding / dilation not an int or a pair of ints, groups not an
-            int; a number that is not a float/int or a name that is not a str.
+            not a pair; a device that differs from x's; a dtype that breaks
+            ``matched_loss_grad``'s rule (or that the backend does not support); stride /
+            padding / dilation not an int or a pair of ints, groups not an int; a number
+            that is not a float/int or a name that is not a str.
         ValueError: a wrong shape (x not 4-D, an empty batch or a zero C_in/H/W, weight not
             (C_out, C_in/groups, kh, kw), groups not dividing C_in and C_out, an input smaller
             than the dilated kernel, bias not (C_out,), target not

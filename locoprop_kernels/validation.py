@@ -13,6 +13,16 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Mixed precision (the matched-loss ops): a parameter dtype -> the dtypes its operands (x,
+#: target) may have. The parameters set the compute dtype; an operand may be that dtype or,
+#: with a float32/float64 parameter, a half dtype (what ``torch.autocast`` records). Nothing
+#: else mixes: fp32 with fp64, fp16 with bf16, or an operand more precise than the parameter.
+OPERAND_DTYPES = {torch.float64: (torch.float64, *HALF_DTYPES),
+                  torch.float32: (torch.float32, *HALF_DTYPES),
+                  torch.bfloat16: (torch.bfloat16,), torch.float16: (torch.float16,)}
+_PRECISION_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
 def fail_value(op: str, arg: str, expected: str, got) -> None:
@@ -37,6 +47,24 @@ def check_tensor(op: str, arg: str, t, *, shape: Optional[tuple] = None,
         fail_type(op, arg, f"device {device} (the device of the other arguments)", t.device)
     if shape is not None and tuple(t.shape) != tuple(shape):
         fail_value(op, arg, f"shape {tuple(shape)}{what}", tuple(t.shape))
+
+
+def check_operand_dtype(op: str, arg: str, t: torch.Tensor, param: str,
+                        param_dtype: torch.dtype, *, blame_param: bool = False) -> None:
+    """The dtype of operand ``arg`` (a float tensor) against the parameter ``param`` whose dtype
+    sets the compute dtype (``OPERAND_DTYPES``). With ``blame_param``, an operand more precise
+    than the parameter (fp32 x with a bf16 weight) is reported as the parameter's fault: a
+    parameter of lower precision than its operand is refused, not computed in the lower one."""
+    allowed = OPERAND_DTYPES[param_dtype]
+    if t.dtype in allowed:
+        return
+    if blame_param and _PRECISION_RANK[t.dtype] > _PRECISION_RANK[param_dtype]:
+        fail_type(op, param, f"a dtype at least as precise as {arg}'s ({t.dtype}): the "
+                  f"parameters set the compute dtype and their operands may be of lower "
+                  f"precision, never higher", param_dtype)
+    lower = ("" if len(allowed) == 1 else
+             f" or a lower-precision float ({', '.join(str(d) for d in allowed[1:])})")
+    fail_type(op, arg, f"dtype {param_dtype} ({param}'s dtype){lower}", t.dtype)
 
 
 def check_matrix(op: str, arg: str, t, *, rows_name: str, cols_name: str) -> None:

@@ -30,11 +30,17 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).view(n * h * w, c)
 
 
-def rows_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous (N*H*W, C) row matrix holding t's values: a view when t is channels-last
-    already (then nothing is copied), else one transposing copy."""
+def rows_copy(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A contiguous (N*H*W, C) row matrix holding t's values (in ``dtype`` when given): a view
+    when t is channels-last already and of that dtype (then nothing is copied), else one
+    transposing (and converting) copy."""
     n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()
+    nhwc = t.permute(0, 2, 3, 1)
+    if dtype is None or dtype == t.dtype:
+        return nhwc.reshape(n * h * w, c).contiguous()
+    out = torch.empty((n * h * w, c), dtype=dtype, device=t.device)
+    out.view(n, h, w, c).copy_(nhwc)
+    return out
 
 
 @contextlib.contextmanager

@@ -16,7 +16,11 @@ one pass of ours over raw pointers (``csrc/``, no torch headers):
     rmsprop_step_       every tensor, one pass          _C, one call for all layers
 
 Half storage (fp16/bf16) is upcast for the GEMMs, so the math is fp32 everywhere; the kernels
-read and write the storage dtype directly. ``LAUNCHES["cpp"]`` counts calls into ``_C``
+read and write the storage dtype directly. That storage dtype is the weight's (the parameters
+and outputs, ``ops`` module docstring): with mixed precision (half x and target, fp32 weight)
+x is upcast for the GEMMs as half storage is, and a target of another dtype than the weight is
+upcast once (one pass over (B, d_out), next to the GEMMs' B d_out d_in), so that the kernels
+see one storage dtype. ``LAUNCHES["cpp"]`` counts calls into ``_C``
 (``locoprop_kernels.testing.count_launches().cpp``). CUDA tensors need an extension built
 with ``LOCOPROP_CUDA=ON`` (``_C.build_info()["cuda"]``); their kernels run on the current
 stream. A device ``lr`` tensor is read on the host (``.item()``, a sync on CUDA): use the
@@ -54,6 +58,13 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t contiguous and of ``dtype``: itself when it is already, else one converting copy."""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _into(out: Optional[torch.Tensor], dtype: torch.dtype, fill: Callable) -> None:
@@ -129,12 +140,13 @@ class CppBackend(Backend):
         settings decide whether they use TF32)."""
         kernels = _Kernels(x.device)
         code = get_activation(activation).code
-        dtype = DTYPE_CODES[x.dtype]
+        storage = weight.dtype  # the parameters' and outputs' dtype; x may be a half one
+        dtype = DTYPE_CODES[storage]
         B, d_in = x.shape
         d_out = weight.shape[0]
         x32 = _fp32(x)
         bias = None if bias is None else bias.contiguous()
-        target = target.contiguous()
+        target = _as_dtype(target, storage)
 
         # Stage 1: D (scaled) in place on the GEMM's output.
         delta = torch.mm(x32, _fp32(weight).T)
@@ -143,7 +155,7 @@ class CppBackend(Backend):
 
         # Stage 2: the weight GEMM, straight into out_weight when it is fp32 and contiguous.
         has_prox = eta is not None
-        direct = (x.dtype == torch.float32 and out_weight.dtype == torch.float32
+        direct = (storage == torch.float32 and out_weight.dtype == torch.float32
                   and out_weight.is_contiguous())
         grad_w32 = out_weight if direct else torch.empty((d_out, d_in), dtype=torch.float32,
                                                          device=x.device)
@@ -165,8 +177,8 @@ class CppBackend(Backend):
                 _ptr(anchor_bias) if has_prox else 0, _ptr(gb), dtype, B, d_out, d_in,
                 has_prox, inv_eta)
 
-        _into(out_weight if weight_part else None, x.dtype,
-              lambda gw: _into(out_bias, x.dtype, lambda gb: finish(gw, gb)))
+        _into(out_weight if weight_part else None, storage,
+              lambda gw: _into(out_bias, storage, lambda gb: finish(gw, gb)))
 
     # ------------------------------------------------------------ matched_loss_grad_conv2d
 
@@ -178,17 +190,18 @@ class CppBackend(Backend):
         D = scale (f(Z + b) - Y) in place on it (the Linear delta kernel);
         grad_W = conv2d_weight_grad(X, D) (torch); grad_W [+ (W - W0)/eta] and
         grad_b = sum over rows of D [+ (b - b0)/eta] (the Linear finish kernel). Two C++
-        calls. A channels-last target is read where it lies; any other is copied once into
-        rows."""
+        calls. A channels-last target of the weight's dtype is read where it lies; any other is
+        copied once into rows (converted to the weight's dtype in the same pass)."""
         kernels = _Kernels(x.device)
         code = get_activation(activation).code
-        dtype = DTYPE_CODES[x.dtype]
+        storage = weight.dtype  # as in matched_loss_grad_into
+        dtype = DTYPE_CODES[storage]
         x32, w32 = _fp32(x), _fp32(weight)
         with conv.conv_precision(precision, x.device):
             z = conv.preactivation(x32, w32, stride, padding, dilation, groups)
         delta = conv.rows(z)
         R, C_out = delta.shape
-        target_rows = conv.rows_copy(target)
+        target_rows = conv.rows_copy(target, storage)
         bias = None if bias is None else bias.contiguous()
         kernels.matched_loss_delta(delta.data_ptr(), _ptr(bias), target_rows.data_ptr(),
                                    dtype, R, C_out, code, float(scale))
@@ -210,7 +223,7 @@ class CppBackend(Backend):
                 _ptr(bias) if has_prox else 0, _ptr(anchor_bias) if has_prox else 0,
                 _ptr(gb), dtype, R, C_out, K, has_prox, inv_eta)
 
-        _into(out_weight, x.dtype, lambda gw: _into(out_bias, x.dtype,
+        _into(out_weight, storage, lambda gw: _into(out_bias, storage,
                                                    lambda gb: finish(gw, gb)))
 
     # ------------------------------------------------------------ local_targets

@@ -1,8 +1,10 @@
 """The "reference" backend: the oracle (``reference.py``) run as a backend.
 
-Plain PyTorch on any device; half dtypes are computed in fp32, fp64 stays fp64. It is what
-every other backend is tested against, and what CPU ops fall back to when the C++ extension
-is not built.
+Plain PyTorch on any device; half dtypes are computed in fp32, fp64 stays fp64. The
+matched-loss ops compute in the weight's dtype (fp32 for a half weight): half operands of an
+fp32/fp64 weight (mixed precision, ``validation.OPERAND_DTYPES``) are cast up to it first,
+exactly. It is what every other backend is tested against, and what CPU ops fall back to when
+the C++ extension is not built.
 """
 from __future__ import annotations
 
@@ -15,8 +17,17 @@ from ._conv import conv_precision
 from .base import HALF_DTYPES, Backend
 
 
-def _math(t):
-    return None if t is None else (t.float() if t.dtype in HALF_DTYPES else t)
+def _math(t, dtype=None):
+    """t in the math dtype: ``dtype`` when given, else fp32 for half storage, else t's own."""
+    if t is None:
+        return None
+    return t.to(dtype if dtype is not None else
+                (torch.float32 if t.dtype in HALF_DTYPES else t.dtype))
+
+
+def _compute_dtype(weight) -> torch.dtype:
+    """The matched-loss ops' math dtype: the weight's, fp32 for half storage."""
+    return torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
 
 
 class ReferenceBackend(Backend):
@@ -27,10 +38,11 @@ class ReferenceBackend(Backend):
 
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
                                anchor_bias, eta, out_weight, out_bias, precision):
-        gw, gb = reference.matched_loss_grad(_math(x), _math(weight), _math(bias),
-                                             _math(target), activation, scale=scale,
-                                             anchor_weight=_math(anchor_weight),
-                                             anchor_bias=_math(anchor_bias), eta=eta)
+        ct = _compute_dtype(weight)
+        gw, gb = reference.matched_loss_grad(_math(x, ct), _math(weight, ct), _math(bias, ct),
+                                             _math(target, ct), activation, scale=scale,
+                                             anchor_weight=_math(anchor_weight, ct),
+                                             anchor_bias=_math(anchor_bias, ct), eta=eta)
         out_weight.copy_(gw)
         if out_bias is not None:
             out_bias.copy_(gb)
@@ -38,11 +50,13 @@ class ReferenceBackend(Backend):
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
                                       anchor_bias, eta, out_weight, out_bias, precision):
+        ct = _compute_dtype(weight)
         with conv_precision(precision, x.device):
             gw, gb = reference.matched_loss_grad_conv2d(
-                _math(x), _math(weight), _math(bias), _math(target), activation,
+                _math(x, ct), _math(weight, ct), _math(bias, ct), _math(target, ct), activation,
                 stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
-                anchor_weight=_math(anchor_weight), anchor_bias=_math(anchor_bias), eta=eta)
+                anchor_weight=_math(anchor_weight, ct), anchor_bias=_math(anchor_bias, ct),
+                eta=eta)
         out_weight.copy_(gw)
         if out_bias is not None:
             out_bias.copy_(gb)

@@ -3,6 +3,9 @@
 CUDA tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, the
 tests). fp32/fp16/bf16 storage, fp32 accumulation and optimizer state. The kernels take
 contiguous tensors: anything else goes through a contiguous copy written back afterwards.
+Every kernel loads each tensor in its own storage dtype and converts it to fp32 in registers,
+and stores in the destination's dtype, so mixed precision (half x and target, fp32 weight,
+bias and outputs) needs no copy here: only the kernel specialisation differs.
 """
 from __future__ import annotations
 
