@@ -7,6 +7,7 @@ one of them disagrees with ``locoprop_kernels/activations.py``.
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import locoprop_kernels as lk
 from locoprop_kernels.activations import ACTIVATIONS, activation_of_module
@@ -43,7 +44,9 @@ def test_potential_derivative_is_f(name):
 def test_every_module_type_maps_to_its_entry():
     for act in ACTIVATIONS.values():
         for module_type in act.modules:
-            module = module_type(dim=-1) if module_type is nn.Softmax else module_type()
+            module = (module_type(dim=-1) if module_type is nn.Softmax
+                      else module_type(approximate="tanh" if act.name == "gelu_tanh" else "none")
+                      if module_type is nn.GELU else module_type())
             assert activation_of_module(module) is act
     with pytest.raises(ValueError, match="dim=-1 or dim=1"):
         activation_of_module(nn.Softmax(dim=0))
@@ -64,3 +67,41 @@ def test_trainer_takes_leaky_relu_from_the_table():
     opt = lk.LocoProp(model, lambda z, y: ((z - y) ** 2).sum() / len(y),
                       output_activation="identity", backend="reference")
     assert opt.activations == ["leaky_relu", "identity"]
+
+
+def test_gelu_forms_map_to_their_entries():
+    from locoprop_kernels.activations import activation_of_call
+    assert activation_of_module(nn.GELU()).name == "gelu"
+    assert activation_of_module(nn.GELU(approximate="tanh")).name == "gelu_tanh"
+    assert activation_of_module(nn.SiLU()).name == "silu"
+    z = torch.randn(3)
+    assert activation_of_call(F.gelu, (z,), {}).name == "gelu"
+    assert activation_of_call(F.gelu, (z,), {"approximate": "tanh"}).name == "gelu_tanh"
+    assert activation_of_call(F.silu, (z,), {}).name == "silu"
+    for name in ("gelu", "gelu_tanh", "silu"):
+        want = {"gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                "silu": F.silu}[name]
+        t = torch.linspace(-6, 6, 101, dtype=torch.float64)
+        assert torch.equal(ACTIVATIONS[name].f(t), want(t))
+
+
+@pytest.mark.parametrize("name, below", [("gelu", -0.7518), ("gelu_tanh", -0.7518),
+                                         ("silu", -1.2785)])
+def test_non_monotone_activations_are_non_convex_only_below_their_minimum(name, below):
+    """f' < 0 (F not convex) exactly below f's minimiser, as docs/activations.md states."""
+    z = torch.linspace(-6, 6, 12001, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(ACTIVATIONS[name].f(z).sum(), z)
+    negative = z.detach()[slope < 0]
+    assert abs(negative.max().item() - below) < 2e-3
+
+
+def test_potentials_of_the_quadrature_entries():
+    """F(z) - F(0) = integral_0^z f against a fine trapezoid rule (its error ~1e-9 here)."""
+    for name in ("gelu", "gelu_tanh", "silu"):
+        act = ACTIVATIONS[name]
+        base = act.potential(torch.zeros(1, 1, dtype=torch.float64)).item()
+        for v in (-8.0, -1.0, 0.5, 3.0, 8.0):
+            t = torch.linspace(0.0, v, 100001, dtype=torch.float64)
+            want = torch.trapezoid(act.f(t), t).item()
+            got = act.potential(torch.tensor([[v]], dtype=torch.float64)).item() - base
+            assert abs(got - want) <= 1e-8, (name, v)

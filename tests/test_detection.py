@@ -215,3 +215,39 @@ def test_construction_time_guess_before_any_forward():
     assert [(i.activation, i.how) for i in opt.layers] == [("tanh", "detected"),
                                                            ("softmax", "output")]
     assert all(math.isfinite(p.sum().item()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("act, name", [(nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu_tanh"),
+                                       (nn.SiLU(), "silu")])
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64),
+                                            ("cpp", torch.float32)])
+def test_non_monotone_activations_train(act, name, backend, dtype):
+    """GELU / SiLU layers (non-convex F on a negative range): detected, and 30 steps of both
+    LocoProp APIs keep a finite, decreasing loss."""
+    if backend == "cpp" and not lk.backends.cpp_available():
+        pytest.skip("locoprop_kernels._C not built")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), act, nn.Linear(16, 16), copy.deepcopy(act),
+                          nn.Linear(16, 3)).to(dtype)
+    trainer_model = copy.deepcopy(model)
+    x, y = torch.randn(32, 6, dtype=dtype), torch.randint(0, 3, (32,))
+    opt = lk.optim.LocoProp(model, lr=1e-3, inner_steps=3, backend=backend,
+                            output_activation="softmax")
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert [i.activation for i in opt.layers] == [name, name, "softmax"]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    trainer = lk.LocoProp(trainer_model, lambda z, t: F.cross_entropy(z, t),
+                          output_activation="softmax", lr=1e-3, inner_steps=3, backend=backend)
+    assert trainer.activations == [name, name, "softmax"]
+    first = last = None
+    for _ in range(30):
+        v = float(trainer.step(x, y))
+        first = v if first is None else first
+        last = v
+    assert math.isfinite(last) and last < first

@@ -16,6 +16,14 @@ SIGMOID: tl.constexpr = tl.constexpr(2)
 SOFTMAX: tl.constexpr = tl.constexpr(3)
 RELU: tl.constexpr = tl.constexpr(4)
 LEAKY_RELU: tl.constexpr = tl.constexpr(5)
+GELU: tl.constexpr = tl.constexpr(6)
+GELU_TANH: tl.constexpr = tl.constexpr(7)
+SILU: tl.constexpr = tl.constexpr(8)
+
+#: 1/sqrt(2) (GELU's erf argument) and sqrt(2/pi), 0.044715 (its tanh form, as torch's).
+INV_SQRT2: tl.constexpr = tl.constexpr(0.7071067811865476)
+SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
+GELU_TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)
 
 #: leaky_relu's slope for z <= 0 (torch.nn.LeakyReLU's default).
 LEAKY_RELU_SLOPE: tl.constexpr = tl.constexpr(0.01)
@@ -54,6 +62,15 @@ def apply_elementwise(z, act):
     elif act == LEAKY_RELU:
         # NaN > 0 is false: NaN takes the slope branch and stays NaN.
         f = tl.where(z > 0.0, z, z * LEAKY_RELU_SLOPE)
+    elif act == GELU:
+        # libdevice's erf on the GPU, numpy's under the interpreter: both ~1 ulp in fp32.
+        f = 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT2))
+    elif act == GELU_TANH:
+        u = z * (1.0 + GELU_TANH_CUBIC * z * z)
+        u = u * SQRT_2_OVER_PI
+        f = 0.5 * z * (1.0 + _tanh(u))
+    elif act == SILU:
+        f = z / (1.0 + tl.exp(-z))
     return f
 
 
