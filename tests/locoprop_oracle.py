@@ -200,6 +200,15 @@ class LocoPropOracle:
         calls = [(m, kind, act, c) for name, m, kind, act in self.layers
                  for c in records[name] if c.g is not None]  # calls the backward reached
 
+        # The recomputed z(theta0) must be the recorded Z0 (a wrong layout would show here).
+        with torch.no_grad():
+            for m, kind, _, c in calls:
+                z = preactivation(m, kind, c.x, m.weight, m.bias)
+                err = (z - c.z0).abs().max() / c.z0.abs().max().clamp_min(1.0)
+                if err > 1e-6:
+                    raise AssertionError(f"oracle: z(W0) of a {kind} layer is not its recorded "
+                                         f"output (error {err.item():.2e})")
+
         # R_p = p.grad - (the part of p.grad the recorded calls produce), at theta0.
         if calls:
             produced = self._sum_over_calls(calls, lambda i, z: (calls[i][3].g * z).sum())
