@@ -40,6 +40,7 @@ functions do.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -65,6 +66,17 @@ def _check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
 
 def _check_backend_arg(op: str, backend) -> None:
     backends.check_name(op, backend)
+
+
+def _autocast_off(device: torch.device):
+    """A context with autocast off on ``device`` while a backend runs. A custom op has no
+    autocast kernel of its own, so an op called under ``torch.autocast`` reaches its
+    implementation with autocast still on, and the torch GEMMs and convolutions inside the
+    backends (all of the reference's math, the cpp and conv paths' GEMMs) would run in the
+    autocast dtype instead of the weight's. Nothing to do (no context entered) otherwise."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- autograd
@@ -229,8 +241,10 @@ def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, ancho
     _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
-    be.matched_loss_grad_into(x, weight, bias, target, activation, float(scale), anchor_weight,
-                              anchor_bias, eta, out_weight, out_bias, precision)
+    with _autocast_off(x.device):
+        be.matched_loss_grad_into(x, weight, bias, target, activation, float(scale),
+                                  anchor_weight, anchor_bias, eta, out_weight, out_bias,
+                                  precision)
 
 
 @torch.library.custom_op("locoprop::matched_loss_grad", mutates_args=())
@@ -429,10 +443,11 @@ def _run_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, strid
     _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
         anchor_weight = anchor_bias = None
-    be.matched_loss_grad_conv2d_into(x, weight, bias, target, activation, list(stride),
-                                     list(padding), list(dilation), int(groups), float(scale),
-                                     anchor_weight, anchor_bias, eta, out_weight, out_bias,
-                                     precision)
+    with _autocast_off(x.device):
+        be.matched_loss_grad_conv2d_into(x, weight, bias, target, activation, list(stride),
+                                         list(padding), list(dilation), int(groups),
+                                         float(scale), anchor_weight, anchor_bias, eta,
+                                         out_weight, out_bias, precision)
 
 
 @torch.library.custom_op("locoprop::matched_loss_grad_conv2d", mutates_args=())
@@ -599,7 +614,8 @@ def _local_targets_op(preact: Tensor, grad_preact: Tensor, activation: str, gamm
     be = backends.resolve(op, backend or None, preact.device, preact.dtype)
     _check_backend_dtype(op, be, "preact", preact)
     out = torch.empty_like(preact, memory_format=torch.contiguous_format)
-    be.local_targets_into(preact, grad_preact, activation, float(gamma), variant, out)
+    with _autocast_off(preact.device):
+        be.local_targets_into(preact, grad_preact, activation, float(gamma), variant, out)
     return out
 
 

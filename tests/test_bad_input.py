@@ -51,7 +51,31 @@ CASES = [
     ("matched_loss_grad", _mlg_args, dict(x=lambda a, k: a["x"][:0]), ValueError, "x"),
     ("matched_loss_grad", _mlg_args, dict(x=lambda a, k: a["x"].long()), TypeError, "x"),
     ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"][:, :3]), ValueError, "weight"),
-    ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].double()), TypeError, "weight"),
+    # Mixed precision (ops module docstring): the weight sets the compute dtype; x and target
+    # may be lower-precision halves of an fp32/fp64 weight, nothing else mixes.
+    # fp32 x with an fp64 weight: not a half operand.
+    ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].double()), TypeError, "x"),
+    # A weight less precise than x (fp32 x, bf16 weight): the weight is named.
+    ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].bfloat16()), TypeError, "weight"),
+    # fp16 x with a bf16 weight (and bias, target): halves do not mix with each other.
+    ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].bfloat16(),
+                                          bias=lambda a, k: a["bias"].bfloat16(),
+                                          target=lambda a, k: a["target"].bfloat16(),
+                                          x=lambda a, k: a["x"].half()), TypeError, "x"),
+    # A target more precise than a bf16 weight (x, bias bf16 too).
+    ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].bfloat16(),
+                                          bias=lambda a, k: a["bias"].bfloat16(),
+                                          x=lambda a, k: a["x"].bfloat16()), TypeError, "target"),
+    # fp64 and integer targets under an fp32 weight.
+    ("matched_loss_grad", _mlg_args, dict(target=lambda a, k: a["target"].double()), TypeError, "target"),
+    ("matched_loss_grad", _mlg_args, dict(target=lambda a, k: a["target"].long()), TypeError, "target"),
+    # bf16 x is fine with an fp32 weight, but bias and anchors are parameters: weight's dtype.
+    ("matched_loss_grad", _mlg_args, dict(x=lambda a, k: a["x"].bfloat16(),
+                                          bias=lambda a, k: a["bias"].bfloat16()), TypeError, "bias"),
+    ("matched_loss_grad", _mlg_args, dict(x=lambda a, k: a["x"].bfloat16(), eta=0.5,
+                                          anchor_weight=lambda a, k: a["weight"].bfloat16(),
+                                          anchor_bias=lambda a, k: a["bias"]), TypeError,
+     "anchor_weight"),
     ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].to(META)), TypeError, "weight"),
     ("matched_loss_grad", _mlg_args, dict(bias=lambda a, k: a["bias"][:2]), ValueError, "bias"),
     ("matched_loss_grad", _mlg_args, dict(target=lambda a, k: a["target"].T), ValueError, "target"),
@@ -73,6 +97,9 @@ CASES = [
     ("local_targets", _lt_args, dict(variant="X"), ValueError, "variant"),
     ("local_targets", _lt_args, dict(activation="Tanh"), ValueError, "activation"),
     ("local_targets", _lt_args, dict(gamma="10"), TypeError, "gamma"),
+    # local_targets does not mix dtypes: grad_preact has preact's.
+    ("local_targets", _lt_args, dict(grad_preact=lambda a, k: a["grad_preact"].bfloat16()),
+     TypeError, "grad_preact"),
     ("rmsprop_step_", _rms_args, dict(grads=lambda a, k: a["grads"][:1]), ValueError, "grads"),
     ("rmsprop_step_", _rms_args, dict(grads=lambda a, k: [a["grads"][0].T, a["grads"][1]]), ValueError, "grads[0]"),
     ("rmsprop_step_", _rms_args, dict(square_avgs=lambda a, k: [s.half() for s in a["square_avgs"]]),

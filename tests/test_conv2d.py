@@ -233,14 +233,20 @@ def _args(**change):
 BAD = [
     (dict(x=lambda a, k: a["x"][0]), ValueError, "x"),
     (dict(x=lambda a, k: a["x"][:0]), ValueError, "x"),
+    # An fp64 x with an fp32 weight: the weight is less precise than x (it is named).
     (dict(x=lambda a, k: a["x"].double()), TypeError, "weight"),
+    # bf16 x is fine with an fp32 weight (mixed precision), a bf16 bias is not.
+    (dict(x=lambda a, k: a["x"].bfloat16(), bias=lambda a, k: a["bias"].bfloat16()), TypeError,
+     "bias"),
     (dict(x=lambda a, k: a["x"][..., :1, :1], padding=0), ValueError, "x"),
     (dict(weight=lambda a, k: a["weight"][:, :3]), ValueError, "weight"),
-    (dict(weight=lambda a, k: a["weight"].double()), TypeError, "weight"),
+    # fp32 x with an fp64 weight: x is neither the weight's dtype nor a half one.
+    (dict(weight=lambda a, k: a["weight"].double()), TypeError, "x"),
     (dict(weight="w"), TypeError, "weight"),
     (dict(bias=lambda a, k: a["bias"][:4]), ValueError, "bias"),
     (dict(target=lambda a, k: a["target"][:, :, :2]), ValueError, "target"),
-    (dict(target=lambda a, k: a["target"].half()), TypeError, "target"),
+    (dict(target=lambda a, k: a["target"].double()), TypeError, "target"),
+    (dict(target=lambda a, k: a["target"].int()), TypeError, "target"),
     (dict(stride=0), ValueError, "stride"),
     (dict(stride=(1, 2, 3)), TypeError, "stride"),
     (dict(padding=-1), ValueError, "padding"),
