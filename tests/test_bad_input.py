@@ -79,7 +79,7 @@ CASES = [
     ("matched_loss_grad", _mlg_args, dict(weight=lambda a, k: a["weight"].to(META)), TypeError, "weight"),
     ("matched_loss_grad", _mlg_args, dict(bias=lambda a, k: a["bias"][:2]), ValueError, "bias"),
     ("matched_loss_grad", _mlg_args, dict(target=lambda a, k: a["target"].T), ValueError, "target"),
-    ("matched_loss_grad", _mlg_args, dict(activation="gelu"), ValueError, "activation"),
+    ("matched_loss_grad", _mlg_args, dict(activation="quick_gelu"), ValueError, "activation"),
     ("matched_loss_grad", _mlg_args, dict(eta=0.5), ValueError, "anchor_weight"),
     ("matched_loss_grad", _mlg_args, dict(eta=-1.0, anchor_weight=lambda a, k: a["weight"],
                                           anchor_bias=lambda a, k: a["bias"]), ValueError, "eta"),
