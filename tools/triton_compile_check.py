@@ -6,7 +6,8 @@ The tests run the kernels under Triton's interpreter, which executes them as num
 compiles them: a kernel that the GPU compiler rejects (a dot with a tile edge under 16, a type
 mix the interpreter tolerates, a constexpr misuse) would pass CI and break on the first GPU.
 This script drives the real launchers (``triton_kernels/*.py``) over the cases the package
-uses -- every activation, dtype, bias/prox setting, dot precision, both tile regimes, the
+uses -- every activation, dtype (and mixed precision: half x and target, fp32 parameters),
+bias/prox setting, dot precision, both tile regimes, the
 grouped kernels on the autoencoder's layer table, RMSProp flat and table forms with lr as a
 value and as a device pointer and with torch's options (centered, maximize, weight decay) --
 but replaces the launch with ``triton.compile`` for the target
@@ -171,6 +172,19 @@ def per_layer_cases(compiler: Compiler) -> None:
             torch.empty_like(w), torch.empty_like(b) if has_bias else None, precision=precision)
         for variant in ("M", "S"):
             local_targets.local_targets_into(y, y, act.code, 10.0, variant, torch.empty_like(y))
+    # Mixed precision (half x and target, fp32 weight, bias, anchors and outputs: what
+    # torch.autocast records): the same kernels specialised on mixed pointer types, at the
+    # GPU tiles and the default precision.
+    B, K, N = shapes["64"]
+    for low, act, has_bias, has_prox in itertools.product(
+            [torch.bfloat16, torch.float16], ACTIVATIONS.values(), [True, False], [False, True]):
+        x, y = torch.empty(B, K, dtype=low), torch.empty(B, N, dtype=low)
+        w, b = torch.empty(N, K), torch.empty(N) if has_bias else None
+        compiler.context = f"{low} operands, fp32 params {act.name}"
+        matched_loss_grad.matched_loss_grad_into(
+            x, w, b, y, act.code, 1.0, w if has_prox else None,
+            b if has_prox and has_bias else None, 0.5 if has_prox else None,
+            torch.empty_like(w), torch.empty_like(b) if has_bias else None, precision="ieee")
 
 
 def grouped_cases(compiler: Compiler) -> None:
