@@ -215,6 +215,18 @@ def test_package_matches_oracle_variant_s():
     assert max(max_rel_diff(theirs, ours).values()) <= TOL
 
 
+def test_package_matches_oracle_with_the_prox_term():
+    """eta: + ||p - p0||^2 / (2 eta) in the local objective. DESIGN §2 writes it for a layer's
+    (W, b); the package (its module docstring) and the oracle put it on every trainable
+    parameter, the linearized ones (LayerNorm, embedding) included."""
+    start, data = build(Tied), batches("tied")
+    ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
+    package_steps(theirs, data, cross_entropy, "softmax", eta=0.05, **OPTIONS)
+    oracle_steps(ours, data, cross_entropy, TIED_ACTS, eta=0.05, **OPTIONS)
+    assert min(max_rel_diff(start, ours).values()) > MOVED
+    assert max(max_rel_diff(theirs, ours).values()) <= TOL
+
+
 def test_package_matches_oracle_other_hyperparameters():
     """gamma, scale, alpha, eps, momentum, lr_floor and T away from their defaults."""
     options = dict(lr=2e-3, gamma=3.0, scale=0.25, alpha=0.8, eps=1e-4, momentum=0.9,
@@ -249,3 +261,62 @@ def test_one_inner_step_is_one_rmsprop_step_on_gamma_grad(case):
         for n, p in model.named_parameters():
             scale = want[n].abs().max()
             assert ((p - want[n]).abs().max() / scale).item() <= 1e-12, n
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D in miniature (the oracle recognises the class name): weight stored
+    (in, out), z = x @ W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(nx, nf))
+        self.bias = nn.Parameter(0.1 * torch.randn(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("kind", ["Linear", "Conv1D"])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_oracle_inner_gradient_is_the_matched_loss_gradient(act, kind):
+    """Away from W0 the oracle's local gradient of a layer is DESIGN §2's
+    s (f(X W^T + b) - Y)^T X (Conv1D: X^T (f(X W + b) - Y)), Y = f(Z0) - gamma G: checks the
+    surrogate of F for every activation, and the Conv1D layout."""
+    torch.manual_seed(3)
+    first = nn.Linear(4, 5) if kind == "Linear" else Conv1D(5, 4)
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(2, 7, 4, dtype=torch.float64)  # rows in two leading dims
+    target = torch.randn(2, 7, 3, dtype=torch.float64)
+    gamma, s = 10.0, 0.5
+    oracle = LocoPropOracle(model, {"0": act}, lr=1e-3, gamma=gamma, scale=s)
+
+    # G = dL/dZ0 and Z0 of the first layer, by hand
+    z0 = first(x)
+    z0.retain_grad()
+    loss = ((model[2](torch.tanh(z0)) - target) ** 2).sum()
+    loss.backward()
+    G, Z0 = z0.grad.detach(), z0.detach()
+    model.zero_grad()
+
+    _, params, objective = oracle._prepare(
+        lambda m: ((m(x) - target) ** 2).sum())
+    grads0 = {id(p): p.grad.detach().clone() for p in params}
+    with torch.no_grad():  # move away from W0
+        first.weight.add_(0.2 * torch.randn_like(first.weight))
+        first.bias.add_(0.2 * torch.randn_like(first.bias))
+    got = dict(zip([id(p) for p in params], oracle._gradient(objective, params)))
+
+    f = ACTIVATIONS[act]
+    Y = f(Z0) - gamma * G
+    with torch.no_grad():
+        Z = first(x)
+        D = (s * (f(Z) - Y)).reshape(-1, 5)
+        X = x.reshape(-1, 4)
+        want_w = D.t() @ X if kind == "Linear" else X.t() @ D
+        want_b = D.sum(0)
+    torch.testing.assert_close(got[id(first.weight)], want_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[id(first.bias)], want_b, rtol=1e-12, atol=1e-12)
+    # the other layer has no recorded call: its local gradient stays s gamma p.grad
+    for p in model[2].parameters():
+        torch.testing.assert_close(got[id(p)], s * gamma * grads0[id(p)], rtol=1e-12,
+                                   atol=1e-14)

@@ -322,6 +322,7 @@ def _cpu_compiler() -> bool:
 
 
 @pytest.mark.skipif(not _cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_model_has_the_eager_activations():
     """``lk.optim.LocoProp(torch.compile(model))``: the same layers and f as the eager model
     (names compared without the ``_orig_mod.`` prefix of the compiled wrapper's modules).
