@@ -159,6 +159,11 @@ class Activation:
     functions: tuple = ()
     methods: tuple = ()
     call_mismatch: Callable[[tuple, dict], Optional[str]] = _any_call
+    #: True for the built-in rows, whose ``code`` the compiled kernels implement; a row added
+    #: with ``register_activation`` runs where a backend has its f (``Backend.implements``).
+    builtin: bool = True
+    #: A ``@triton.jit`` elementwise f(z) (fp32 in, fp32 out) for the fused per-layer kernel.
+    triton_f: Optional[Callable] = None
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -191,7 +196,58 @@ ACTIVATIONS: dict[str, Activation] = {
     )
 }
 
+#: The built-in names (the kernels' rows); ``ACTIVATIONS`` also holds registered ones.
 NAMES = tuple(ACTIVATIONS)
+
+#: Codes of registered rows start here: no compiled kernel switches on them.
+FIRST_USER_CODE = 1000
+
+
+def register_activation(name: str, f: Callable, *, potential: Optional[Callable] = None,
+                        modules: tuple = (), functions: tuple = (), methods: tuple = (),
+                        triton_f: Optional[Callable] = None) -> Activation:
+    """Add an activation to the table; returns its row.
+
+    ``f``: z (..., d) -> f(z), a torch function of the pre-activation with the features on
+    the last dim (all a matched-loss gradient needs: (f(Z) - Y)^T X). ``potential``: F with
+    dF/dz = f, summed over the last dim, used only to report local loss values; default: for
+    an elementwise f, 48-point Gauss-Legendre of f on [0, z] with an exact gradient.
+    ``modules`` / ``functions`` / ``methods``: the module types, functions and Tensor-method
+    names that compute f (detection and the Sequential trainer map them to this row; a
+    parameter-free module is also recognised by what it computes). ``triton_f``: a
+    ``@triton.jit`` elementwise f for the fused per-layer Triton kernel (without it the
+    triton backend computes this row's matched loss in PyTorch, as the cpp backend always
+    does). A name already in the table (built-in or registered) is refused."""
+    op = "locoprop.register_activation"
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{op}: argument 'name' expected an identifier, got {name!r}")
+    if name in ACTIVATIONS:
+        kind = "built-in" if ACTIVATIONS[name].builtin else "registered"
+        raise ValueError(f"{op}: argument 'name' {name!r} clashes with the {kind} activation "
+                         f"of that name (unregister_activation removes a registered one)")
+    if not callable(f):
+        raise TypeError(f"{op}: argument 'f' expected a callable, got {type(f).__name__}")
+    if potential is not None and not callable(potential):
+        raise TypeError(f"{op}: argument 'potential' expected a callable or None, got "
+                        f"{type(potential).__name__}")
+    for arg, value in (("modules", modules), ("functions", functions), ("methods", methods)):
+        if not isinstance(value, tuple):
+            raise TypeError(f"{op}: argument '{arg}' expected a tuple, got "
+                            f"{type(value).__name__}")
+    code = max([FIRST_USER_CODE - 1] + [a.code for a in ACTIVATIONS.values()]) + 1
+    row = Activation(name, code, f, potential or _quadrature_potential(f), modules,
+                     functions=functions, methods=methods, builtin=False, triton_f=triton_f)
+    ACTIVATIONS[name] = row
+    return row
+
+
+def unregister_activation(name: str) -> None:
+    """Remove a registered activation (built-in rows cannot be removed)."""
+    row = ACTIVATIONS.get(name)
+    if row is None or row.builtin:
+        raise ValueError(f"locoprop.unregister_activation: argument 'name' expected a "
+                         f"registered activation, got {name!r}")
+    del ACTIVATIONS[name]
 
 
 def activation_of_call(target, args: tuple, kwargs: dict, *,
@@ -226,5 +282,5 @@ def get_activation(name: str, *, op: str = "locoprop") -> Activation:
     """Look an activation up by name; a clear ValueError names the op and the choices."""
     if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(
-            f"{op}: argument 'activation' expected one of {list(NAMES)}, got {name!r}")
+            f"{op}: argument 'activation' expected one of {list(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]

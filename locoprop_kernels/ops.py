@@ -236,7 +236,8 @@ def _check_matched_loss_grad(op, x, weight, bias, target, activation, scale, anc
 
 def _run_matched_loss_grad(op, x, weight, bias, target, activation, scale, anchor_weight,
                            anchor_bias, eta, backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device, weight.dtype)
+    be = backends.resolve(op, backend or None, x.device, weight.dtype,
+                          activation=get_activation(activation))
     _check_backend_dtype(op, be, "x", x)
     _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
@@ -438,7 +439,8 @@ def _check_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, str
 def _run_matched_loss_grad_conv2d(op, x, weight, bias, target, activation, stride, padding,
                                   dilation, groups, scale, anchor_weight, anchor_bias, eta,
                                   backend, precision, out_weight, out_bias):
-    be = backends.resolve(op, backend or None, x.device, weight.dtype)
+    be = backends.resolve(op, backend or None, x.device, weight.dtype,
+                          activation=get_activation(activation))
     _check_backend_dtype(op, be, "x", x)
     _check_backend_dtype(op, be, "weight", weight)
     if eta is None:  # the prox centre is unused without eta: never read it
@@ -611,7 +613,9 @@ def _local_targets_op(preact: Tensor, grad_preact: Tensor, activation: str, gamm
                       variant: str, backend: str) -> Tensor:
     op = "local_targets"
     _check_local_targets(op, preact, grad_preact, activation, gamma, variant)
-    be = backends.resolve(op, backend or None, preact.device, preact.dtype)
+    be = backends.resolve(op, backend or None, preact.device, preact.dtype,
+                          activation=get_activation("identity" if variant == "S"
+                                                    else activation))
     _check_backend_dtype(op, be, "preact", preact)
     out = torch.empty_like(preact, memory_format=torch.contiguous_format)
     with _autocast_off(preact.device):

@@ -195,8 +195,13 @@ class LocoProp:
                       f"{[str(d) for d in be.dtypes]}", self.dtype)
         self.backend = be.name
         self.dp = DataParallel.for_group(process_group)
+        # The grouped kernel switches on the built-in rows' codes only.
+        all_builtin = all(get_activation(layer.activation).builtin for layer in self.layers)
         if grouped is None:
-            grouped = be.prefers_grouped(self.device) and not self.dp.active
+            grouped = be.prefers_grouped(self.device) and not self.dp.active and all_builtin
+        if grouped and not all_builtin:
+            fail_value(OP, "grouped", "False with a registered activation (the grouped "
+                       "kernel implements the built-in ones)", grouped)
         if grouped and self.dp.active:
             fail_value(OP, "grouped", "False with a process group (the grouped inner loop "
                        "has no per-iteration all-reduce)", grouped)

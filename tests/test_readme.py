@@ -10,3 +10,13 @@ def test_readme_python_examples_run():
     assert blocks, "README has no python example"
     for code in blocks:
         exec(compile(code, str(README), "exec"), {})
+
+
+def test_models_and_activations_docs_examples_run():
+    """docs/models.md and docs/activations.md: every python block runs as written."""
+    for name in ("models.md", "activations.md"):
+        path = README.parent / "docs" / name
+        blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+        assert blocks, f"{name} has no python example"
+        for code in blocks:
+            exec(compile(code, str(path), "exec"), {})

@@ -50,12 +50,13 @@ def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias,
 @triton.jit
 def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bias, act,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, USER_F: tl.constexpr = None):
     """D = f(X W^T + b) - Y on rows block pid_m and column block pid_n; for softmax on all
     columns of rows block pid_m (pid_n ignored): pass 1 parks Z in D and folds it into an
     online (max, sum), pass 2 turns it into softmax - Y in place. ``act``, the activation
     code, is a constexpr (``_delta_kernel``: the branches fold) or a run-time scalar (the
-    grouped kernel: softmax vs element-wise is a branch uniform over the program)."""
+    grouped kernel: softmax vs element-wise is a branch uniform over the program).
+    ``USER_F``: a registered activation's ``@triton.jit`` f, used instead of the code's."""
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     if act == SOFTMAX:
@@ -84,7 +85,11 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
         z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias, BLOCK_K,
                          PRECISION)
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(d_ptr + offs, apply_elementwise(z, act) - y, mask=ok)
+        if USER_F is not None:
+            f = USER_F(z)
+        else:
+            f = apply_elementwise(z, act)
+        tl.store(d_ptr + offs, f - y, mask=ok)
 
 
 @triton.jit
@@ -133,11 +138,12 @@ def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr
 @triton.jit
 def _delta_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, B, N, K,
                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                  USER_F: tl.constexpr = None):
     """Stage 1 for one layer. Grid (cdiv(B, BLOCK_M), cdiv(N, BLOCK_N)); (cdiv(B, BLOCK_M), 1)
     for softmax."""
     delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, tl.program_id(0), tl.program_id(1),
-                B, N, K, HAS_BIAS, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                B, N, K, HAS_BIAS, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, USER_F)
 
 
 @triton.jit
@@ -151,8 +157,10 @@ def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_p
                       HAS_PROX, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
-def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None):
-    """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out)."""
+def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None,
+          user_f=None):
+    """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out); ``user_f``: a
+    registered activation's @triton.jit f (then ``code`` is not read)."""
     B, K = x.shape
     N = weight.shape[0]
     d = torch.empty((B, N), device=x.device, dtype=torch.float32) if out is None else out
@@ -160,19 +168,19 @@ def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=No
     grid = (triton.cdiv(B, bm), 1 if code == SOFTMAX.value else triton.cdiv(N, bn))
     launch(_delta_kernel, grid, x, weight, bias if bias is not None else x, target, d, B, N, K,
            HAS_BIAS=int(bias is not None), ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-           PRECISION=precision)
+           PRECISION=precision, USER_F=user_f)
     return d
 
 
 def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
                            anchor_weight, anchor_bias, eta, out_weight, out_bias,
-                           *, precision: str = "ieee") -> None:
+                           *, precision: str = "ieee", user_f=None) -> None:
     """Write the matched-loss gradient into ``out_weight`` (and ``out_bias``): two launches.
 
     All tensors must be contiguous; shapes as in the module docstring. ``eta`` None turns
     the prox term off. The outputs may have any float dtype (math is fp32).
     """
-    d = delta(x, weight, bias, target, code, precision=precision)
+    d = delta(x, weight, bias, target, code, precision=precision, user_f=user_f)
     B, K = x.shape
     N = weight.shape[0]
     bm, bn, bk = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE), tile(K, MIN_TILE, MAX_TILE)

@@ -44,6 +44,11 @@ class Backend(ABC):
         """Whether tensors of this device (and dtype, when given) run here."""
         return device.type in self.device_types and (dtype is None or dtype in self.dtypes)
 
+    def implements(self, activation, op: str) -> bool:
+        """Whether this backend has a kernel for ``activation`` (a table row) in ``op``: the
+        compiled backends implement the built-in rows' codes."""
+        return activation.builtin
+
     def can_capture_graph(self, device: torch.device) -> bool:
         """Whether a loop of this backend's ops on ``device`` can be captured in a CUDA graph."""
         return False

@@ -36,6 +36,9 @@ class ReferenceBackend(Backend):
     device_types = ("cpu", "cuda", "mps", "xpu")
     reads_lr_from_device = True  # plain tensor math: a 0-d lr tensor works as a scalar
 
+    def implements(self, activation, op):
+        return True  # any f, from its torch function
+
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
                                anchor_bias, eta, out_weight, out_bias, precision):
         ct = _compute_dtype(weight)

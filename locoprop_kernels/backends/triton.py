@@ -52,6 +52,12 @@ class TritonBackend(Backend):
                     f"locoprop_kernels)")
         return None
 
+    def implements(self, activation, op):
+        # A registered row with a @triton.jit f runs in the per-layer Linear kernel.
+        return activation.builtin or (activation.triton_f is not None
+                                      and op.startswith("matched_loss_grad")
+                                      and "conv2d" not in op)
+
     def can_capture_graph(self, device):
         return device.type == "cuda"
 
@@ -78,12 +84,13 @@ class TritonBackend(Backend):
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
                                anchor_bias, eta, out_weight, out_bias, precision):
         c = _contiguous
-        code = get_activation(activation).code
+        row = get_activation(activation)
+        user_f = None if row.builtin else row.triton_f
 
         def fill_weight(gw):
             _contiguous_out(out_bias, lambda gb: self.kernels.matched_loss_grad_into(
-                c(x), c(weight), c(bias), c(target), code, scale, c(anchor_weight),
-                c(anchor_bias), eta, gw, gb, precision=precision))
+                c(x), c(weight), c(bias), c(target), row.code, scale, c(anchor_weight),
+                c(anchor_bias), eta, gw, gb, precision=precision, user_f=user_f))
 
         _contiguous_out(out_weight, fill_weight)
 
