@@ -35,6 +35,19 @@ def test_opcheck_matched_loss_grad(backend, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_opcheck_new_activations(backend, activation):
+    x, w, b, y = _layer(True)
+    torch.library.opcheck(ops._matched_loss_grad_op,
+                          (x, w, b, y, activation, 0.5, w + 0.1, b + 0.1, 0.3, backend, "ieee"))
+    xc, wc = torch.randn(2, 3, 5, 5).to(DEVICE), torch.randn(4, 3, 3, 3).to(DEVICE)
+    yc = torch.rand(2, 4, 3, 3).to(DEVICE)
+    gw, gb = lk.matched_loss_grad_conv2d(xc, wc, None, yc, activation, backend=backend)
+    torch.library.opcheck(ops._local_targets_op,
+                          (y, torch.randn_like(y), activation, 10.0, "M", backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_local_targets(backend):
     z = torch.randn(7, 4, device=DEVICE)
     # A stride-0 gradient, as `.sum().backward()` produces (NOTES: opcheck found this once).
