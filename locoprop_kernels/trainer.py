@@ -418,6 +418,11 @@ class LocoProp:
             if not t.is_floating_point() or t.device.type == "meta":
                 fail_value(OP, f"state_dict['{key}']", "a floating-point tensor with data",
                            f"{t.dtype} on {t.device}")
+            if not bool(torch.isfinite(t).all()):
+                fail_value(OP, f"state_dict['{key}']", "finite values", "NaN or inf entries")
+        if bool((state_dict["square_avgs"] < 0).any()):
+            fail_value(OP, "state_dict['square_avgs']", "non-negative square averages",
+                       "negative entries")
         check_number(OP, "state_dict['lr']", state_dict["lr"], low=0.0)
         steps = state_dict["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -150,14 +150,18 @@ def _fake_tensor_type() -> type:
 
 
 def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) -> None:
-    """No written tensor shares a byte with another argument; (name, tensor or None) pairs,
-    a name being a str or an (argument, index) pair. Real tensors of one device only (the
-    callers check devices first; fake and meta tensors have no memory and are skipped).
+    """No written tensor shares an element with another argument, nor with itself; (name,
+    tensor or None) pairs, a name being a str or an (argument, index) pair. Real tensors of one
+    device only (the callers check devices first; fake and meta tensors have no memory and
+    are skipped).
 
-    An in-place or output argument that aliases another (or itself, through a stride of 0)
-    would make the result depend on the order a kernel happens to touch memory in, so the op
-    refuses it. Reads may alias each other. Sorting the byte ranges makes this O(n log n):
-    an interval overlaps an earlier one iff it overlaps the earlier one reaching furthest.
+    An in-place or output argument that aliases another (or itself: a stride of 0, or
+    ``as_strided`` views whose elements coincide) would make the result depend on the order a
+    kernel happens to touch memory in, so the op refuses it. Reads may alias each other.
+    Sorting the byte ranges makes this O(n log n): an interval overlaps an earlier one iff it
+    overlaps the earlier one reaching furthest. Interleaved views whose byte ranges overlap
+    but whose elements do not (``buf[0::2]`` and ``buf[1::2]``) are told apart by their
+    element offsets (``_share_elements``).
     """
     spans = []
     for is_written, pairs in ((True, written), (False, read)):
@@ -166,22 +170,63 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = 
                 continue
             if not spans and is_fake(t):
                 return  # one fake tensor means a fake call: all are
-            if is_written and not t.is_contiguous() and any(
-                    st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+            if is_written and _self_overlaps(t):
                 fail_value(op, _name(name), "a tensor whose elements have distinct memory",
-                           f"a tensor with strides {tuple(t.stride())}")
+                           f"a tensor with strides {tuple(t.stride())} whose elements overlap")
             r = _byte_range(t)
             if r is not None:
-                spans.append((r[0], r[1], is_written, name))
+                spans.append((r[0], r[1], is_written, name, t))
     spans.sort(key=lambda s: s[0])
-    reach_any, reach_written = (-1, ""), (-1, "")  # (furthest end so far, its name)
-    for lo, hi, is_written, name in spans:
-        other_hi, other = reach_any if is_written else reach_written
+    # (furthest end so far, its name, its tensor), over all spans and over written ones
+    reach_any, reach_written = (-1, "", None), (-1, "", None)
+    for i, (lo, hi, is_written, name, t) in enumerate(spans):
+        other_hi, other, other_t = reach_any if is_written else reach_written
         if other_hi > lo:
-            culprit, partner = (name, other) if is_written else (other, name)
-            fail_value(op, _name(culprit), f"memory that does not overlap '{_name(partner)}'",
-                       "an aliasing tensor")
+            others = [s for s in spans[:i] if s[1] > lo and (is_written or s[2])]
+            for _, _, _, oname, ot in others:
+                if _share_elements(t, ot):
+                    culprit, partner = (name, oname) if is_written else (oname, name)
+                    fail_value(op, _name(culprit),
+                               f"memory that does not overlap '{_name(partner)}'",
+                               "an aliasing tensor")
         if hi > reach_any[0]:
-            reach_any = (hi, name)
+            reach_any = (hi, name, t)
         if is_written and hi > reach_written[0]:
-            reach_written = (hi, name)
+            reach_written = (hi, name, t)
+
+
+#: Above this many elements the exact element-offset comparison is not attempted: tensors
+#: whose byte ranges overlap count as aliasing (the conservative answer).
+_EXACT_OVERLAP_LIMIT = 1 << 22
+
+
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """The storage offsets (in elements) of every element of t, as one int64 vector."""
+    off = torch.full((), t.storage_offset(), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return off.reshape(-1)
+
+
+def _self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory (a stride of 0, or overlapping strides)."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return False
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        return True
+    overlap = torch._debug_has_internal_overlap(t)  # 0 no, 1 yes, 2 too hard to tell
+    if overlap != 2:
+        return overlap == 1
+    if t.numel() > _EXACT_OVERLAP_LIMIT:
+        return True
+    return _offsets(t).unique().numel() != t.numel()
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors with overlapping byte ranges share an element: exact for views of
+    one storage with one element size (up to ``_EXACT_OVERLAP_LIMIT`` elements), else True."""
+    same = (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.element_size() == b.element_size())
+    if not same or a.numel() + b.numel() > _EXACT_OVERLAP_LIMIT:
+        return True
+    return bool(torch.isin(_offsets(a), _offsets(b)).any())

@@ -72,6 +72,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -118,10 +120,44 @@ class _Hook:
         return (_Hook, (None, self._method))
 
 
-def _remove_hooks(handles: list) -> None:
+#: module -> weak reference to the lk.optim.LocoProp recording it (one per model).
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+#: What a step does with non-finite gradients: "apply" (torch's behaviour: the update
+#: goes through), "skip" (nothing changes, ``skipped_steps`` counts it, a warning says so).
+NONFINITE = ("apply", "skip")
+
+
+def _owner(module: nn.Module):
+    ref = _OWNERS.get(module)
+    owner = None if ref is None else ref()
+    return owner if owner is not None and owner._hooks else None
+
+
+def _remove_hooks(handles: list, modules: list = ()) -> None:
     for h in handles:
         h.remove()
     handles.clear()
+    for m in modules:
+        _OWNERS.pop(m, None)
+
+
+def _check_lr(op: str, arg: str, lr, params) -> None:
+    """lr: a finite number >= 0 or a one-element floating tensor on the CPU or the params'
+    device (what torch.optim accepts), checked where the group is made, not at step()."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            fail_value(op, arg, "a one-element floating tensor", f"shape {tuple(lr.shape)} "
+                       f"{lr.dtype}")
+        devices = {p.device for p in params or ()}
+        if lr.device.type != "cpu" and devices and lr.device not in devices:
+            fail_type(op, arg, f"a tensor on the CPU or on the parameters' device "
+                      f"{sorted(map(str, devices))}", lr.device)
+        value = float(lr.detach().cpu())
+        if not (value >= 0.0 and value < float("inf")):
+            fail_value(op, arg, "a finite number >= 0", value)
+        return
+    check_number(op, arg, lr, low=0.0)
 
 
 class _Call:
@@ -161,7 +197,8 @@ class LocoProp(torch.optim.Optimizer):
                  lr_floor: float = 0.25, eta: Optional[float] = None, scale: float = 1.0,
                  activations: Optional[dict] = None, output_activation: Optional[str] = None,
                  exclude=(), other_lr: Optional[float] = None, backend: Optional[str] = None,
-                 process_group=None, targets=None, regularizer: Optional[Callable] = None):
+                 process_group=None, targets=None, regularizer: Optional[Callable] = None,
+                 nonfinite: str = "apply"):
         if not isinstance(model, nn.Module):
             fail_type(OP, "model", "an nn.Module", type(model).__name__)
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -181,9 +218,11 @@ class LocoProp(torch.optim.Optimizer):
         check_choice(OP, "variant", variant, VARIANTS)
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
-        for name, value in (("gamma", gamma), ("scale", scale)):
-            check_number(OP, name, value)
-        check_number(OP, "lr_floor", lr_floor, low=0.0)
+        check_number(OP, "gamma", gamma, low=0.0, low_open=True)
+        check_number(OP, "scale", scale)
+        if scale == 0:
+            fail_value(OP, "scale", "a nonzero number", scale)
+        check_number(OP, "lr_floor", lr_floor, low=0.0, high=1.0)
         layer_eta = eta if isinstance(eta, dict) else {}
         if isinstance(eta, dict):
             eta = None
@@ -195,11 +234,26 @@ class LocoProp(torch.optim.Optimizer):
             fail_type(OP, "regularizer", "a callable (name, p, p0) -> Tensor or None",
                       type(regularizer).__name__)
         backends.check_name(OP, backend)
+        check_choice(OP, "nonfinite", nonfinite, NONFINITE)
         self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps,
                                       momentum=momentum).check(OP)
+        _check_lr(OP, "lr", lr, list(model.parameters()))
+        if other_lr is not None:
+            _check_lr(OP, "other_lr", other_lr, list(model.parameters()))
 
         self.model = model
-        modules = find_layers(model, exclude)
+        try:
+            modules = find_layers(model, exclude)
+        except re.error as e:
+            fail_value(OP, "exclude", "regular expressions (re.search patterns)",
+                       f"{e.pattern!r}: {e}")
+        taken = [name for name, m in modules if _owner(m) is not None]
+        if taken:
+            raise ValueError(
+                f"locoprop.{OP}: argument 'model' already has a live lk.optim.LocoProp "
+                f"recording its layers ({', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''})"
+                f": one optimizer per model (its records would be stale for the other). Call "
+                f"old.remove_hooks() or delete the old optimizer first")
         self.layers = decide_activations(model, modules, activations, output_activation)
         matched = [(m, info) for (_, m), info in zip(modules, self.layers)
                    if info.loss == "matched"]
@@ -237,6 +291,11 @@ class LocoProp(torch.optim.Optimizer):
         self._param_names = {p: n for n, p in model.named_parameters()}
         self._names = names
         self._records = {m: [] for m in self._modules}
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
+        self._had_records = False  # the last step had recorded layer calls
+        for m in self._modules:
+            _OWNERS[m] = weakref.ref(self)
         self._hooks = [m.register_forward_hook(_Hook(self, "_record")) for m in self._modules]
         # Activation detection from the first forward passes (detection.py): hooks on the
         # model the user calls (torch.compile's wrapper included).
@@ -253,7 +312,7 @@ class LocoProp(torch.optim.Optimizer):
             self._hooks.append(root.register_forward_hook(_Hook(self, "_detect_after"),
                                                           always_call=True))
         # The hooks hold the optimizer weakly; once it is collected, they go too.
-        weakref.finalize(self, _remove_hooks, self._hooks)
+        weakref.finalize(self, _remove_hooks, self._hooks, list(self._modules))
 
     # ------------------------------------------------------------------ recording
 
@@ -269,7 +328,14 @@ class LocoProp(torch.optim.Optimizer):
         else:
             call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]),
                          layer_params(module), module in self._targets)
-        self._records[module].append(call)
+        if call.x.shape[0] == 0:
+            return None  # no rows (an expert that got no tokens): nothing to learn from
+        calls = self._records[module]
+        if calls and layer_params(module)[0].grad is None:
+            # Someone else cleared the gradients (another optimizer's zero_grad, the model's):
+            # the used calls' share of them is gone, so they go too.
+            calls[:] = [c for c in calls if not c.used]
+        calls.append(call)
         output.register_hook(call.mark_used)
         return None
 
@@ -330,7 +396,39 @@ class LocoProp(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (its forward runs without recording after)."""
-        _remove_hooks(self._hooks)
+        _remove_hooks(self._hooks, self._modules)
+        self._clear_records()
+
+    # ------------------------------------------------------------------ torch.optim API
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, with every hyper-parameter checked before the group is
+        added (lr >= 0 finite or a one-element tensor on the params' device, alpha in [0, 1],
+        eps >= 0, momentum >= 0, style, inner_steps >= 1, lr_floor in [0, 1], gamma > 0)."""
+        merged = {**self.defaults, **param_group}
+        params = param_group.get("params")
+        params = [params] if isinstance(params, Tensor) else list(params or ())
+        _check_lr(OP, "lr", merged["lr"], params)
+        RMSpropOptions.from_group({**dict(weight_decay=0.0, centered=False, maximize=False),
+                                   **merged}).check(OP)
+        steps = merged["inner_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            fail_value(OP, "inner_steps", "an int >= 1", repr(steps))
+        check_number(OP, "lr_floor", merged["lr_floor"], low=0.0, high=1.0)
+        check_number(OP, "gamma", merged["gamma"], low=0.0, low_open=True)
+        check_choice(OP, "variant", merged["variant"], VARIANTS)
+        super().add_param_group(param_group)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            f"locoprop.{OP} cannot be deep-copied: it is bound to its model's modules through "
+            f"forward hooks. Copy the model, make a new optimizer on the copy and "
+            f"load_state_dict(opt.state_dict()) into it")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"locoprop.{OP} cannot be pickled (it holds forward hooks on its model): pickle "
+            f"opt.state_dict() instead (torch.save works, torch.load(weights_only=True) too)")
 
     # ------------------------------------------------------------------ the step
 
@@ -468,30 +566,57 @@ class LocoProp(torch.optim.Optimizer):
         return {p: grads[p].clone() for p in params}
 
     def _outer_step(self) -> None:
-        """T inner iterations through the shared ``InnerLoop`` (t = 0 is the constant alone)."""
+        """T inner iterations through the shared ``InnerLoop`` (t = 0 is the constant alone),
+        as one transaction: if anything raises during them (or, with ``nonfinite="skip"``, the
+        update is not finite), the parameters, their state and the step counts are put back
+        as they were."""
         g0 = self.param_groups[0]
         eta = g0["eta"]
         params, problems, constant = self._prepare()
         if not params:
             return
-        grads = _Flat(params)
-        anchors = [torch.empty_like(p) for p in params] if eta is not None else None
-        extra = self._regularization(params, constant)
+        had_records, self._had_records = self._had_records, bool(problems)
+        if had_records and not problems:
+            warnings.warn(f"locoprop.{OP}.step(): no recorded layer call reached by a backward "
+                          f"pass since the last step (a second step() after one backward?): "
+                          f"every parameter takes the linearized local loss only",
+                          RuntimeWarning, stacklevel=4)
+        if self.nonfinite == "skip" and not _all_finite(constant.buffers):
+            self._skip("gradients")
+            return
+        backup = _Backup(params, self.state)
+        try:
+            grads = _Flat(params)
+            anchors = [torch.empty_like(p) for p in params] if eta is not None else None
+            extra = self._regularization(params, constant)
 
-        def matched(local_eta):
-            self._matched_loss_grads(problems, grads, params, anchors, local_eta)
-            if extra is not None:
-                extra(grads)
+            def matched(local_eta):
+                self._matched_loss_grads(problems, grads, params, anchors, local_eta)
+                if extra is not None:
+                    extra(grads)
 
-        loop = InnerLoop(matched, grads.buffers, self._segments(grads),
-                         inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
-                         prox_centre=(None if eta is None
-                                      else (anchors, [p.detach() for p in params])),
-                         constant=constant.buffers, dp=self._dp)
-        loop.run()
+            loop = InnerLoop(matched, grads.buffers, self._segments(grads),
+                             inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
+                             prox_centre=(None if eta is None
+                                          else (anchors, [p.detach() for p in params])),
+                             constant=constant.buffers, dp=self._dp)
+            loop.run()
+        except BaseException:
+            backup.restore(self.state)
+            raise
+        if self.nonfinite == "skip" and not _all_finite(params):
+            backup.restore(self.state)
+            self._skip("local gradients")
+            return
         # One outer step: the state's step count, as torch.optim keeps it.
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)
+
+    def _skip(self, what: str) -> None:
+        self.skipped_steps += 1
+        warnings.warn(f"locoprop.{OP}.step(): non-finite {what}: step skipped, nothing changed "
+                      f"({self.skipped_steps} skipped so far; nonfinite='skip')",
+                      RuntimeWarning, stacklevel=4)
 
     def _layer_problems(self) -> list:
         """[_Problem] for every layer with used calls: all calls' X stacked, Y0 = f(Z0)
@@ -560,30 +685,67 @@ class LocoProp(torch.optim.Optimizer):
             grads[b].add_(gb)
 
     def _segments(self, grads: "_Flat") -> list:
-        """The RMSProp launches of one inner iteration: one over every parameter with a
-        gradient when the groups share their lr, backend and options (the usual case), else
-        one per run of groups that do. Creates the state (torch's format) on first use."""
-        segments = []
+        """The RMSProp launches of one inner iteration: one per (lr, backend, options,
+        device, dtype) over every parameter with a gradient, in group order (the usual case:
+        one launch for all). Creates the state (torch's format) on first use."""
+        segments: dict = {}
         for group in self.param_groups:
             options = RMSpropOptions.from_group(group)
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            states = [init_state(self.state[p], p, options) for p in ps]
-            last = segments[-1] if segments else None
-            if last is None or (last.lr, last.backend, last.options) != (
-                    group["lr"], group["backend"], options):
-                last = RMSpropSegment([], [], [], [] if options.has_momentum else None,
-                                      options, group["lr"], group["backend"])
-                segments.append(last)
-            last.params += ps
-            last.grads += [grads[p] for p in ps]
-            last.square_avgs += [st["square_avg"] for st in states]
-            if options.has_momentum:
-                last.momentum_bufs += [st["momentum_buffer"] for st in states]
-        return segments
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = init_state(self.state[p], p, options)
+                key = (group["lr"] if not isinstance(group["lr"], Tensor) else id(group["lr"]),
+                       group["backend"], options, p.device, p.dtype)
+                seg = segments.get(key)
+                if seg is None:
+                    seg = segments[key] = RMSpropSegment(
+                        [], [], [], [] if options.has_momentum else None, options,
+                        group["lr"], group["backend"])
+                seg.params.append(p)
+                seg.grads.append(grads[p])
+                seg.square_avgs.append(st["square_avg"])
+                if options.has_momentum:
+                    seg.momentum_bufs.append(st["momentum_buffer"])
+        return list(segments.values())
 
     # ------------------------------------------------------------------ state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, after checking every per-parameter state tensor against
+        its parameter (shape; dtype: the state dtype, fp32 for half parameters; a 0-d step),
+        so that another model's state is refused with nothing changed. Stricter than torch,
+        which loads a state of the same parameter count and fails later at step()."""
+        ours = [p for g in self.param_groups for p in g["params"]]
+        saved = state_dict.get("param_groups", [])
+        ids = [i for g in saved for i in g.get("params", [])]
+        if len(saved) != len(self.param_groups) or len(ids) != len(ours):
+            fail_value(OP, "state_dict", f"{len(self.param_groups)} param groups of "
+                       f"{[len(g['params']) for g in self.param_groups]} parameters (this "
+                       f"optimizer's)", f"{len(saved)} groups of "
+                       f"{[len(g.get('params', [])) for g in saved]}")
+        by_id = dict(zip(ids, ours))
+        for key, st in state_dict.get("state", {}).items():
+            p = by_id.get(key)
+            if p is None:
+                fail_value(OP, "state_dict", "state only for its param_groups' ids",
+                           f"state for id {key!r}")
+            for name, t in st.items():
+                if not isinstance(t, Tensor):
+                    continue
+                if name == "step":
+                    if t.numel() != 1:
+                        fail_value(OP, f"state_dict['state'][{key}]['step']", "a 0-d tensor",
+                                   tuple(t.shape))
+                    continue
+                if tuple(t.shape) != tuple(p.shape) or t.dtype != state_dtype(p):
+                    fail_value(OP, f"state_dict['state'][{key}][{name!r}]",
+                               f"shape {tuple(p.shape)} and dtype {state_dtype(p)} (its "
+                               f"parameter's)", f"shape {tuple(t.shape)}, {t.dtype}")
+                if name == "square_avg" and bool((t < 0).any()):
+                    fail_value(OP, f"state_dict['state'][{key}]['square_avg']",
+                               "non-negative square averages", "negative entries")
+        super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -663,6 +825,44 @@ def _true_record(module: nn.Module, name: str, call: _Call, dtype: torch.dtype) 
                 f"before changing them")
         z = preactivation(module, x, dtype).reshape(z.shape)
     return x, z
+
+
+def _all_finite(tensors) -> bool:
+    """One host sync: whether every entry of every tensor is finite."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class _Backup:
+    """Copies of what a step writes (parameters; their state, or its absence), to put back
+    if the step fails: a step is applied whole or not at all."""
+
+    def __init__(self, params: list, state):
+        self.params = [(p, p.detach().clone()) for p in params]
+        self.state = {p: {k: (v.clone() if isinstance(v, Tensor) else v)
+                          for k, v in state[p].items()} if p in state else None
+                      for p in params}
+
+    def restore(self, state) -> None:
+        with torch.no_grad():
+            for p, value in self.params:
+                p.copy_(value)
+        for p, saved in self.state.items():
+            if saved is None:
+                state.pop(p, None)
+                continue
+            current = state[p]
+            for k in list(current):
+                if k not in saved:
+                    del current[k]
+            for k, v in saved.items():
+                if isinstance(v, Tensor) and isinstance(current.get(k), Tensor) \
+                        and current[k].shape == v.shape:
+                    current[k].copy_(v)  # in place: tensors others hold stay valid
+                else:
+                    current[k] = v
 
 
 def _devices(module: nn.Module) -> list:
