@@ -186,9 +186,14 @@ class LocoProp(torch.optim.Optimizer):
     Options as ``lk.LocoProp`` (DESIGN §2, the official defaults) plus ``activations``
     ({layer name: activation}), ``output_activation`` (f of layers whose output is the
     model's output: "sigmoid" for BCE-with-logits, "softmax" for cross-entropy), ``exclude``
-    (regex patterns of Linear / Conv2d names sent to the linearized loss), ``other_lr`` (lr of
+    (regex patterns of layer names sent to the linearized loss), ``other_lr`` (lr of
     param_groups[1], default ``lr``) and ``backend``. ``lr_floor`` and ``inner_steps`` apply to
-    both groups.
+    both groups. Custom local problems (docs/models.md): ``targets`` (a rule
+    (z0, grad, f, gamma) -> Y, or {layer: rule}), ``eta`` as {layer: eta}, ``regularizer``
+    ((param name, p, p0) -> gradient or None). ``nonfinite``: "apply" (torch's behaviour) or
+    "skip" (a step with non-finite gradients or update changes nothing; ``skipped_steps``
+    counts them). Every hyper-parameter is checked here and in ``add_param_group``; one
+    optimizer per model; a step is applied whole or not at all (docs/guarantees.md).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-5, variant: str = "M",
