@@ -91,16 +91,24 @@ def test_an_optimizer_kept_alive_but_not_stepped_holds_one_step_of_records():
     assert max(len(calls) for calls in idle._records.values()) <= 1
 
 
-def test_a_second_optimizer_on_the_same_model_is_refused():
+def test_a_second_optimizer_on_the_same_model_takes_over():
+    """The newest optimizer of a model records; the previous one is detached, says so, and
+    refuses to step (re-running `opt = LocoProp(model)` works)."""
     model = _mlp()
-    first = lk.optim.LocoProp(model)
-    with pytest.raises(ValueError, match="already has a live lk.optim.LocoProp"):
-        lk.optim.LocoProp(model)
-    first.remove_hooks()
-    second = lk.optim.LocoProp(model)  # after remove_hooks: fine
-    del second
+    first = lk.optim.LocoProp(model, lr=1e-3)
+    with pytest.warns(RuntimeWarning, match="already had an lk.optim.LocoProp"):
+        second = lk.optim.LocoProp(model, lr=1e-3)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == len(second._hooks) - 1
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    assert not any(first._records.values())
+    assert any(second._records.values())
+    with pytest.raises(RuntimeError, match="detached from its model by a newer"):
+        first.step()
+    second.step()
+    opt = lk.optim.LocoProp(model)  # rebinding the name: no warning once the old one is gone
+    del second, first
     gc.collect()
-    lk.optim.LocoProp(model)  # after the optimizer is gone: fine
 
 
 def test_deepcopy_and_pickle_refuse_clearly_and_state_dict_round_trips():

@@ -252,13 +252,17 @@ class LocoProp(torch.optim.Optimizer):
         except re.error as e:
             fail_value(OP, "exclude", "regular expressions (re.search patterns)",
                        f"{e.pattern!r}: {e}")
-        taken = [name for name, m in modules if _owner(m) is not None]
-        if taken:
-            raise ValueError(
-                f"locoprop.{OP}: argument 'model' already has a live lk.optim.LocoProp "
-                f"recording its layers ({', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''})"
-                f": one optimizer per model (its records would be stale for the other). Call "
-                f"old.remove_hooks() or delete the old optimizer first")
+        previous = {id(o): o for o in (_owner(m) for _, m in modules) if o is not None}
+        for old in previous.values():
+            # One optimizer per model: both would record every forward, and one would step on
+            # records taken before the other moved the weights. The newest wins (re-running
+            # `opt = LocoProp(model)` in a notebook must work); the old one is detached and
+            # refuses to step.
+            old.remove_hooks()
+            old._superseded = True
+            warnings.warn(f"locoprop.{OP}: the model already had an lk.optim.LocoProp; it is "
+                          f"detached from the model now (its step() raises)", RuntimeWarning,
+                          stacklevel=2)
         self.layers = decide_activations(model, modules, activations, output_activation)
         matched = [(m, info) for (_, m), info in zip(modules, self.layers)
                    if info.loss == "matched"]
@@ -299,6 +303,7 @@ class LocoProp(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         self._had_records = False  # the last step had recorded layer calls
+        self._superseded = False  # a newer LocoProp on the same model detached this one
         for m in self._modules:
             _OWNERS[m] = weakref.ref(self)
         self._hooks = [m.register_forward_hook(_Hook(self, "_record")) for m in self._modules]
@@ -441,6 +446,10 @@ class LocoProp(torch.optim.Optimizer):
     def step(self, closure=None):
         """One outer LocoProp step from the gradients and records of the last backward pass(es);
         returns ``closure()``'s loss when a closure is given."""
+        if getattr(self, "_superseded", False):
+            raise RuntimeError(f"locoprop.{OP}.step(): this optimizer was detached from its "
+                               f"model by a newer lk.optim.LocoProp on the same model; step "
+                               f"that one")
         loss = None
         if closure is not None:
             with torch.enable_grad():
