@@ -4,7 +4,9 @@
 // The step is memory-bound: per element it reads p, g, ms (and buf, ga when the options use
 // them) and writes each state once, where torch.optim.RMSprop(foreach=True) streams the same
 // tensors through ~6 separate foreach kernels. sqrt and division are the IEEE ones (no
-// -ffast-math), so style "torch" tracks torch.optim.RMSprop(foreach=False) to rounding.
+// -ffast-math), and this file is compiled with -ffp-contract=off (CMakeLists.txt) so that the
+// only multiply-adds are the ones rmsprop_update writes: style "torch" is then
+// torch.optim.RMSprop's result bit for bit in fp32 (tests/test_rmsprop_bitwise.py).
 #include "../rmsprop.h"
 #include "kernels.h"
 #include "multi_tensor.h"
