@@ -149,9 +149,15 @@ LOCOPROP_HD float lerp_torch(float start, float end, float weight) {
   return fma_rn(coeff, end - start, base);
 }
 
-// The update of element i (see the top of this file). Pointers the variant does not use are
-// never read (they may be null). Written with selects and `if constexpr` only, so that the
-// CPU's `#pragma omp simd` loops over it vectorise.
+// The update of element i (see the top of this file), in three stages so that the CPU can
+// take the square roots of a block in one call between them (cpu/rmsprop.cpp):
+//   g    = rmsprop_grad(...)                  the gradient after maximize and weight decay
+//   x    = rmsprop_averages(g, ...)           writes square_avg (and grad_avg); x is what
+//                                             the update takes the square root of
+//   rmsprop_apply(..., g, sqrt(x), ...)       writes momentum_buf (if any) and the param
+// rmsprop_update is the three in a row with the IEEE sqrt. Pointers the variant does not use
+// are never read (they may be null). Written with selects and `if constexpr` only, so that
+// the CPU's `#pragma omp simd` loops over them vectorise.
 //
 // Style "torch" rounds as torch.optim.RMSprop does on the CPU, op by op (torch 2.13, both
 // its foreach=False and foreach=True paths, which call the same per-tensor kernels; probed
@@ -162,16 +168,20 @@ LOCOPROP_HD float lerp_torch(float start, float end, float weight) {
 //   .addcmul_(grad, grad, value=1-alpha)   fma((1-alpha) * g, g, ms)     (v * t1, then fused)
 //   grad_avg.lerp_(grad, 1-alpha)          lerp_torch
 //   square_avg.addcmul(ga, ga, value=-1)   fma(-ga, ga, ms)
-//   .sqrt() / .sqrt_(), then .add_(eps)    sqrt(v) + eps
+//   .sqrt() / .sqrt_()                     MKL VML's vmsSqrt where torch is built with MKL
+//                                          (this CPU): NOT the IEEE sqrt, 1 ulp off it for
+//                                          ~20% of inputs; cpu/rmsprop.cpp calls the same
+//                                          function (torch_sqrt in backends/cpp.py)
+//   .add_(eps)                             sqrt(v) + eps
 //   buf.mul_(momentum).addcdiv_(g, avg)    buf * momentum + g / avg      (not fused)
 //   param.add_(buf, alpha=-lr)             fma(-lr, buf, p)
 //   param.addcdiv_(g, avg, value=-lr)      p + ((-lr) * g) / avg         (v * t1, then / t2)
-// Style "tf" keeps its formulas (no oracle to match bit for bit), each operation rounded
-// on its own except the centered lerp and ms - ga^2, which it shares with "torch".
+// Style "tf" keeps its formulas (no oracle to match bit for bit) and the IEEE sqrt, each
+// operation rounded on its own except the centered lerp and ms - ga^2, which it shares with
+// "torch".
 template <typename V, typename TP, typename TG>
-LOCOPROP_HD void rmsprop_update(TP* param, const TG* grad, float* square_avg,
-                                float* momentum_buf, float* grad_avg, int64_t i, float lr,
-                                const RmspropOptions& o) {
+LOCOPROP_HD float rmsprop_grad(const TP* param, const TG* grad, int64_t i,
+                               const RmspropOptions& o) {
   // param[i] is read where it is used (one load after CSE; nothing writes it before the
   // end): reading it once at the top moves fp16's branchy conversion out of the selects.
   float g = to_float(grad[i]);
@@ -180,15 +190,17 @@ LOCOPROP_HD void rmsprop_update(TP* param, const TG* grad, float* square_avg,
   // float operation under a condition. Both forms are exact: the sign flip is -g, and with
   // weight_decay == 0 g keeps the grad's bits (an inf or NaN param does not leak in).
   g = bits_float(float_bits(g) ^ (uint32_t(o.maximize) << 31));  // -g if maximize
-  float ms;
-  if constexpr (V::style_tf) {
-    g = select_float(o.weight_decay != 0.0f,
-                     add_rn(g, mul_rn(o.weight_decay, to_float(param[i]))), g);
-    ms = add_rn(mul_rn(o.alpha, square_avg[i]), mul_rn(o.one_minus_alpha, mul_rn(g, g)));
-  } else {
-    g = select_float(o.weight_decay != 0.0f, fma_rn(o.weight_decay, to_float(param[i]), g), g);
-    ms = fma_rn(mul_rn(o.one_minus_alpha, g), g, mul_rn(square_avg[i], o.alpha));
-  }
+  const float decayed = V::style_tf ? add_rn(g, mul_rn(o.weight_decay, to_float(param[i])))
+                                    : fma_rn(o.weight_decay, to_float(param[i]), g);
+  return select_float(o.weight_decay != 0.0f, decayed, g);
+}
+
+template <typename V>
+LOCOPROP_HD float rmsprop_averages(float g, float* square_avg, float* grad_avg, int64_t i,
+                                   const RmspropOptions& o) {
+  const float ms =
+      V::style_tf ? add_rn(mul_rn(o.alpha, square_avg[i]), mul_rn(o.one_minus_alpha, mul_rn(g, g)))
+                  : fma_rn(mul_rn(o.one_minus_alpha, g), g, mul_rn(square_avg[i], o.alpha));
   square_avg[i] = ms;
   float v = ms;
   if constexpr (V::centered) {
@@ -196,15 +208,21 @@ LOCOPROP_HD void rmsprop_update(TP* param, const TG* grad, float* square_avg,
     grad_avg[i] = ga;
     v = fma_rn(-ga, ga, ms);
   }
+  return V::style_tf ? add_rn(v, o.eps) : v;  // "tf": sqrt(v + eps), "torch": sqrt(v) + eps
+}
+
+template <typename V, typename TP>
+LOCOPROP_HD void rmsprop_apply(TP* param, float* momentum_buf, int64_t i, float g, float root,
+                               float lr, const RmspropOptions& o) {
   if constexpr (V::style_tf) {
-    float step = div_rn(mul_rn(lr, g), sqrt_rn(add_rn(v, o.eps)));
+    float step = div_rn(mul_rn(lr, g), root);
     if constexpr (V::has_momentum) {
       step = add_rn(mul_rn(o.momentum, momentum_buf[i]), step);
       momentum_buf[i] = step;
     }
     param[i] = from_float<TP>(to_float(param[i]) - step);
   } else {
-    const float avg = add_rn(sqrt_rn(v), o.eps);
+    const float avg = add_rn(root, o.eps);
     float p;
     if constexpr (V::has_momentum) {
       const float buf = add_rn(mul_rn(momentum_buf[i], o.momentum), div_rn(g, avg));
@@ -215,6 +233,15 @@ LOCOPROP_HD void rmsprop_update(TP* param, const TG* grad, float* square_avg,
     }
     param[i] = from_float<TP>(p);
   }
+}
+
+template <typename V, typename TP, typename TG>
+LOCOPROP_HD void rmsprop_update(TP* param, const TG* grad, float* square_avg,
+                                float* momentum_buf, float* grad_avg, int64_t i, float lr,
+                                const RmspropOptions& o) {
+  const float g = rmsprop_grad<V>(param, grad, i, o);
+  const float x = rmsprop_averages<V>(g, square_avg, grad_avg, i, o);
+  rmsprop_apply<V>(param, momentum_buf, i, g, sqrt_rn(x), lr, o);
 }
 
 }  // namespace locoprop
