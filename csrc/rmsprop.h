@@ -16,10 +16,12 @@
 //
 // Style "torch" is torch.optim.RMSprop (foreach=False and foreach=True), BIT FOR BIT in fp32
 // on the CPU: the same operations in the same order with the same roundings (which products
-// are fused into multiply-adds, which are rounded first), listed at rmsprop_update. This
-// needs the CPU file compiled with -ffp-contract=off (CMakeLists.txt) and the helpers of
-// portable.h (mul_rn, add_rn, fma_rn: one rounding each, never contracted). On the GPU the
-// same order, not compared with torch's CUDA kernels. Style "tf" is TF1's RMSPropOptimizer,
+// are fused into multiply-adds, which are rounded first), listed at rmsprop_update, and
+// torch's own square root (MKL's, which cpu/rmsprop.cpp calls a block at a time; the IEEE
+// one here in rmsprop_update). This needs the CPU file compiled with -ffp-contract=off
+// (CMakeLists.txt) and the helpers of portable.h (mul_rn, add_rn, fma_rn: one rounding each,
+// never contracted). On the GPU the same order and the IEEE sqrt, not compared with torch's
+// CUDA kernels (nor run here). Style "tf" is TF1's RMSPropOptimizer,
 // whose centered form is sqrt(ms - mg^2 + eps). The momentum buffer is read and written only
 // when momentum != 0, the gradient average only when centered.
 #pragma once
