@@ -126,16 +126,24 @@ PYBIND11_MODULE(_C, m) {
         },
         "y = f(z) - gamma * g, (B, n)");
   m.def("rmsprop_multi",
-        [](const std::vector<int64_t>& table, float lr, const RmspropOptions& options) {
+        [](const std::vector<int64_t>& table, float lr, const RmspropOptions& options,
+           uintptr_t sqrt_fn, int64_t sqrt_mode) {
           const int64_t rows = table_rows(table);
           const RmspropOptions o = options;  // a copy: the kernel runs without the GIL
+          locoprop::cpu::VectorSqrt sqrt;
+          sqrt.fn = reinterpret_cast<decltype(sqrt.fn)>(sqrt_fn);
+          sqrt.mode = sqrt_mode;
           py::gil_scoped_release nogil;
-          locoprop::cpu::rmsprop_multi(table.data(), rows, lr, o);
+          locoprop::cpu::rmsprop_multi(table.data(), rows, lr, o, sqrt);
         },
-        py::arg("table"), py::arg("lr"), py::arg("options"),
+        py::arg("table"), py::arg("lr"), py::arg("options"), py::arg("sqrt_fn") = 0,
+        py::arg("sqrt_mode") = 0,
         "One RMSProp step for all tensors. Table rows (RMSPROP_TABLE_COLUMNS int64 each): "
         "param, grad, square_avg, momentum_buf (0 if momentum == 0), grad_avg (0 if not "
-        "centered) addresses, numel, param dtype code, grad dtype code");
+        "centered) addresses, numel, param dtype code, grad dtype code. sqrt_fn: 0 (the IEEE "
+        "sqrt) or the address of a vector sqrt with MKL VML's signature "
+        "fn(int32 n, const float* in, float* out, int64 mode), called with sqrt_mode, for "
+        "style 'torch' (backends/cpp.py passes torch's own)");
 
 #if defined(LOCOPROP_WITH_CUDA)
   m.def("cuda_matched_loss_delta",

@@ -59,4 +59,36 @@ LOCOPROP_HD float div_rn(float a, float b) {
 #endif
 }
 
+// One rounding each, never fused with a neighbour: a product or sum rounded on its own, and a
+// multiply-add rounded once. For code that must reproduce another library's rounding bit for
+// bit (rmsprop.h's "torch" style). On the device the _rn intrinsics are never contracted
+// (nvcc fuses a plain `a * b + c` by default). On the host `*` and `+` stay separate only
+// where the translation unit is compiled with -ffp-contract=off (GCC's default in GNU mode is
+// "fast", which fuses): CMakeLists.txt sets it for cpu/rmsprop.cpp, and
+// tests/test_rmsprop_bitwise.py fails if it is lost. fma_rn is std::fma: the FMA instruction
+// in the x86-64-v3/v4 clones, libm's (correctly rounded, slow) fmaf in the baseline one.
+LOCOPROP_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+LOCOPROP_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+LOCOPROP_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 }  // namespace locoprop

@@ -83,6 +83,8 @@ class Compiler:
         options = dict(self.options)
         if "num_warps" in constexprs:  # a launch option, not a kernel argument
             options.setdefault("num_warps", constexprs.pop("num_warps"))
+        if "enable_fp_fusion" in constexprs:  # likewise (the RMSProp kernels turn it off)
+            options["enable_fp_fusion"] = constexprs.pop("enable_fp_fusion")
         names = kernel.arg_names
         runtime = [n for n in names if n not in constexprs]
         signature = {n: arg_type(v) for n, v in zip(runtime, args)}
@@ -106,7 +108,9 @@ class Compiler:
             print(f"FAIL {label}", flush=True)
             return
         seconds = time.perf_counter() - t0
-        problem = self._check_precision(kernel.__name__, constexprs, compiled.asm.get("ptx", ""))
+        ptx = compiled.asm.get("ptx", "")
+        problem = (self._check_precision(kernel.__name__, constexprs, ptx)
+                   or self._check_fma(kernel.__name__, constexprs, ptx))
         if problem:
             self.failures.append(f"{label}: {problem}")
         regs, stack = self._resources(compiled.asm.get("cubin"))
@@ -124,6 +128,24 @@ class Compiler:
             return "precision='ieee' compiled to tensor-core (tf32) instructions"
         if constexprs["PRECISION"] == "tf32" and not tensor_cores:
             return "precision='tf32' compiled without tensor-core instructions"
+        return ""
+
+    @staticmethod
+    def _check_fma(name: str, constexprs: dict, ptx: str) -> str:
+        """RMSProp kernels: exactly the multiply-adds the source writes as tl.fma (the rounding
+        of torch's CPU kernels, triton_kernels/rmsprop.py), none fused by the compiler. Per
+        element (one sqrt.rn each): "torch" weight decay, ms, the param with momentum; both
+        styles: the centered lerp (two: both branches of a select) and ms - ga^2."""
+        if not name.startswith("_rmsprop"):
+            return ""
+        per_element = 3 * bool(constexprs["CENTERED"])
+        if not constexprs["STYLE_TF"]:
+            per_element += 1 + bool(constexprs["HAS_WD"]) + bool(constexprs["HAS_MOM"])
+        elements = len(re.findall(r"\bsqrt\.rn\.f32\b", ptx))
+        fmas = len(re.findall(r"\bfma\.rn\.f32\b", ptx))
+        if elements == 0 or fmas != per_element * elements:
+            return (f"{fmas} fma.rn.f32 for {elements} sqrt.rn.f32: expected {per_element} "
+                    f"per element (a multiply-add the source does not write?)")
         return ""
 
     def _resources(self, cubin) -> tuple:

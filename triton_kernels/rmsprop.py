@@ -13,15 +13,21 @@ Per element, g the gradient and p the parameter before the update:
                      p -= lr step
 
 lerp is torch's formula, lerp(a, b, w) = a + w (b - a) if |w| < 0.5 else b - (b - a)(1 - w).
-Its multiply-add and v = ms - ga^2 are each one fma (one rounding), as torch computes them
-(its CPU lerp and addcmul match an fma bit for bit, checked on torch 2.13; nvcc fuses by
-default): v is a difference of close numbers when the gradient barely varies, which magnifies
-any rounding difference (20 steps at alpha 0.3 on such an element: 1.2e-6 from torch's result
-fused, 3.5e-6 unfused; torch's own fp32 result is 4.8e-6 from float64 there).
+The "torch" flavour performs torch.optim.RMSprop's operations in the order and with the
+roundings of torch's CPU kernels, as ``csrc/rmsprop.h`` lists them: ``grad.add(p, alpha=wd)``,
+``addcmul`` (ms + ((1 - alpha) g) g, and ms - ga^2), ``lerp`` and ``add(buf, alpha=-lr)`` are
+one fma each; ``p.addcdiv(g, avg, value=-lr)`` is p + ((-lr) g) / avg; everything else rounds on
+its own. The kernels are compiled with ``enable_fp_fusion=False`` so that the compiler adds no
+multiply-add of its own (``tools/triton_compile_check.py`` counts the fma instructions of every
+variant). sqrt and division are the correctly rounded ones (``sqrt_rn``/``div_rn``). Two
+limits: torch's CPU sqrt is MKL's, not the IEEE one (the cpp backend calls MKL for it, see
+``backends/cpp.py``), so on a CPU this kernel would differ from torch by up to an ulp per sqrt;
+and it is checked here only under the interpreter (numpy's fp32 operations, each correctly
+rounded, and a true fma), where it is bit for bit the cpp kernel with the IEEE sqrt
+(``tests/test_rmsprop_bitwise.py``); its GPU compile is not run here. The "tf" flavour keeps
+its formulas, each operation rounded on its own but the centered lerp and ms - ga^2.
 The momentum buffer is read and written only when momentum != 0, the grad average only when
-centered. sqrt and division are the correctly rounded ones (``sqrt_rn``/``div_rn``) so that the
-"torch" flavour tracks ``torch.optim.RMSprop`` to the last bits rather than to the approximate
-instructions'.
+centered.
 
 Two layouts, one update helper (``_update``):
 - flat: every list holds one contiguous buffer (an arena holding all layers as views); the
@@ -84,7 +90,10 @@ def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha, one_mi
             eps, weight_decay, momentum, STYLE_TF: tl.constexpr, MAXIMIZE: tl.constexpr,
             HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOM: tl.constexpr):
     """Load, update and store one block of (param, grad, square_avg[, momentum_buf]
-    [, grad_avg]): the math of the module docstring, in fp32."""
+    [, grad_avg]): the math of the module docstring, in fp32, each operation in the order
+    and with the rounding of ``csrc/rmsprop.h`` (torch's CPU kernels for the "torch" style;
+    the kernels are compiled with ``enable_fp_fusion=False``, so every multiply-add here is
+    an explicit ``tl.fma``)."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
         g = -g
@@ -92,9 +101,16 @@ def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha, one_mi
     # (no weight decay) ~16 registers per thread on sm_90 (tools/triton_compile_check.py).
     if HAS_WD:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = g + weight_decay * p
+        if STYLE_TF:
+            g = g + weight_decay * p
+        else:
+            g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=wd): one fma
     ms = tl.load(ms_ptr + offs, mask=mask, other=1.0)
-    ms = alpha * ms + one_minus_alpha * (g * g)
+    if STYLE_TF:
+        ms = alpha * ms + one_minus_alpha * (g * g)
+    else:
+        # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        ms = tl.fma(one_minus_alpha * g, g, ms * alpha)
     tl.store(ms_ptr + offs, ms, mask=mask)
     if CENTERED:
         ga = _lerp(tl.load(ga_ptr + offs, mask=mask, other=0.0), g, one_minus_alpha)
@@ -104,16 +120,27 @@ def _update(p_ptr, g_ptr, ms_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha, one_mi
         v = ms
     if STYLE_TF:
         step = tl.div_rn(lr * g, tl.sqrt_rn(v + eps))
+        if HAS_MOM:
+            step = momentum * tl.load(buf_ptr + offs, mask=mask, other=0.0) + step
+            tl.store(buf_ptr + offs, step, mask=mask)
+        if not HAS_WD:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = p - step
     else:
-        step = tl.div_rn(g, tl.sqrt_rn(v) + eps)
-    if HAS_MOM:
-        step = momentum * tl.load(buf_ptr + offs, mask=mask, other=0.0) + step
-        tl.store(buf_ptr + offs, step, mask=mask)
-    if not STYLE_TF:
-        step = lr * step
-    if not HAS_WD:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p_ptr + offs, (p - step).to(p_ptr.dtype.element_ty), mask=mask)
+        avg = tl.sqrt_rn(v) + eps
+        if HAS_MOM:
+            # buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
+            buf = tl.load(buf_ptr + offs, mask=mask, other=0.0) * momentum + tl.div_rn(g, avg)
+            tl.store(buf_ptr + offs, buf, mask=mask)
+            if not HAS_WD:
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            p = tl.fma(buf, -lr, p)
+        else:
+            step = tl.div_rn(-lr * g, avg)
+            if not HAS_WD:
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            p = p + step  # param.addcdiv_(grad, avg, value=-lr)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -166,9 +193,11 @@ def _kernel_args(lr, options):
     weight_decay, momentum = float(options.weight_decay), float(options.momentum)
     scalars = (lr if lr_is_ptr else float(lr), alpha, 1.0 - alpha, float(options.eps),
                weight_decay, momentum)
+    # enable_fp_fusion is a launch option (no multiply-add but the explicit tl.fma's), not a
+    # kernel argument; the interpreter drops it.
     constexprs = dict(STYLE_TF=options.style == "tf", MAXIMIZE=bool(options.maximize),
                       HAS_WD=weight_decay != 0.0, CENTERED=bool(options.centered),
-                      HAS_MOM=momentum != 0.0, LR_IS_PTR=lr_is_ptr)
+                      HAS_MOM=momentum != 0.0, LR_IS_PTR=lr_is_ptr, enable_fp_fusion=False)
     return scalars, constexprs
 
 

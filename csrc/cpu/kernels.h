@@ -31,10 +31,19 @@ void matched_loss_finish(const float* grad_w32, const void* weight, const void* 
 void local_targets(const void* z, const void* g, void* y, int dtype, int64_t B, int64_t n,
                    int activation, float gamma);
 
+// A vector square root with MKL VML's calling convention, `fn(n, in, out, mode)`: torch's own
+// fp32 sqrt where torch calls MKL for it (backends/cpp.py finds it and checks it against
+// torch.sqrt before handing its address over). fn null: the IEEE sqrt.
+struct VectorSqrt {
+  void (*fn)(int32_t n, const float* in, float* out, int64_t mode) = nullptr;
+  int64_t mode = 0;
+};
+
 // One RMSProp step over many tensors in one parallel pass. `table` holds kRmspropColumns
-// int64 per tensor (the row layout, the options and the math: ../rmsprop.h). Throws
+// int64 per tensor (the row layout, the options and the math: ../rmsprop.h). Style "torch"
+// takes its square roots with `sqrt` when given (style "tf" always with the IEEE one). Throws
 // std::invalid_argument for a row the options cannot run (check_rmsprop_table).
 void rmsprop_multi(const int64_t* table, int64_t n_tensors, float lr,
-                   const RmspropOptions& options);
+                   const RmspropOptions& options, VectorSqrt sqrt = {});
 
 }  // namespace locoprop::cpu
