@@ -1,0 +1,244 @@
+"""Element-wise rounding-error bounds for the matched-loss gradients, Linear and Conv2d.
+
+A normwise tolerance (``max|got - want| <= tol * max|want|``) is right for a gradient whose
+entries are of one scale, and wrong for an entry left small by cancellation: a sum of terms of
+size 1 that comes to 1e-3 carries the rounding errors of its terms (~1e-7 each), 1e-4 of
+itself. This module bounds each entry by what fp32 (or fp64) arithmetic may do to it, from the
+magnitudes of the terms it is summed from, whatever the summation order (BLAS blocking, tiles,
+split reductions, atomics-free tree sums all fall under it).
+
+Notation: u the unit roundoff of the compute dtype (2^-24 fp32, 2^-53 fp64), gamma(n) =
+n u / (1 - n u), |.| element-wise, s the scale, R the rows summed over (B for a Linear layer,
+N * H_out * W_out positions for a Conv2d one), K the terms of one pre-activation
+(d_in; C_in/groups * kh * kw for a Conv2d), tiny the smallest normal number of the dtype.
+The inputs are the values the op saw (already rounded to their dtype), so the float64
+reference on them is exact to ~1e-16 and only the op's own arithmetic is bounded.
+
+The classical bound for a computed sum of n terms t_i (any order; Higham, "Accuracy and
+Stability of Numerical Algorithms", section 3.1) is |fl(sum t_i) - sum t_i| <= gamma(n-1)
+sum |t_i|; with each term itself a rounded product (one more u) it is gamma(n) sum |t_i|.
+Applied stage by stage, to first order in u:
+
+  Z = X W^T + b          |dZ| <= eZ = gamma(K + 1) (|X| |W|^T + |b|)
+                         (entries where Z is +-inf in float64 come from an infinite term,
+                         which the fp32 sum has too: eZ = 0 there)
+  f(Z)                   |f(Z + dZ) - f(Z)| <= L eZ, L = sup |f'| (mean value theorem; L
+                         measured in float64 on a grid of 1e-4 over [-40, 40] where f' is
+                         flat beyond, plus 1e-3 for the sup between grid points). Softmax,
+                         row-wise: a row of its Jacobian diag(p) - p p^T has absolute sum
+                         2 p_i (1 - p_i) <= 1/2, so each p_i moves by <= max_row(eZ) / 2.
+  evaluating f           c u (|f(Z)| + a(Z)) + tiny, c = 16 ulps: the kernels' exp-based
+                         tanh, sigmoid, silu and erf-based gelu are 2-8 ulp each; a(Z) = |Z|
+                         for gelu and gelu_tanh (0.5 z (1 + erf) and 0.5 z (1 + tanh) lose
+                         |z| u to the 1 + (-1 + small) cancellation, and the C++ erfc of
+                         Abramowitz & Stegun 7.1.26 has an absolute error 1.5e-7 = 1.26 u in
+                         Phi, times |z|), 0 for the rest, |Z| for rows the table does not name.
+                         Softmax: p_j = e_j / sum_k e_k with e_k = exp(z_k - m) (m the row
+                         max), each e_k off by (c + |z_k - m|) u relative (the exp and the
+                         rounding of its argument), the sum by gamma(n) more, so
+                         |dp_j| <= (2c + n + |z_j - m| + sum_k p_k |z_k - m|) u p_j.
+                         tiny: a result below the smallest normal may be flushed to 0 (FTZ on
+                         a GPU, the C++ sigmoid's 0 below -88.72 and clamped exp floor).
+  D = f(Z) - Y           eD = L eZ + c u (|f(Z)| + a(Z) + |Y|) + tiny (the subtraction and
+                         the scale are one rounding each, inside the c ulps)
+  G_W = s D^T X          |dG_W| <= |s| ((gamma(R) (|D| + eD) + eD)^T |X|) + u |G_W|
+                         (the sum of R products of perturbed D and exact X, then the scale)
+  G_b = s sum_n D        the same with |X| replaced by ones
+  + (W - W0) / eta       + 3 u |W - W0| / eta + u |G_W + (W - W0) / eta|   (the difference,
+                         1/eta and the product; then the final add)
+  + tiny                 the result itself may be flushed.
+
+The O(u^2) terms dropped are below 1e-12 relative here. Every step is a worst case: the
+largest errors measured stay far below the bound, while a wrong formula (a missing term, the
+wrong activation, a dropped bias) exceeds it by orders of magnitude. NaN and +-inf follow
+IEEE rules: wherever the float64 result is finite, every term of its sums is finite, and the
+bound there is finite too (``assert_within`` fails on a NaN bound rather than skip it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from locoprop_kernels.activations import ACTIVATIONS
+
+#: Unit roundoff of the compute dtype.
+UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+#: Rounding errors of evaluating f, the subtraction and the scale, in units of u.
+EVAL_ULPS = 16
+#: Activations whose evaluation error grows with |z| (a 1 + (-1 + small) cancellation).
+ABSOLUTE_IN_Z = {"gelu", "gelu_tanh"}
+#: Activations whose evaluation error is relative to |f(z)| alone.
+RELATIVE_ONLY = {"identity", "relu", "leaky_relu", "tanh", "sigmoid", "silu"}
+ROW_WISE = {"softmax"}
+
+
+def gamma(n: int, u: float) -> float:
+    return n * u / (1 - n * u)
+
+
+_LIPSCHITZ: dict = {}
+
+
+def lipschitz(activation: str) -> float:
+    """sup |f'| of an element-wise activation (see the module docstring)."""
+    if activation not in _LIPSCHITZ:
+        z = torch.linspace(-40.0, 40.0, 800_001, dtype=torch.float64, requires_grad=True)
+        ACTIVATIONS[activation].f(z).sum().backward()
+        _LIPSCHITZ[activation] = float(z.grad.abs().max()) * (1 + 1e-3)
+    return _LIPSCHITZ[activation]
+
+
+class Linear:
+    """Z = X W^T, G_W = D^T X: X (B, d_in), W (d_out, d_in), D (B, d_out)."""
+
+    def __init__(self, weight_shape):
+        self.weight_shape = tuple(weight_shape)
+        self.K = self.weight_shape[1]
+
+    def forward(self, x, w):
+        return x @ w.T
+
+    def weight_grad(self, x, d):
+        return d.T @ x
+
+    def rows(self, z):
+        return z.shape[0]
+
+    @staticmethod
+    def bias_view(b):
+        return b[None, :]
+
+    @staticmethod
+    def bias_sum(d):
+        return d.sum(0)
+
+
+class Conv2d:
+    """Z = conv2d(X, W), G_W = its weight gradient of <D, Z>, with the layer's options."""
+
+    def __init__(self, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+        self.weight_shape = tuple(weight_shape)
+        self.K = int(torch.Size(self.weight_shape[1:]).numel())
+        self.options = (stride, padding, dilation, groups)
+
+    def forward(self, x, w):
+        return F.conv2d(x, w, None, *self.options)
+
+    def weight_grad(self, x, d):
+        return torch.nn.grad.conv2d_weight(x, self.weight_shape, d, *self.options)
+
+    def rows(self, z):
+        return z.shape[0] * z.shape[2] * z.shape[3]
+
+    @staticmethod
+    def bias_view(b):
+        return b[None, :, None, None]
+
+    @staticmethod
+    def bias_sum(d):
+        return d.sum((0, 2, 3))
+
+
+def _over_dim1(fn, t):
+    return fn(t.movedim(1, -1)).movedim(-1, 1)
+
+
+def _zero_where(mask, t):
+    return torch.where(mask, torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
+def delta_error(layer, x, w, b, y, activation, u):
+    """(D, eD): the float64 delta and the bound eD on the op's error in it (docstring)."""
+    c = EVAL_ULPS
+    tiny = torch.finfo(torch.float32 if u == UNIT[torch.float32] else torch.float64).tiny
+    z = layer.forward(x, w) + (0 if b is None else layer.bias_view(b))
+    f = ACTIVATIONS[activation].f
+    fz = _over_dim1(f, z)
+    z_inf = z.isinf()
+    abs_b = 0 if b is None else layer.bias_view(b.abs())
+    e_z = _zero_where(z_inf, gamma(layer.K + 1, u) * (layer.forward(x.abs(), w.abs()) + abs_b))
+    if activation in ROW_WISE:
+        propagated = 0.5 * e_z.amax(dim=1, keepdim=True).expand_as(e_z)
+        m = z.amax(dim=1, keepdim=True)
+        dev = _zero_where(z_inf, (z - m).abs())
+        n = z.shape[1]
+        weighted = (fz * dev).sum(dim=1, keepdim=True)
+        e_eval = (2 * c + n + dev + weighted) * u * fz.abs()
+    else:
+        propagated = lipschitz(activation) * e_z
+        a = 0 if activation in RELATIVE_ONLY else _zero_where(z_inf, z.abs())
+        e_eval = c * u * (fz.abs() + a)
+    d = fz - y
+    return d, propagated + e_eval + c * u * y.abs() + tiny
+
+
+def matched_loss_grad_bound(layer, x, w, b, y, activation, *, scale=1.0, eta=None,
+                            anchor_weight=None, anchor_bias=None, dtype=torch.float32):
+    """Element-wise bounds (bound_W, bound_b) on |op - float64 reference| for the op computed
+    in ``dtype`` on these inputs; bound_b is None without a bias."""
+    u = UNIT[dtype]
+    tiny = torch.finfo(dtype).tiny
+    f64 = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+    x, w, b, y = f64(x), f64(w), f64(b), f64(y)
+    d, e_d = delta_error(layer, x, w, b, y, activation, u)
+    rows = layer.rows(d)
+    s = abs(scale)
+    per_term = gamma(rows, u) * (d.abs() + e_d) + e_d
+    g_w = scale * layer.weight_grad(x, d)
+    bound_w = s * layer.weight_grad(x.abs(), per_term) + u * g_w.abs() + tiny
+    bound_b = None
+    if b is not None:
+        g_b = scale * layer.bias_sum(d)
+        bound_b = s * layer.bias_sum(per_term) + u * g_b.abs() + tiny
+    if eta is not None:
+        prox_w = (w - f64(anchor_weight)) / eta
+        bound_w = bound_w + 3 * u * prox_w.abs() + u * (g_w + prox_w).abs()
+        if b is not None:
+            prox_b = (b - f64(anchor_bias)) / eta
+            bound_b = bound_b + 3 * u * prox_b.abs() + u * (g_b + prox_b).abs()
+    return bound_w, bound_b
+
+
+def assert_within(got, want, bound, what=""):
+    """NaN and +-inf exactly where the float64 reference has them; every finite entry within
+    its own bound. Returns the largest error / bound ratio (for reports)."""
+    got_d, want, bound = got.detach().double().cpu(), want.detach().cpu(), bound.cpu()
+    assert got_d.shape == want.shape, f"{what}: shape {tuple(got_d.shape)} != {tuple(want.shape)}"
+    nan_got, nan_want = got_d.isnan(), want.isnan()
+    assert torch.equal(nan_got, nan_want), (
+        f"{what}: NaN pattern differs ({int(nan_got.sum())} got vs {int(nan_want.sum())} want)")
+    for name, fn in (("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert torch.equal(fn(got_d), fn(want)), f"{what}: {name} pattern differs"
+    finite = want.isfinite()
+    if not finite.any():
+        return 0.0
+    err, lim = (got_d - want).abs()[finite], bound[finite]
+    assert not lim.isnan().any(), f"{what}: NaN bound at a finite entry (a bug in the bound)"
+    ratio = (err / lim).max().item()
+    worst = int((err / lim).argmax())
+    assert ratio <= 1.0, (f"{what}: error {err[worst].item():.3e} > derived bound "
+                          f"{lim[worst].item():.3e} at a finite entry (ratio {ratio:.3g}; "
+                          f"want {want[finite][worst].item():.6e})")
+    return ratio
+
+
+def local_targets_bound(z, grad, activation, gamma_, *, variant="M", dtype=torch.float32):
+    """Element-wise bound on |op - float64 reference| for Y = f(Z) - gamma G (variant "M";
+    "S": f = identity), computed in ``dtype``: evaluating f as in ``delta_error`` (no GEMM, so
+    no propagated error), the product gamma G and the subtraction (c ulps cover both), and
+    the flush of a subnormal result."""
+    u = UNIT[dtype]
+    c = EVAL_ULPS
+    tiny = torch.finfo(dtype).tiny
+    z, grad = z.detach().double().cpu(), grad.detach().double().cpu()
+    act = "identity" if variant == "S" else activation
+    fz = ACTIVATIONS[act].f(z)
+    z_inf = z.isinf()
+    if act in ROW_WISE:
+        dev = _zero_where(z_inf, (z - z.amax(dim=-1, keepdim=True)).abs())
+        weighted = (fz * dev).sum(dim=-1, keepdim=True)
+        e_eval = (2 * c + z.shape[-1] + dev + weighted) * u * fz.abs()
+    else:
+        a = 0 if act in RELATIVE_ONLY else _zero_where(z_inf, z.abs())
+        e_eval = c * u * (fz.abs() + a)
+    return e_eval + c * u * abs(gamma_) * grad.abs() + tiny
