@@ -102,7 +102,7 @@ def test_bad_group_arguments():
     with pytest.raises(ValueError, match="'layers'"):
         LayerGroup([], 4, device=DEVICE)
     with pytest.raises(ValueError, match="'activation'"):
-        LayerGroup([LayerSpec(2, 3, "gelu")], 4, device=DEVICE)
+        LayerGroup([LayerSpec(2, 3, "mish")], 4, device=DEVICE)
     group = LayerGroup(RAGGED, 4, device=DEVICE, backend="reference")
     with pytest.raises(ValueError, match="'grads'"):
         group.matched_loss_grads_(torch.zeros(group.num_params, device=DEVICE),

@@ -243,7 +243,7 @@ def test_one_rmsprop_launch_per_inner_iteration():
 
 @pytest.mark.parametrize("model, match", [
     (lambda: nn.Sequential(nn.Conv1d(1, 1, 3), nn.Linear(3, 3)), "Conv1d"),
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 3)), "GELU"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Mish(), nn.Linear(4, 3)), "Mish"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(5, 3)), "in_features = 4"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=0), nn.Linear(4, 3)), "dim=-1"),
     (lambda: nn.Sequential(nn.Tanh(), nn.Linear(3, 3)), "directly after an nn.Linear"),
@@ -261,7 +261,7 @@ def test_rejects_bad_settings():
         lk.LocoProp(nn.Linear(3, 3), bce)
     for kwargs, match in ((dict(variant="X"), "variant"), (dict(style="keras"), "style"),
                           (dict(inner_steps=0), "inner_steps"), (dict(eta=0.0), "eta"),
-                          (dict(output_activation="gelu"), "activation"),
+                          (dict(output_activation="mish"), "activation"),
                           (dict(backend="cuda"), "backend")):
         with pytest.raises(ValueError, match=match):
             lk.LocoProp(make_model(), bce, **kwargs)
