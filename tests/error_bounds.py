@@ -22,11 +22,15 @@ Applied stage by stage, to first order in u:
   Z = X W^T + b          |dZ| <= eZ = gamma(K + 1) (|X| |W|^T + |b|)
                          (entries where Z is +-inf in float64 come from an infinite term,
                          which the fp32 sum has too: eZ = 0 there)
-  f(Z)                   |f(Z + dZ) - f(Z)| <= L eZ, L = sup |f'| (mean value theorem; L
-                         measured in float64 on a grid of 1e-4 over [-40, 40] where f' is
-                         flat beyond, plus 1e-3 for the sup between grid points). Softmax,
-                         row-wise: a row of its Jacobian diag(p) - p p^T has absolute sum
-                         2 p_i (1 - p_i) <= 1/2, so each p_i moves by <= max_row(eZ) / 2.
+  f(Z)                   |f(Z + dZ) - f(Z)| <= L eZ, L = sup |f'| over [Z - eZ, Z + eZ]
+                         (mean value theorem). L from |f'| measured in float64 on a grid of
+                         1e-4 over [-40, 40] (f' is flat beyond), plus 1e-3 for the sup between
+                         grid points: the sup over the interval's side of 0, from its end
+                         nearest 0 outwards (tails are monotone), or over the reals when the
+                         interval holds 0. (Where float64 itself rounds f' to 0, |z| > 19 for
+                         tanh, > 37 for sigmoid, the true f' is below 1e-16.) Softmax, over a
+                         row: |dp_i| <= e^(2E) min(p_i, 1 - p_i) (eZ_i + E) and <= E / 2,
+                         E = max_row eZ (``_softmax_propagated``).
   evaluating f           c u (|f(Z)| + a(Z)) + tiny, c = 16 ulps: the kernels' exp-based
                          tanh, sigmoid, silu and erf-based gelu are 2-8 ulp each; a(Z) = |Z|
                          for gelu and gelu_tanh (0.5 z (1 + erf) and 0.5 z (1 + tanh) lose
@@ -76,16 +80,67 @@ def gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
 
 
-_LIPSCHITZ: dict = {}
+#: Grid for f': spacing 1e-4 over [-40, 40]; f' is flat beyond (its tails are monotone).
+_GRID_STEP, _GRID_END = 1e-4, 40.0
+_ENVELOPES: dict = {}
+
+
+def _envelope(activation: str):
+    """(sup |f'| over the reals, tail_pos, tail_neg): tail_pos[i] = sup |f'| over t >= i h,
+    tail_neg[i] = sup |f'| over t <= -i h, from |f'| on the grid in float64, times 1 + 1e-3
+    for the sup between grid points (f' changes by <= h |f''| between them, a relative 1e-4
+    where f' is a smooth bump or an exponential tail)."""
+    if activation not in _ENVELOPES:
+        n = int(round(_GRID_END / _GRID_STEP))
+        t = torch.linspace(-_GRID_END, _GRID_END, 2 * n + 1, dtype=torch.float64,
+                           requires_grad=True)
+        ACTIVATIONS[activation].f(t).sum().backward()
+        slope = t.grad.abs() * (1 + 1e-3)
+        tail_pos = slope[n:].flip(0).cummax(0).values.flip(0)   # index i: t = i h
+        tail_neg = slope[:n + 1].cummax(0).values.flip(0)        # index i: t = -i h
+        _ENVELOPES[activation] = (float(slope.max()), tail_pos, tail_neg)
+    return _ENVELOPES[activation]
 
 
 def lipschitz(activation: str) -> float:
-    """sup |f'| of an element-wise activation (see the module docstring)."""
-    if activation not in _LIPSCHITZ:
-        z = torch.linspace(-40.0, 40.0, 800_001, dtype=torch.float64, requires_grad=True)
-        ACTIVATIONS[activation].f(z).sum().backward()
-        _LIPSCHITZ[activation] = float(z.grad.abs().max()) * (1 + 1e-3)
-    return _LIPSCHITZ[activation]
+    """sup |f'| of an element-wise activation over the reals (see ``_envelope``)."""
+    return _envelope(activation)[0]
+
+
+def local_lipschitz(activation: str, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """A bound on sup |f'| over [z - e, z + e], element-wise: the tail envelope from the end
+    of the interval nearest 0 (rounded towards 0 to the grid, so the envelope covers the
+    interval) when the interval lies on one side of 0, else sup |f'| over the reals. Far in a
+    saturating tail (|z| = 1e4, where eZ is 1e-3) this is ~0 where the global constant would
+    allow 0.25 eZ. Beyond the grid the envelope's last value holds (flat tails)."""
+    sup, tail_pos, tail_neg = _envelope(activation)
+    n = tail_pos.numel() - 1
+    lo, hi = z - e, z + e
+    def index(r):  # grid index at or below r >= 0 (NaN: 0, masked out below)
+        return torch.nan_to_num(r / _GRID_STEP, nan=0.0).floor().clamp(0, n).long()
+
+    pos = tail_pos[index(lo.clamp_min(0)).reshape(-1)].reshape(z.shape)
+    neg = tail_neg[index((-hi).clamp_min(0)).reshape(-1)].reshape(z.shape)
+    full = torch.full_like(z, sup)
+    out = torch.where(lo > 0, pos, torch.where(hi < 0, neg, full))
+    return torch.where(z.isnan() | e.isnan(), torch.full_like(z, float("nan")), out)
+
+
+def _softmax_propagated(p: torch.Tensor, e_z: torch.Tensor) -> torch.Tensor:
+    """A bound on |p(z + d) - p(z)| (softmax over dim 1) for |d| <= e_z, element-wise. By the
+    mean value theorem at some zeta on the segment, dp_i = p_i ((1 - p_i) d_i -
+    sum_{k != i} p_k d_k), so |dp_i| <= p_i (1 - p_i) (e_i + E), E = max_row e_z; on the
+    segment p_i and 1 - p_i grow by at most e^(2E), so |dp_i| <= e^(2E) min(p_i, 1 - p_i)
+    (e_i + E), with 1 - p_i formed as sum_{k != i} p_k (no cancellation). Also
+    |dp_i| <= E / 2 (p_i (1 - p_i) <= 1/4): the smaller of the two."""
+    big_e = e_z.amax(dim=1, keepdim=True)
+    # 1 - p_i: exact enough as 1 - p_i where p_i <= 1/2; for the (at most one) entry above
+    # 1/2, the sum of the others, which are all small.
+    above = p > 0.5
+    others = torch.where(above, torch.zeros_like(p), p).sum(dim=1, keepdim=True)
+    rest = torch.where(above, others.expand_as(p), 1 - p)
+    local = torch.exp(2 * big_e) * torch.minimum(p, rest) * (e_z + big_e)
+    return torch.minimum(local, 0.5 * big_e.expand_as(e_z))
 
 
 class Linear:
@@ -158,14 +213,14 @@ def delta_error(layer, x, w, b, y, activation, u):
     abs_b = 0 if b is None else layer.bias_view(b.abs())
     e_z = _zero_where(z_inf, gamma(layer.K + 1, u) * (layer.forward(x.abs(), w.abs()) + abs_b))
     if activation in ROW_WISE:
-        propagated = 0.5 * e_z.amax(dim=1, keepdim=True).expand_as(e_z)
+        propagated = _softmax_propagated(fz, e_z)
         m = z.amax(dim=1, keepdim=True)
         dev = _zero_where(z_inf, (z - m).abs())
         n = z.shape[1]
         weighted = (fz * dev).sum(dim=1, keepdim=True)
         e_eval = (2 * c + n + dev + weighted) * u * fz.abs()
     else:
-        propagated = lipschitz(activation) * e_z
+        propagated = local_lipschitz(activation, z, e_z) * e_z
         a = 0 if activation in RELATIVE_ONLY else _zero_where(z_inf, z.abs())
         e_eval = c * u * (fz.abs() + a)
     d = fz - y
