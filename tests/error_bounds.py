@@ -10,7 +10,8 @@ split reductions, atomics-free tree sums all fall under it).
 Notation: u the unit roundoff of the compute dtype (2^-24 fp32, 2^-53 fp64), gamma(n) =
 n u / (1 - n u), |.| element-wise, s the scale, R the rows summed over (B for a Linear layer,
 N * H_out * W_out positions for a Conv2d one), K the terms of one pre-activation
-(d_in; C_in/groups * kh * kw for a Conv2d), tiny the smallest normal number of the dtype.
+(d_in; C_in/groups * kh * kw for a Conv2d), tiny twice the smallest normal number of the
+dtype (``flush_floor``).
 The inputs are the values the op saw (already rounded to their dtype), so the float64
 reference on them is exact to ~1e-16 and only the op's own arithmetic is bounded.
 
@@ -42,7 +43,12 @@ Applied stage by stage, to first order in u:
                          rounding of its argument), the sum by gamma(n) more, so
                          |dp_j| <= (2c + n + |z_j - m| + sum_k p_k |z_k - m|) u p_j.
                          tiny: a result below the smallest normal may be flushed to 0 (FTZ on
-                         a GPU, the C++ sigmoid's 0 below -88.72 and clamped exp floor).
+                         a GPU, the C++ sigmoid's 0 below -88.72), or come out as the C++
+                         exp's floor, e^-87.34 = 1.0000001 x the smallest normal (its
+                         argument is clamped there): twice the smallest normal covers both.
+                         sigmoid and silu go through e^-z, which overflows for z < -88.72
+                         (fp32): they are 0 there (torch's too) while silu(z) is still as
+                         large as 2.6e-37, so there the bound allows all of |f(z)|.
   D = f(Z) - Y           eD = L eZ + c u (|f(Z)| + a(Z) + |Y|) + tiny (the subtraction and
                          the scale are one rounding each, inside the c ulps)
   G_W = s D^T X          |dG_W| <= |s| ((gamma(R) (|D| + eD) + eD)^T |X|) + u |G_W|
@@ -60,6 +66,8 @@ bound there is finite too (``assert_within`` fails on a NaN bound rather than sk
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,11 +81,20 @@ EVAL_ULPS = 16
 ABSOLUTE_IN_Z = {"gelu", "gelu_tanh"}
 #: Activations whose evaluation error is relative to |f(z)| alone.
 RELATIVE_ONLY = {"identity", "relu", "leaky_relu", "tanh", "sigmoid", "silu"}
+#: Activations computed through e^-z (1 / (1 + e^-z), z / (1 + e^-z)): once e^-z overflows
+#: (z below -log(max float), -88.72 in fp32) they give 0, as torch's do, where f(z) is still
+#: normal for silu (|silu(-88.72)| = 2.6e-37): the whole |f(z)| is allowed there.
+EXP_OF_MINUS_Z = {"sigmoid", "silu"}
 ROW_WISE = {"softmax"}
 
 
 def gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
+
+
+def flush_floor(dtype) -> float:
+    """What a result below the normal range may be off by: twice the smallest normal."""
+    return 2 * torch.finfo(dtype).tiny
 
 
 #: Grid for f': spacing 1e-4 over [-40, 40]; f' is flat beyond (its tails are monotone).
@@ -134,13 +151,15 @@ def _softmax_propagated(p: torch.Tensor, e_z: torch.Tensor) -> torch.Tensor:
     (e_i + E), with 1 - p_i formed as sum_{k != i} p_k (no cancellation). Also
     |dp_i| <= E / 2 (p_i (1 - p_i) <= 1/4): the smaller of the two."""
     big_e = e_z.amax(dim=1, keepdim=True)
+    valid = big_e < 1  # the local form needs e^(2E) finite and small; else E / 2 alone
     # 1 - p_i: exact enough as 1 - p_i where p_i <= 1/2; for the (at most one) entry above
     # 1/2, the sum of the others, which are all small.
     above = p > 0.5
     others = torch.where(above, torch.zeros_like(p), p).sum(dim=1, keepdim=True)
     rest = torch.where(above, others.expand_as(p), 1 - p)
-    local = torch.exp(2 * big_e) * torch.minimum(p, rest) * (e_z + big_e)
-    return torch.minimum(local, 0.5 * big_e.expand_as(e_z))
+    local = torch.exp(2 * big_e.clamp(max=1)) * torch.minimum(p, rest) * (e_z + big_e)
+    half = 0.5 * big_e.expand_as(e_z)
+    return torch.where(valid, torch.minimum(local, half), half)
 
 
 class Linear:
@@ -202,10 +221,23 @@ def _zero_where(mask, t):
     return torch.where(mask, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
+def _eval_error(activation, z, fz, u):
+    """The error of evaluating an element-wise f at z (module docstring): c u |f(z)|, plus
+    c u |z| for the activations that cancel in 1 + (-1 + small), plus |f(z)| itself where an
+    e^-z overflow turns it into 0."""
+    a = 0 if activation in RELATIVE_ONLY else _zero_where(z.isinf(), z.abs())
+    e_eval = EVAL_ULPS * u * (fz.abs() + a)
+    if activation in EXP_OF_MINUS_Z:
+        dtype = torch.float32 if u == UNIT[torch.float32] else torch.float64
+        overflow = z < -math.log(torch.finfo(dtype).max)
+        e_eval = e_eval + torch.where(overflow, fz.abs(), torch.zeros_like(fz))
+    return e_eval
+
+
 def delta_error(layer, x, w, b, y, activation, u):
     """(D, eD): the float64 delta and the bound eD on the op's error in it (docstring)."""
     c = EVAL_ULPS
-    tiny = torch.finfo(torch.float32 if u == UNIT[torch.float32] else torch.float64).tiny
+    tiny = flush_floor(torch.float32 if u == UNIT[torch.float32] else torch.float64)
     z = layer.forward(x, w) + (0 if b is None else layer.bias_view(b))
     f = ACTIVATIONS[activation].f
     fz = _over_dim1(f, z)
@@ -221,8 +253,7 @@ def delta_error(layer, x, w, b, y, activation, u):
         e_eval = (2 * c + n + dev + weighted) * u * fz.abs()
     else:
         propagated = local_lipschitz(activation, z, e_z) * e_z
-        a = 0 if activation in RELATIVE_ONLY else _zero_where(z_inf, z.abs())
-        e_eval = c * u * (fz.abs() + a)
+        e_eval = _eval_error(activation, z, fz, u)
     d = fz - y
     return d, propagated + e_eval + c * u * y.abs() + tiny
 
@@ -232,7 +263,7 @@ def matched_loss_grad_bound(layer, x, w, b, y, activation, *, scale=1.0, eta=Non
     """Element-wise bounds (bound_W, bound_b) on |op - float64 reference| for the op computed
     in ``dtype`` on these inputs; bound_b is None without a bias."""
     u = UNIT[dtype]
-    tiny = torch.finfo(dtype).tiny
+    tiny = flush_floor(dtype)
     f64 = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
     x, w, b, y = f64(x), f64(w), f64(b), f64(y)
     d, e_d = delta_error(layer, x, w, b, y, activation, u)
@@ -284,7 +315,7 @@ def local_targets_bound(z, grad, activation, gamma_, *, variant="M", dtype=torch
     the flush of a subnormal result."""
     u = UNIT[dtype]
     c = EVAL_ULPS
-    tiny = torch.finfo(dtype).tiny
+    tiny = flush_floor(dtype)
     z, grad = z.detach().double().cpu(), grad.detach().double().cpu()
     act = "identity" if variant == "S" else activation
     fz = ACTIVATIONS[act].f(z)
@@ -294,6 +325,5 @@ def local_targets_bound(z, grad, activation, gamma_, *, variant="M", dtype=torch
         weighted = (fz * dev).sum(dim=-1, keepdim=True)
         e_eval = (2 * c + z.shape[-1] + dev + weighted) * u * fz.abs()
     else:
-        a = 0 if act in RELATIVE_ONLY else _zero_where(z_inf, z.abs())
-        e_eval = c * u * (fz.abs() + a)
+        e_eval = _eval_error(act, z, fz, u)
     return e_eval + c * u * abs(gamma_) * grad.abs() + tiny
