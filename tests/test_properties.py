@@ -5,30 +5,36 @@ tile), activations, dtypes, scale/prox settings and memory layouts (transposed, 
 offset, stride-0 ``.expand``), builds the inputs from a drawn seed, and compares the op with
 ``reference.py`` run in float64 on the same (already rounded) inputs.
 
-Tolerances, normwise (``max|got - want| / max|want|``, see ``conftest.rel_err``):
-- fp32: 1e-5, as the other tests.
-- fp64 (reference backend only): 1e-12.
-- fp16 / bf16 storage with fp32 math: the output is the fp32 result rounded once to the half
-  format, an error of at most half an ulp of each element (2^-11 fp16, 2^-8 bf16 relative),
-  so the bound is one ulp of the largest element: 2^-10 (fp16) and 2^-7 (bf16); RMSProp
-  params are rounded once per step, so ``steps`` ulps there.
+Tolerances:
+- matched_loss_grad (Linear and Conv2d) and local_targets in fp32 (fp64 on the reference
+  backend): element by element, each entry within the rounding bound tests/error_bounds.py
+  derives from the magnitudes of the terms it is summed from (|fl(sum) - sum| <= gamma(n)
+  sum |terms|, stage by stage, through f's local Lipschitz constant, plus f's own evaluation
+  error and a flush floor for subnormal results). Normwise that is about 1e-5, the other
+  tests' fp32 tolerance; unlike a normwise 1e-5 it holds for an entry that cancels to a small
+  fraction of its terms (what is left finite after NaN poisoning, a bias gradient summed from
+  a few opposite deltas, gelu of a very negative z). Conv2d on CUDA: the largest error within
+  the largest bound (cuDNN may choose Winograd/FFT, bounded normwise only).
+- rmsprop_step_ fp32 / fp64: 1e-5 / 1e-12 normwise, plus that times the peak of the state
+  (``run_rmsprop``).
+- fp16 / bf16 storage with fp32 math, normwise: the output is the fp32 result rounded once to
+  the half format, an error of at most half an ulp of each element (2^-11 fp16, 2^-8 bf16
+  relative), so the bound is one ulp of the largest element: 2^-10 (fp16) and 2^-7 (bf16);
+  RMSProp params are rounded once per step, so ``steps`` ulps there.
 
-Extreme values (logits of +-1e4, targets outside f's range, zeros, denormals) must give
-finite results wherever the math is finite, within ``1e-5 * max|want| + 1e-30`` (the absolute
-term lets denormal results flush to zero, as GPUs may). Non-finite inputs (NaN, +-inf) must
-never crash and must give NaN / +-inf exactly where the float64 reference does.
+Extreme values (logits of +-1e4 and +-1e30, targets outside f's range or of 1e30, zeros, tiny
+and subnormal inputs, gradients of 1e30) must give finite results wherever the math is finite,
+within the element-wise bound (RMSProp: 1e-5 of the peak state + 1e-30). Non-finite inputs
+(NaN, +-inf) must never crash and must give NaN / +-inf exactly where the float64 reference
+does; one known exception is pinned as a strict xfail (torch's fp32 CPU gelu(+inf) is NaN,
+which the reference backend inherits).
 
 Run time: sizes stay small (the Triton interpreter costs ~10 ms a launch). By default every
 property is derandomized (the same examples every CI run, no example database). The "long"
 profile, ``LOCOPROP_HYPOTHESIS=long``, runs at least 500 examples of every property on every
 backend (``LOCOPROP_HYPOTHESIS_EXAMPLES`` changes the floor), still derandomized: run it before
-a release or after touching a kernel, in the background (about an hour on 2 cores). Set
+a release or after touching a kernel, in the background (about 15 min on 2 cores). Set
 ``LOCOPROP_FUZZ=<factor>`` to run ``factor`` times more examples, freshly random.
-
-Where cancellation can leave an entry small next to the terms it is summed from (what stays
-finite after NaN poisoning; every Conv2d case), the tolerance is element-wise instead:
-tests/error_bounds.py derives, for each entry, what fp32 arithmetic may do to it from the
-magnitudes of its terms (|fl(sum) - sum| <= gamma(n) sum |terms|, stage by stage).
 """
 import os
 
