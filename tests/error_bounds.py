@@ -77,9 +77,8 @@ from locoprop_kernels.activations import ACTIVATIONS
 UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 #: Rounding errors of evaluating f, the subtraction and the scale, in units of u.
 EVAL_ULPS = 16
-#: Activations whose evaluation error grows with |z| (a 1 + (-1 + small) cancellation).
-ABSOLUTE_IN_Z = {"gelu", "gelu_tanh"}
-#: Activations whose evaluation error is relative to |f(z)| alone.
+#: Activations whose evaluation error is relative to |f(z)| alone; every other one (gelu,
+#: gelu_tanh: a 1 + (-1 + small) cancellation; rows the table gains later) gets c u |z| too.
 RELATIVE_ONLY = {"identity", "relu", "leaky_relu", "tanh", "sigmoid", "silu"}
 #: Activations computed through e^-z (1 / (1 + e^-z), z / (1 + e^-z)): once e^-z overflows
 #: (z below -log(max float), -88.72 in fp32) they give 0, as torch's do, where f(z) is still
