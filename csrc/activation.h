@@ -97,7 +97,16 @@ LOCOPROP_HD float tanh_fp32(float z) {
   return z < 0.0f ? -r : r;
 }
 
-LOCOPROP_HD float sigmoid_fp32(float z) { return 1.0f / (1.0f + exp_fp32(-z)); }
+// Past the clamp of exp_fp32 (-z > 88) the formula would stay at 1/(1 + e^88) = 6.05e-39 for
+// every z down to -inf, and silu = z sigmoid(z) would grow with |z| (-6e-9 at z = -1e30,
+// -inf at -inf where torch gives NaN). torch's fp32 sigmoid is exactly 0 once e^-z overflows,
+// z <= -88.72284 (the float above ln FLT_MAX): the same here, by a select so the loops stay
+// vectorised. Between -88.72284 and -88 the result is within 3.2e-39 (a subnormal) of torch's.
+constexpr float kSigmoidZeroBelow = -88.72283f;
+
+LOCOPROP_HD float sigmoid_fp32(float z) {
+  return select_float(z < kSigmoidZeroBelow, 0.0f, 1.0f / (1.0f + exp_fp32(-z)));
+}
 
 // Phi(z), the standard normal CDF, for GELU = z Phi(z). erfc(a) for a = |z|/sqrt(2) >= 0 from
 // Abramowitz & Stegun 7.1.26, erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^{-a^2} with

@@ -132,6 +132,49 @@ def test_delta_elementwise_extremes():
             assert ok.all(), (name, d, want)
 
 
+# Very negative logits, on both sides of the point where torch's fp32 sigmoid becomes exactly 0
+# (e^-z overflows for z <= -88.72284), and the normal range next to it.
+SIGMOID_TAIL = [float("-inf"), -3e38, -1e30, -1e4, -200.0, -104.0, -100.0, -90.0, -88.72284,
+                -88.72283, -88.5, -88.0, -87.5, -80.0, -50.0, -20.0, -1e-3, 0.0, 5.0, 100.0]
+
+
+@pytest.mark.parametrize("path", ["local_targets", "matched_loss_delta"])
+def test_sigmoid_goes_to_zero_for_very_negative_z(path):
+    """sigmoid(z) is exactly 0 where torch's fp32 sigmoid is (it used to stay at
+    1/(1 + e^88) = 6.05e-39 for every z < -88: exp_fp32 clamps its argument to 88), and
+    silu = z sigmoid(z) with it: -0 instead of z * 6e-39 (-6e-9 at -1e30), NaN at -inf as in
+    torch (was -inf). Both element-wise kernels (targets, and the matched-loss epilogue, which
+    the Conv2d path shares) take the same f. Just above torch's zero point the kernels may
+    still return the clamped 6.05e-39 where torch returns 2.9e-39..6.05e-39: within 3.2e-39
+    (a subnormal), so within 3.2e-39 |z| for silu; elsewhere within 4 ulps of torch."""
+    z = torch.tensor([SIGMOID_TAIL])
+    zeros = torch.zeros_like(z)  # held: _C takes bare addresses
+    for name, torch_f in (("sigmoid", torch.sigmoid), ("silu", torch.nn.functional.silu)):
+        code = ACTIVATIONS[name].code
+        if path == "local_targets":
+            got = torch.empty_like(z)
+            _C.local_targets(z.data_ptr(), zeros.data_ptr(), got.data_ptr(), 0, 1, z.shape[1],
+                             code, 1.0)
+        else:
+            got = z.clone()
+            _C.matched_loss_delta(got.data_ptr(), 0, zeros.data_ptr(), 0, 1, z.shape[1], code,
+                                  1.0)
+        want = torch_f(z)
+        zero = z <= -88.72284
+        finite = zero & want.isfinite()
+        assert (want[finite] == 0).all(), "torch's zero point"
+        # Exactly torch's values there, the NaN of silu(-inf) and the sign of -0 included.
+        assert torch.equal(got[zero].isnan(), want[zero].isnan()), name
+        assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32)), name
+        rest = ~zero
+        floor = 3.2e-39 * (z[rest].abs() if name == "silu" else 1.0)
+        err = (got[rest].double() - want[rest].double()).abs()
+        assert (err <= 4 * 2.0 ** -24 * want[rest].double().abs() + floor).all(), (name, got, want)
+        # Monotone across the switch to 0 (sigmoid), and never above its value at -88.
+        if name == "sigmoid":
+            assert (got[0, 1:] >= got[0, :-1]).all(), got
+
+
 # ---------------------------------------------------------------------- local_targets
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids["dtype"])
