@@ -43,6 +43,7 @@ LOCOPROP_CLONES void target_rows(const T* z, const T* g, T* y, int64_t row_begin
 
 void local_targets(const void* z, const void* g, void* y, int dtype, int64_t B, int64_t n,
                    int activation, float gamma) {
+  if (B <= 0 || n <= 0) return;  // no element: nothing to do (and no task size of 2^14 / 0)
   const int64_t rows_per_task = std::max<int64_t>(1, (1 << 14) / n);
   const int64_t n_tasks = (B + rows_per_task - 1) / rows_per_task;
   const bool parallel = B * n >= kParallelMin;

@@ -67,6 +67,7 @@ LOCOPROP_CLONES void softmax_delta_rows(float* z, const T* bias, const T* target
 
 void matched_loss_delta(float* z, const void* bias, const void* target, int dtype, int64_t B,
                         int64_t n, int activation, float scale) {
+  if (B <= 0 || n <= 0) return;  // no element: nothing to do (and no task size of 2^14 / 0)
   // Rows per task: enough work per call of the row kernel (about 16K elements).
   const int64_t rows_per_task = std::max<int64_t>(1, (1 << 14) / n);
   const int64_t n_tasks = (B + rows_per_task - 1) / rows_per_task;
