@@ -44,7 +44,7 @@ OPTIM_DB = [(o.desc, o.kwargs) for o in
             next(e for e in optim_db if e.optim_cls is torch.optim.RMSprop)
             .optim_inputs_func(device="cpu")]
 EXTRA = [("momentum 0.9", {"momentum": 0.9}),
-         ("alpha 0.3, centered, momentum", {"alpha": 0.3, "centered": True, "momentum": 0.5}),
+         ("alpha 0.3, centered, momentum", {"alpha": 0.3, "centered": True, "momentum": 0.7}),
          ("eps 0, maximize, momentum", {"eps": 0.0, "maximize": True, "momentum": 0.3}),
          ("lr 0.1, weight_decay, alpha 0.9", {"lr": 0.1, "weight_decay": 0.01, "alpha": 0.9})]
 CONFIGS = OPTIM_DB + EXTRA

@@ -133,8 +133,8 @@ def torch_sqrt() -> tuple:
     Computed once per process.
 
     The price on this CPU: MKL runs an SSE kernel for it on AMD processors, ~0.4 ns per value,
-    which makes the "torch" style's step 1.3x to 1.6x the IEEE one's (still ~3x faster than
-    torch's own foreach step). ``LOCOPROP_IEEE_SQRT=1`` in the environment takes the IEEE sqrt
+    which makes the "torch" style's step 1.3x to 1.8x the IEEE one's (still faster than
+    torch's own foreach step; bench/rmsprop_torch_sqrt.py). ``LOCOPROP_IEEE_SQRT=1`` in the environment takes the IEEE sqrt
     (one pass, the old speed; every other operation still torch's), name "ieee
     (LOCOPROP_IEEE_SQRT=1)"."""
     import os
