@@ -177,11 +177,10 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = 
             if r is not None:
                 spans.append((r[0], r[1], is_written, name, t))
     spans.sort(key=lambda s: s[0])
-    # (furthest end so far, its name, its tensor), over all spans and over written ones
-    reach_any, reach_written = (-1, "", None), (-1, "", None)
+    # The furthest end so far, over all spans and over written ones.
+    reach_any, reach_written = -1, -1
     for i, (lo, hi, is_written, name, t) in enumerate(spans):
-        other_hi, other, other_t = reach_any if is_written else reach_written
-        if other_hi > lo:
+        if (reach_any if is_written else reach_written) > lo:
             others = [s for s in spans[:i] if s[1] > lo and (is_written or s[2])]
             for _, _, _, oname, ot in others:
                 if _share_elements(t, ot):
@@ -189,10 +188,9 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = 
                     fail_value(op, _name(culprit),
                                f"memory that does not overlap '{_name(partner)}'",
                                "an aliasing tensor")
-        if hi > reach_any[0]:
-            reach_any = (hi, name, t)
-        if is_written and hi > reach_written[0]:
-            reach_written = (hi, name, t)
+        reach_any = max(reach_any, hi)
+        if is_written:
+            reach_written = max(reach_written, hi)
 
 
 #: Above this many elements the exact element-offset comparison is not attempted: tensors

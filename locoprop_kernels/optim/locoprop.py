@@ -142,6 +142,19 @@ def _remove_hooks(handles: list, modules: list = ()) -> None:
         _OWNERS.pop(m, None)
 
 
+def _check_group(group: dict, params: list) -> None:
+    """The hyper-parameters a param group holds (the constructor's and add_param_group's one
+    check): lr, the RMSProp options, inner_steps >= 1, lr_floor in [0, 1], gamma > 0, variant."""
+    _check_lr(OP, "lr", group["lr"], params)
+    RMSpropOptions.from_group(group).check(OP)
+    steps = group["inner_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        fail_value(OP, "inner_steps", "an int >= 1", repr(steps))
+    check_number(OP, "lr_floor", group["lr_floor"], low=0.0, high=1.0)
+    check_number(OP, "gamma", group["gamma"], low=0.0, low_open=True)
+    check_choice(OP, "variant", group["variant"], VARIANTS)
+
+
 def _check_lr(op: str, arg: str, lr, params) -> None:
     """lr: a finite number >= 0 or a one-element floating tensor on the CPU or the params'
     device (what torch.optim accepts), checked where the group is made, not at step()."""
@@ -220,14 +233,15 @@ class LocoProp(torch.optim.Optimizer):
         compiled = getattr(model, "_orig_mod", None)
         if isinstance(compiled, nn.Module) and type(model).__name__ == "OptimizedModule":
             model = compiled  # torch.compile's wrapper: names and hooks on the real modules
-        check_choice(OP, "variant", variant, VARIANTS)
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
-        check_number(OP, "gamma", gamma, low=0.0, low_open=True)
+        # Everything a param group holds, checked as add_param_group checks it (and before
+        # anything below touches the model: detaching an older optimizer included).
+        self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps, momentum=momentum)
+        _check_group(dict(lr=lr, variant=variant, gamma=gamma, inner_steps=inner_steps,
+                          lr_floor=lr_floor, **dataclasses.asdict(self.rmsprop)),
+                     list(model.parameters()))
         check_number(OP, "scale", scale)
         if scale == 0:
             fail_value(OP, "scale", "a nonzero number", scale)
-        check_number(OP, "lr_floor", lr_floor, low=0.0, high=1.0)
         layer_eta = eta if isinstance(eta, dict) else {}
         if isinstance(eta, dict):
             eta = None
@@ -240,9 +254,6 @@ class LocoProp(torch.optim.Optimizer):
                       type(regularizer).__name__)
         backends.check_name(OP, backend)
         check_choice(OP, "nonfinite", nonfinite, NONFINITE)
-        self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps,
-                                      momentum=momentum).check(OP)
-        _check_lr(OP, "lr", lr, list(model.parameters()))
         if other_lr is not None:
             _check_lr(OP, "other_lr", other_lr, list(model.parameters()))
 
@@ -299,6 +310,8 @@ class LocoProp(torch.optim.Optimizer):
         self._regularizer = regularizer
         self._param_names = {p: n for n, p in model.named_parameters()}
         self._names = names
+        # (weight, bias) of each layer, read once: the forward hook runs on every layer call.
+        self._params_of = {m: layer_params(m) for m in self._modules}
         self._records = {m: [] for m in self._modules}
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
@@ -331,17 +344,18 @@ class LocoProp(torch.optim.Optimizer):
                 and output.requires_grad):
             return None  # evaluation: nothing will come back, record nothing
         x, z = inputs[0].detach(), output.detach()
+        params = self._params_of[module]
         if isinstance(module, nn.Conv2d):
             if x.dim() == 3:  # an unbatched (C, H, W) call: one image
                 x, z = x.unsqueeze(0), z.unsqueeze(0)
-            call = _Call(x, z, layer_params(module), module in self._targets)
+            call = _Call(x, z, params, module in self._targets)
         else:
-            call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]),
-                         layer_params(module), module in self._targets)
+            call = _Call(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]), params,
+                         module in self._targets)
         if call.x.shape[0] == 0:
             return None  # no rows (an expert that got no tokens): nothing to learn from
         calls = self._records[module]
-        if calls and layer_params(module)[0].grad is None:
+        if calls and params[0].grad is None:
             # Someone else cleared the gradients (another optimizer's zero_grad, the model's):
             # the used calls' share of them is gone, so they go too.
             calls[:] = [c for c in calls if not c.used]
@@ -415,18 +429,9 @@ class LocoProp(torch.optim.Optimizer):
         """torch's add_param_group, with every hyper-parameter checked before the group is
         added (lr >= 0 finite or a one-element tensor on the params' device, alpha in [0, 1],
         eps >= 0, momentum >= 0, style, inner_steps >= 1, lr_floor in [0, 1], gamma > 0)."""
-        merged = {**self.defaults, **param_group}
         params = param_group.get("params")
         params = [params] if isinstance(params, Tensor) else list(params or ())
-        _check_lr(OP, "lr", merged["lr"], params)
-        RMSpropOptions.from_group({**dict(weight_decay=0.0, centered=False, maximize=False),
-                                   **merged}).check(OP)
-        steps = merged["inner_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            fail_value(OP, "inner_steps", "an int >= 1", repr(steps))
-        check_number(OP, "lr_floor", merged["lr_floor"], low=0.0, high=1.0)
-        check_number(OP, "gamma", merged["gamma"], low=0.0, low_open=True)
-        check_choice(OP, "variant", merged["variant"], VARIANTS)
+        _check_group({**self.defaults, **param_group}, params)
         super().add_param_group(param_group)
 
     def __deepcopy__(self, memo):
@@ -446,7 +451,7 @@ class LocoProp(torch.optim.Optimizer):
     def step(self, closure=None):
         """One outer LocoProp step from the gradients and records of the last backward pass(es);
         returns ``closure()``'s loss when a closure is given."""
-        if getattr(self, "_superseded", False):
+        if self._superseded:
             raise RuntimeError(f"locoprop.{OP}.step(): this optimizer was detached from its "
                                f"model by a newer lk.optim.LocoProp on the same model; step "
                                f"that one")
