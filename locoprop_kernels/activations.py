@@ -196,9 +196,6 @@ ACTIVATIONS: dict[str, Activation] = {
     )
 }
 
-#: The built-in names (the kernels' rows); ``ACTIVATIONS`` also holds registered ones.
-NAMES = tuple(ACTIVATIONS)
-
 #: Codes of registered rows start here: no compiled kernel switches on them.
 FIRST_USER_CODE = 1000
 
