@@ -56,6 +56,9 @@ class LayerInfo:
     loss: str = "matched"  # "matched", or "linearized" for a refused layer
     reason: Optional[str] = None  # why a layer is refused (its parameters are linearized)
     module: str = "Linear"  # "Linear", "Conv1D", "Conv2d" or a declared type's class name
+    # How the last step formed this layer's inner gradient: "gram" (the quadratic local loss
+    # through X^T X, ``locoprop.uses_gram``), "matched" (the matched-loss op), None before any.
+    inner: Optional[str] = None
 
 
 @dataclass(frozen=True)

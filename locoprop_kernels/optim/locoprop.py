@@ -50,6 +50,8 @@ lr_t = lr max(1 - t/T, lr_floor)):
       every other parameter (param_groups[1], the linearized local loss):
         local_grad_t(p) = s gamma p.grad
       with eta: + (p - p0) / eta for every parameter
+      a layer with f = identity may take the same gradient in its Gram form (``_Quadratic``:
+      X^T X once per step, no row-sized GEMM in the inner iterations), where cheaper
     t = 0: the matched part is 0 (W = W0): local_grad_0(p) = s gamma p.grad, no GEMMs
     t = 0 .. T-1: ONE rmsprop_step_ over every parameter (per group when the groups' lr or
            options differ), TF1 or torch flavour, state in ``self.state`` (torch's format).
@@ -126,6 +128,9 @@ _OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 #: What a step does with non-finite gradients: "apply" (torch's behaviour: the update
 #: goes through), "skip" (nothing changes, ``skipped_steps`` counts it, a warning says so).
 NONFINITE = ("apply", "skip")
+#: ``gram=``: "auto" takes the Gram-matrix inner gradient for a quadratic local loss when
+#: ``uses_gram`` says it is cheaper, "always" wherever it is exact, "never" not at all.
+GRAM = ("auto", "always", "never")
 
 
 def _owner(module: nn.Module):
@@ -205,7 +210,9 @@ class LocoProp(torch.optim.Optimizer):
     (z0, grad, f, gamma) -> Y, or {layer: rule}), ``eta`` as {layer: eta}, ``regularizer``
     ((param name, p, p0) -> gradient or None). ``nonfinite``: "apply" (torch's behaviour) or
     "skip" (a step with non-finite gradients or update changes nothing; ``skipped_steps``
-    counts them). Every hyper-parameter is checked here and in ``add_param_group``; one
+    counts them). ``gram``: "auto" (the default), "always" or "never": whether layers with a
+    quadratic local loss (f = identity) take the exact Gram form (``_Quadratic``, ``uses_gram``;
+    ``opt.layers[i].inner`` says which did). Every hyper-parameter is checked here and in ``add_param_group``; one
     optimizer per model; a step is applied whole or not at all (docs/guarantees.md).
     """
 
@@ -216,7 +223,7 @@ class LocoProp(torch.optim.Optimizer):
                  activations: Optional[dict] = None, output_activation: Optional[str] = None,
                  exclude=(), other_lr: Optional[float] = None, backend: Optional[str] = None,
                  process_group=None, targets=None, regularizer: Optional[Callable] = None,
-                 nonfinite: str = "apply"):
+                 nonfinite: str = "apply", gram: str = "auto"):
         if not isinstance(model, nn.Module):
             fail_type(OP, "model", "an nn.Module", type(model).__name__)
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -254,6 +261,7 @@ class LocoProp(torch.optim.Optimizer):
                       type(regularizer).__name__)
         backends.check_name(OP, backend)
         check_choice(OP, "nonfinite", nonfinite, NONFINITE)
+        check_choice(OP, "gram", gram, GRAM)
         if other_lr is not None:
             _check_lr(OP, "other_lr", other_lr, list(model.parameters()))
 
@@ -314,6 +322,8 @@ class LocoProp(torch.optim.Optimizer):
         self._params_of = {m: layer_params(m) for m in self._modules}
         self._records = {m: [] for m in self._modules}
         self.nonfinite = nonfinite
+        self.gram = gram
+        self._layer_index = {info.name: i for i, info in enumerate(self.layers)}
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         self._had_records = False  # the last step had recorded layer calls
         self._superseded = False  # a newer LocoProp on the same model detached this one
@@ -658,9 +668,18 @@ class LocoProp(torch.optim.Optimizer):
                      if m in self._targets else None)
             if not isinstance(m, nn.Conv2d):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
-                problems.append(_Problem(m, X, Z if variant == "S" else f(Z), act, z0=Z,
-                                         g=None if grads is None else _stack(grads)))
+                problem = _Problem(m, X, Z if variant == "S" else f(Z), act, z0=Z,
+                                   g=None if grads is None else _stack(grads))
+                d_out, d_in = Z.shape[1], X.shape[1]
+                gram = act == "identity" and (self.gram == "always" or (
+                    self.gram == "auto" and uses_gram(X.shape[0], d_in, d_out,
+                                                      self.param_groups[0]["inner_steps"])))
+                if gram:
+                    problem.quadratic = _Quadratic(m, X)
+                self._set_inner(info, "gram" if gram else "matched")
+                problems.append(problem)
                 continue
+            self._set_inner(info, "matched")
             geometry, extra = conv_geometry(m)
             by_size: dict = {}
             for i, (x, z) in enumerate(records):
@@ -680,12 +699,23 @@ class LocoProp(torch.optim.Optimizer):
                                          geometry, z0=Z, g=G))
         return problems
 
+    def _set_inner(self, info: LayerInfo, inner: str) -> None:
+        """Record in ``opt.layers`` how this step forms the layer's inner gradient."""
+        if info.inner != inner:
+            i = self._layer_index[info.name]
+            new = dataclasses.replace(info, inner=inner)
+            self.layers[i] = new
+            self._infos[self._infos.index(info)] = new
+
     def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads,
                                target: Optional[Tensor] = None) -> None:
         """grads[W], grads[b] += the layer's matched-loss gradient at the current weights, with
         the problem's target f(Z0) (or ``target``)."""
         m = problem.layer
         w, b = layer_params(m)
+        if problem.quadratic is not None and target is None:
+            problem.quadratic.add_grad_(grads, scale)
+            return
         in_out = problem.conv is None and _in_out(m)
         # In the records' compute dtype (``_true_record``): a copy only for half parameters.
         dtype = problem.x.dtype
@@ -778,13 +808,75 @@ class _Problem:
     local activation and, for a Conv2d, its geometry (``layers.conv_geometry``); Z0 and, for a
     layer with a custom target rule, G = dL/dZ of its calls, stacked the same way."""
 
-    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g")
+    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g", "quadratic")
 
     def __init__(self, layer: nn.Module, x: Tensor, y: Tensor, activation: str,
                  conv: Optional[dict] = None, z0: Optional[Tensor] = None,
                  g: Optional[Tensor] = None):
         self.layer, self.x, self.y, self.activation, self.conv = layer, x, y, activation, conv
         self.z0, self.g = z0, g
+        self.quadratic: Optional[_Quadratic] = None  # the Gram form, where it is taken
+
+
+def uses_gram(rows: int, d_in: int, d_out: int, inner_steps: int) -> bool:
+    """Whether the Gram form of a quadratic local loss (``_Quadratic``) costs fewer
+    multiply-adds per step than the matched-loss op, counting the GEMMs only.
+
+    The op takes two (rows x d_in x d_out) GEMMs in each of the T - 1 iterations t >= 1
+    (t = 0 needs none). The Gram form takes X^T X once (rows x d_in x d_in) and one
+    (d_out x d_in x d_in) GEMM per iteration:
+
+        rows d_in^2 + (T - 1) d_out d_in^2  <  2 (T - 1) rows d_out d_in,
+        i.e.  rows d_in + (T - 1) d_out d_in  <  2 (T - 1) rows d_out.
+
+    For a square layer (d_in = d_out = d) at T = 10 that is d < 1.89 rows: any layer with
+    more rows (batch x sequence) than about half its width."""
+    t = inner_steps - 1
+    return t >= 1 and rows * d_in + t * d_out * d_in < 2 * t * rows * d_out
+
+
+class _Quadratic:
+    """A layer whose local loss is quadratic (f = identity: variant S, or a layer without an
+    activation), in its Gram form. With Z = X W^T + 1 b^T and the target Z0 = X W0^T + 1 b0^T
+    (what the layer computed at W0, b0), the local gradient (without the prox term and C) is
+
+        dW = s (Z - Z0)^T X = s [(W - W0) X^T X + (b - b0) (X^T 1)^T]      (d_out, d_in)
+        db = s (Z - Z0)^T 1 = s [(W - W0) X^T 1 + rows (b - b0)]            (d_out,)
+
+    so X^T X (d_in, d_in) and X^T 1 (d_in,), formed once per step, serve all T - 1 inner
+    iterations: one (d_out x d_in x d_in) GEMM instead of the op's two (rows x d_in x d_out)
+    ones. Exact (the same function of W, b; only the rounding differs), and at W0 exactly 0.
+    Weights are kept as (d_out, d_in) views whatever the module stores (Conv1D: (d_in, d_out))."""
+
+    __slots__ = ("weight", "bias", "in_out", "w0", "b0", "gram", "x_sum", "rows")
+
+    def __init__(self, layer: nn.Module, x: Tensor):
+        self.weight, self.bias = layer_params(layer)
+        self.in_out = _in_out(layer)
+        self.w0 = self._w(self.weight, x.dtype).clone()
+        self.b0 = None if self.bias is None else self.bias.detach().to(x.dtype).clone()
+        self.gram = x.t() @ x
+        self.x_sum = x.sum(dim=0)
+        self.rows = x.shape[0]
+
+    def _w(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        w = weight.detach().to(dtype)
+        return w.t() if self.in_out else w
+
+    def add_grad_(self, grads, scale: float) -> None:
+        """grads[W], grads[b] += the local gradient above at the current weights."""
+        delta = self._w(self.weight, self.w0.dtype) - self.w0
+        grad_w = grads[self.weight]
+        grad_w = grad_w.t() if self.in_out else grad_w
+        grad_w.addmm_(delta, self.gram, alpha=scale)
+        if self.bias is None:
+            return
+        delta_b = self.bias.detach().to(self.w0.dtype) - self.b0
+        grad_w.addr_(delta_b, self.x_sum, alpha=scale)
+        if self.bias in grads:
+            grad_b = grads[self.bias]
+            grad_b.addmv_(delta, self.x_sum, alpha=scale)
+            grad_b.add_(delta_b, alpha=scale * self.rows)
 
 
 def _per_layer(op: str, arg: str, value, names: dict, check, expected: str) -> dict:
