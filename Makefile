@@ -44,7 +44,7 @@ $(BENCH_STAMP): $(STAMP)
 demo: $(BENCH_STAMP)
 	$(PY) -m locoprop_kernels.experiments.autoencoder $(DEMO_ARGS)
 
-# make race: time to target loss (bench/race.py, docs/autoencoder.md "The race"). Every
+# make race: time to target loss (python -m bench.race, docs/autoencoder.md "The race"). Every
 # optimizer trains the official autoencoder on full MNIST for --budget seconds of its own
 # steps, all interleaved in one process; run it on an otherwise idle machine. Writes
 # bench/results/race-<device>.{json,md,png}. Tune first with
