@@ -44,7 +44,7 @@ $(BENCH_STAMP): $(STAMP)
 demo: $(BENCH_STAMP)
 	$(PY) -m locoprop_kernels.experiments.autoencoder $(DEMO_ARGS)
 
-# make race: time to target loss (bench/race.py, docs/autoencoder.md "The race"). Every
+# make race: time to target loss (python -m bench.race, docs/autoencoder.md "The race"). Every
 # optimizer trains the official autoencoder on full MNIST for --budget seconds of its own
 # steps, all interleaved in one process; run it on an otherwise idle machine. Writes
 # bench/results/race-<device>.{json,md,png}. Tune first with
@@ -56,11 +56,11 @@ PEERS_STAMP := $(VENV)/.installed-peers
 RACE_ARGS ?= --budget 600
 $(PEERS_STAMP): $(BENCH_STAMP)
 	$(PY) -m pip install -q --no-deps "locoprop==0.1.0" "pytorch-optimizer==4.1.0" \
-	  "asdfghjkl==0.1a5"
+	  "asdfghjkl==0.1a5" "opt-einsum==3.4.0"
 	touch $(PEERS_STAMP)
 
 race: $(PEERS_STAMP)
-	$(PY) bench/race.py $(RACE_ARGS)
+	$(PY) -m bench.race $(RACE_ARGS)
 
 # Microbenchmarks with timings (ratio table printed at the end).
 bench: $(STAMP)

@@ -7,9 +7,7 @@ the end with each entry's median and its ratio to the group's baseline (PyTorch 
 """
 import os
 import platform
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
@@ -20,9 +18,6 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 AUTOENCODER = autoencoder.layer_sizes()

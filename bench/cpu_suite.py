@@ -1,6 +1,6 @@
 """CPU suite: the "cpp" backend against its fair peers and the GEMM floor, in ONE run.
 
-    .venv/bin/python bench/cpu_suite.py [--repeats N] [--name cpu-2core]
+    .venv/bin/python -m bench.cpu_suite [--repeats N] [--name cpu-2core]
 
 Groups (deep autoencoder 784-1000-500-250-30-250-500-1000-784, batch 1000, fp32):
   rmsprop        one multi-layer RMSProp step over all 16 weights and biases, flavour "torch"
@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import locoprop_kernels as lk
 from locoprop_kernels import backends, reference
 from locoprop_kernels.activations import get_activation
+from bench.output import RESULTS, write_results
 from locoprop_kernels.experiments import autoencoder
 
 # tanh hidden layers, a linear 30-unit code layer, sigmoid output (its logits feed L).
@@ -41,7 +40,6 @@ SIZES = autoencoder.layer_sizes()
 ACTS = autoencoder.layer_activations(len(SIZES) - 1)
 BATCH = 1000
 INNER_STEPS = 10
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
@@ -331,7 +329,7 @@ def main(argv=None):
         print(f"{key}: {value}")
     if args.only:
         return
-    command = "python bench/cpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.cpu_suite " + " ".join(argv if argv is not None else sys.argv[1:])
     info = {"machine": machine(), "command": command.strip(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": BATCH, "sizes": SIZES,
             "inner_steps": INNER_STEPS, "repeats": args.repeats,
@@ -340,8 +338,6 @@ def main(argv=None):
             "cpp_build": _cpp_build_info(),
             "groups": {g: {"baseline": base, "median_s": res} for g, (res, base) in groups.items()},
             "targets": checks}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(info, indent=2) + "\n")
     md = [f"# CPU suite: {info['machine']}", "",
           f"Command: `{info['command']}` (torch {torch.__version__}, {info['threads']} threads, "
           f"fp32, batch {BATCH}, T = {INNER_STEPS}, medians of {args.repeats} round-robin "
@@ -349,7 +345,7 @@ def main(argv=None):
           f"{os.getloadavg()[0]:.2f} after, on a machine shared with other jobs).", "",
           report, ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
                          for k, v in checks.items()]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    write_results(info, RESULTS / args.name, markdown="\n".join(md), indent=2)
 
 
 def _cpp_build_info():

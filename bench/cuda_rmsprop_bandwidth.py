@@ -1,7 +1,7 @@
 """Bandwidth of the CUDA C++ multi-tensor RMSProp against a device-to-device copy, one run.
 
     LOCOPROP_CUDA=ON pip install --no-deps --no-build-isolation -e .   # on the GPU machine
-    python bench/cuda_rmsprop_bandwidth.py [--repeats 50]
+    python -m bench.cuda_rmsprop_bandwidth [--repeats 50]
 
 One ``rmsprop_step_(..., backend="cpp")`` in the "torch" flavour with momentum moves 7 fp32
 streams per element (reads p, g, ms, buf; writes p, ms, buf); the copy moves 2 (read, write) of
@@ -15,12 +15,12 @@ Times are CUDA-event medians; writes bench/results/cuda-rmsprop-<gpu>.json.
 """
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 import locoprop_kernels as lk
-from gpu_suite import SIZES, median_ms  # the same timing as the GPU suite (bench/ is on the path)
+from bench.gpu_suite import SIZES, median_ms  # the same timing as the GPU suite
+from bench.output import RESULTS, write_results
 from locoprop_kernels.backends import cpp as cpp_backend
 
 BIG_ARENA = 1 << 26  # 256 MB per fp32 stream: far past L2 (50 MB on H100), kernel-bound
@@ -56,11 +56,10 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "autoencoder_16_tensors": measure(autoencoder, args.repeats),
               "flat_arena_2^26": measure([(BIG_ARENA,)], args.repeats),
-              "command": f"python bench/cuda_rmsprop_bandwidth.py --repeats {args.repeats}"}
+              "command": f"python -m bench.cuda_rmsprop_bandwidth --repeats {args.repeats}"}
     print(json.dumps(result, indent=2))
-    out = Path(__file__).resolve().parent / "results"
     name = result["device"].replace(" ", "-").lower()
-    (out / f"cuda-rmsprop-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, RESULTS / f"cuda-rmsprop-{name}", indent=2)
 
 
 if __name__ == "__main__":

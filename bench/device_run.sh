@@ -66,35 +66,35 @@ step build_info 60 $PY -c "from locoprop_kernels.backends import cpp; print(cpp.
 step tests_gpu 180 $PY -m pytest -q $XDIST --timeout 120 tests/test_gpu.py tests/test_cpp_backend.py \
   tests/test_inner_loop.py tests/test_grouped.py tests/test_checkpoint.py tests/test_trainer.py
 # Both LocoProp APIs: fp32 on CUDA vs fp64 on the CPU after 3 steps, and one step's time.
-step optim_locoprop 120 $PY bench/optim_locoprop_gpu.py
+step optim_locoprop 120 $PY -m bench.optim_locoprop_gpu
 # Issue 12: the conv op and lk.optim.LocoProp's conv layers on CUDA; the refactored shared inner
 # loop (issue 10) through the trainer and optimizer tests.
 step tests_round2 120 $PY -m pytest -q $XDIST --timeout 100 tests/test_gpu.py \
   tests/test_inner_loop.py tests/test_grouped.py tests/test_trainer.py tests/test_conv2d.py \
   tests/test_optim_conv.py tests/test_optim_locoprop.py tests/test_cpp_backend.py
 # The Fashion-MNIST CNN step: matched conv losses vs linearized vs Adam (+ fp64 check).
-step optim_conv 90 $PY bench/optim_conv_gpu.py
+step optim_conv 90 $PY -m bench.optim_conv_gpu
 # The race at an equal (short: a GPU step is ~100x a CPU one) budget per optimizer; MNIST and
 # the peers come as carried wheels (.whl).
-step race_gpu 170 $PY bench/race.py --device cuda --budget 15 --slice-seconds 1 \
+step race_gpu 170 $PY -m bench.race --device cuda --budget 15 --slice-seconds 1 \
   --eval-seconds 1 --optimizers locoprop-m,locoprop-m-fast,adam,rmsprop,shampoo,kfac,pypi-locoprop-t2 \
   --lrs adam=1e-3,rmsprop=3e-4,shampoo=1e-3,kfac=0.1 --memory inprocess --progress lines \
   --name nvidia-h200
-step suite_b1000_fp32 180 $PY bench/gpu_suite.py --out "$LOGS/suite-b1000-fp32" \
+step suite_b1000_fp32 180 $PY -m bench.gpu_suite --out "$LOGS/suite-b1000-fp32" \
   --batches 1000 --dtypes float32
-step rmsprop_bandwidth 90 $PY bench/cuda_rmsprop_bandwidth.py
+step rmsprop_bandwidth 90 $PY -m bench.cuda_rmsprop_bandwidth
 # lk.optim.RMSprop: GB/s vs a copy (2^26 values, ResNet-50's 161 tensors) and capturable=True
 # replayed in a CUDA graph (bitwise vs eager, lr changed between replays).
-step optim_rmsprop 120 $PY bench/optim_rmsprop_gpu.py
+step optim_rmsprop 120 $PY -m bench.optim_rmsprop_gpu
 step tests_optim 120 $PY -m pytest -q $XDIST --timeout 100 tests/test_optim_rmsprop.py \
   tests/test_optim_locoprop.py
 # A/B: the same configuration with 8 warps per program (the 64-wide tile kernels spill at 4;
 # see LOCOPROP_TRITON_WARPS in triton_kernels/_launch.py). Compare with suite_b1000_fp32.
-step suite_b1000_fp32_8warps 150 env LOCOPROP_TRITON_WARPS=8 $PY bench/gpu_suite.py \
+step suite_b1000_fp32_8warps 150 env LOCOPROP_TRITON_WARPS=8 $PY -m bench.gpu_suite \
   --out "$LOGS/suite-b1000-fp32-8warps" --batches 1000 --dtypes float32
-step suite_b4096_fp32 180 $PY bench/gpu_suite.py --out "$LOGS/suite-b4096-fp32" \
+step suite_b4096_fp32 180 $PY -m bench.gpu_suite --out "$LOGS/suite-b4096-fp32" \
   --batches 4096 --dtypes float32
-step suite_bf16 180 $PY bench/gpu_suite.py --out "$LOGS/suite-bf16" \
+step suite_bf16 180 $PY -m bench.gpu_suite --out "$LOGS/suite-bf16" \
   --batches 1000,4096 --dtypes bfloat16
 step tests_rest 300 $PY -m pytest -q $XDIST --timeout 120 tests
 echo "=== summary"

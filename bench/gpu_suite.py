@@ -1,7 +1,7 @@
 """One run, one device: per-op kernels and full LocoProp outer steps beside their peers.
 
-    python bench/gpu_suite.py --out $OUT            # on the lent GPU (CUDA events, medians)
-    python bench/gpu_suite.py --smoke               # tiny shapes, any device (CI smoke)
+    python -m bench.gpu_suite --out $OUT            # on the lent GPU (CUDA events, medians)
+    python -m bench.gpu_suite --smoke               # tiny shapes, any device (CI smoke)
 
 Measures, on the autoencoder's layers (784-1000-500-250-30-250-500-1000-784):
 - per op: matched_loss_grad (tanh, softmax) and RMSProp over all 16 tensors: triton vs PyTorch
@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import locoprop_kernels as lk  # noqa: E402
+from bench.output import write_results  # noqa: E402
 from locoprop_kernels import reference  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
@@ -279,11 +280,8 @@ def main(argv=None):
             print(key, json.dumps(results["outer"][key]), flush=True)
     table = render(results)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = "smoke" if args.smoke else results["device"].replace(" ", "-").lower()
-    (out / f"gpu-suite-{tag}.json").write_text(json.dumps(results, indent=2))
-    (out / f"gpu-suite-{tag}.md").write_text(table)
+    write_results(results, Path(args.out) / f"gpu-suite-{tag}", markdown=table, indent=2)
     return results
 
 

@@ -1,6 +1,6 @@
 """The Fashion-MNIST CNN's step on a GPU: matched conv losses vs linearized ones vs Adam.
 
-    python bench/optim_conv_gpu.py [--repeats 20] [--batch 100]   (bench/device_run.sh runs it)
+    python -m bench.optim_conv_gpu [--repeats 20] [--batch 100]   (bench/device_run.sh runs it)
 
 The CNN of ``experiments/classification.py`` (Conv2d(1,16,5)+ReLU+MaxPool2,
 Conv2d(16,32,5)+ReLU+MaxPool2, Linear head; cross-entropy, output_activation "softmax"),
@@ -20,21 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import compare_times, machine  # noqa: E402
-from optim_rmsprop_gpu import _cuda_backends  # noqa: E402
+from bench.cpu_suite import compare_times, machine
+from bench.optim_rmsprop_gpu import _cuda_backends
+from bench.output import RESULTS, write_results
 
 from locoprop_kernels.experiments import classification  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LR = {"matched": 3e-5, "linearized": 1e-6, "adam": 1e-2}  # the CPU sweep's best (docs)
 
 
@@ -107,7 +103,7 @@ def main(argv=None):
                   repeats=args.repeats, lrs=LR, rel_err=errors, times_ms=times, median_ms=med)
     lines = [f"# Fashion-MNIST CNN step on {gpu_name}: matched vs linearized conv losses", "",
              f"Batch {args.batch}, 28x28, T = 10, fp32 (ieee), one standard-loop step; "
-             f"{args.repeats} round-robin rounds; `python bench/optim_conv_gpu.py`", "",
+             f"{args.repeats} round-robin rounds; `python -m bench.optim_conv_gpu`", "",
              "| entry | rel err vs fp64 CPU (3 steps) | median ms | min-max ms |",
              "|---|---:|---:|---:|"]
     for name in names:
@@ -126,10 +122,8 @@ def main(argv=None):
     print("\n".join(lines))
     if args.dry_run_cpu:
         return
-    RESULTS.mkdir(exist_ok=True)
     gpu = gpu_name.replace(" ", "-").lower()
-    (RESULTS / f"optim-conv-{gpu}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"optim-conv-{gpu}.md").write_text("\n".join(lines) + "\n")
+    write_results(result, RESULTS / f"optim-conv-{gpu}", markdown="\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Both LocoProp APIs on a GPU: correct against float64 on the CPU, and the time of one step.
 
-    python bench/optim_locoprop_gpu.py [--repeats 20]      (bench/device_run.sh runs it)
+    python -m bench.optim_locoprop_gpu [--repeats 20]      (bench/device_run.sh runs it)
 
 The official deep autoencoder (784-1000-500-250-30-250-500-1000-784, tanh, sigmoid output
 loss), batch 1000, T = 10, fp32 on CUDA, the official settings. Entries:
@@ -22,21 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import compare_times, machine  # noqa: E402
-from optim_rmsprop_gpu import _cuda_backends  # noqa: E402
+from bench.cpu_suite import compare_times, machine
+from bench.optim_rmsprop_gpu import _cuda_backends
+from bench.output import RESULTS, write_results
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Entry:
@@ -122,7 +118,7 @@ def main(argv=None):
     gpu_name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run)"
     lines = [f"# Both LocoProp APIs on {gpu_name}", "",
              f"Autoencoder, batch {args.batch}, T = 10, fp32 (ieee), one outer step; "
-             f"{args.repeats} round-robin rounds; `python bench/optim_locoprop_gpu.py`", "",
+             f"{args.repeats} round-robin rounds; `python -m bench.optim_locoprop_gpu`", "",
              "| entry | rel err vs fp64 CPU (3 steps) | median ms | min-max ms |",
              "|---|---:|---:|---:|"]
     for name, err in errors.items():
@@ -137,9 +133,7 @@ def main(argv=None):
         print("\n".join(lines))
         return
     gpu = gpu_name.replace(" ", "-").lower()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"optim-locoprop-{gpu}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"optim-locoprop-{gpu}.md").write_text("\n".join(lines))
+    write_results(result, RESULTS / f"optim-locoprop-{gpu}", markdown="\n".join(lines))
     print("\n".join(lines))
 
 

@@ -1,6 +1,6 @@
 """The standard-loop API against the Sequential trainer, per outer step, side by side.
 
-    .venv/bin/python bench/optim_locoprop_overhead.py [--repeats 7] [--backend cpp]
+    .venv/bin/python -m bench.optim_locoprop_overhead [--repeats 7] [--backend cpp]
 
 The official deep autoencoder (784-1000-500-250-30-250-500-1000-784, tanh, linear code layer,
 sigmoid output loss), batch 1000, T = 10, fp32, the official settings. Entries, one call each
@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import compare_times, machine  # noqa: E402
+from bench.cpu_suite import compare_times, machine
+from bench.output import RESULTS, write_results
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None):
@@ -57,7 +54,7 @@ def main(argv=None):
     result = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
                   backend=args.backend, batch=args.batch, inner_steps=10, times=times,
                   median=med, ratio=ratio,
-                  command="python bench/optim_locoprop_overhead.py " + " ".join(
+                  command="python -m bench.optim_locoprop_overhead " + " ".join(
                       argv if argv is not None else sys.argv[1:]))
     lines = [f"# Standard-loop LocoProp vs the Sequential trainer, {result['machine']}", "",
              f"Autoencoder, batch {args.batch}, T = 10, fp32, backend {args.backend}, "
@@ -65,9 +62,7 @@ def main(argv=None):
              "| entry | median s | min-max s |", "|---|---:|---:|"]
     lines += [f"| {k} | {med[k]:.3f} | {min(v):.3f}-{max(v):.3f} |" for k, v in times.items()]
     lines += ["", f"standard loop / Sequential trainer: {ratio:.3f}x", ""]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    write_results(result, RESULTS / args.name, markdown="\n".join(lines))
     print("\n".join(lines))
 
 

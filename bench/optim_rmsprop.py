@@ -1,6 +1,6 @@
 """lk.optim.RMSprop against torch's RMSprop, side by side in ONE run, on two parameter sets.
 
-    .venv/bin/python bench/optim_rmsprop.py [--repeats 15] [--backend cpp] [--name optim-rmsprop-cpu]
+    .venv/bin/python -m bench.optim_rmsprop [--repeats 15] [--backend cpp] [--name optim-rmsprop-cpu]
 
 Sets: the deep autoencoder's 16 weights and biases (2.8M values) and the 161 parameter shapes
 of ResNet-50 (25.6M values). Entries, all with torch's defaults (lr 1e-2, alpha 0.99, eps 1e-8,
@@ -18,20 +18,17 @@ median time, as a fraction of the copy's. Writes bench/results/<name>.json and .
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import compare_times, machine  # noqa: E402
+from bench.cpu_suite import compare_times, machine
+from bench.output import RESULTS, write_results
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BYTES_PER_VALUE = 5 * 4  # read p, g, ms; write p, ms (fp32, no momentum, not centered)
 
 
@@ -95,7 +92,7 @@ def main(argv=None) -> dict:
     sets = {"autoencoder": autoencoder_shapes, "resnet50": resnet50_shapes}
     result = {"machine": machine(), "torch": torch.__version__, "threads":
               torch.get_num_threads(), "repeats": args.repeats, "command":
-              " ".join(["python bench/optim_rmsprop.py", *(argv or sys.argv[1:])]), "sets": {}}
+              " ".join(["python -m bench.optim_rmsprop", *(argv or sys.argv[1:])]), "sets": {}}
     lines = [f"# lk.optim.RMSprop vs torch.optim.RMSprop, {result['machine']}", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{args.repeats} interleaved rounds; `{result['command']}`", ""]
@@ -122,9 +119,7 @@ def main(argv=None) -> dict:
                   f"{r['speedup_vs_compile']:.2f}x than torch.compile(foreach); "
                   f"{r['ours_gb_s']:.1f} GB/s = {100 * r['fraction_of_copy_bandwidth']:.0f}% of "
                   f"the copy's {r['copy_gb_s']:.1f} GB/s ({BYTES_PER_VALUE} bytes per value)", ""]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    write_results(result, RESULTS / args.name, markdown="\n".join(lines))
     print("\n".join(lines))
     return result
 

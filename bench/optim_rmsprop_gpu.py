@@ -1,6 +1,6 @@
 """lk.optim.RMSprop on a GPU: bandwidth against a copy, and capture in a CUDA graph.
 
-    python bench/optim_rmsprop_gpu.py [--repeats 50]      (bench/device_run.sh runs it)
+    python -m bench.optim_rmsprop_gpu [--repeats 50]      (bench/device_run.sh runs it)
 
 1. Bandwidth, torch's defaults (no momentum, not centered: 20 bytes moved per fp32 value):
    one 2^26-value parameter and the 161 parameter shapes of ResNet-50; entries
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_suite import median_ms  # noqa: E402
-from optim_rmsprop import BYTES_PER_VALUE, resnet50_shapes  # noqa: E402
+from bench.gpu_suite import median_ms
+from bench.optim_rmsprop import BYTES_PER_VALUE, resnet50_shapes
+from bench.output import RESULTS, write_results
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels import backends  # noqa: E402
@@ -102,11 +100,10 @@ def main():
               "flat_2^26": bandwidth([(1 << 26,)], args.repeats),
               "resnet50_161": bandwidth(resnet50_shapes(), args.repeats),
               "capturable_graph": capture(resnet50_shapes()),
-              "command": f"python bench/optim_rmsprop_gpu.py --repeats {args.repeats}"}
+              "command": f"python -m bench.optim_rmsprop_gpu --repeats {args.repeats}"}
     print(json.dumps(result, indent=1))
     name = result["device"].replace(" ", "-").lower()
-    out = Path(__file__).resolve().parent / "results" / f"optim-rmsprop-{name}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(result, RESULTS / f"optim-rmsprop-{name}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import torch
 import locoprop_kernels as lk
 from locoprop_kernels import backends
 
-from conftest import AUTOENCODER, HAS_CUDA
-import cpu_suite
+from bench import cpu_suite
+from bench.conftest import AUTOENCODER, HAS_CUDA
 
 pytestmark = [
     pytest.mark.skipif(HAS_CUDA, reason="CPU benchmarks (the GPU has bench/gpu_suite.py)"),

@@ -10,7 +10,7 @@ import locoprop_kernels as lk
 from locoprop_kernels import backends, reference
 from locoprop_kernels.activations import ACTIVATIONS
 
-from conftest import AUTOENCODER, DEVICE, HAS_CUDA
+from bench.conftest import AUTOENCODER, DEVICE, HAS_CUDA
 
 OUR_BACKENDS = (["triton"] if HAS_CUDA else []) + (["cpp"] if backends.cpp_available() else [])
 COMPETITORS = ["eager", "compile"] + OUR_BACKENDS

@@ -1,7 +1,7 @@
 """CI smoke run of bench/gpu_suite.py: every entry runs (tiny shapes, one repetition)."""
 import json
 
-import gpu_suite
+from bench import gpu_suite
 
 
 def test_gpu_suite_smoke(tmp_path):

