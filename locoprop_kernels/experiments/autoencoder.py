@@ -18,7 +18,7 @@ LocoProp presets (``optimizers.PRESETS``): ``locoprop-m`` runs ``preset="officia
 reproduction, unchanged. ``locoprop-m-fast`` runs ``preset="fast"``, for time to a target loss:
 T = 3, a constant lr, and 5 warm-up steps (``warmup_steps``; at lr = 0, or
 ``warmup="grad-square"``: square averages set from the first batches' squared gradients)
-in place of the lr = 0 epoch. ``bench/race.py`` races them on the clock.
+in place of the lr = 0 epoch. ``python -m bench.race`` (bench/race/) races them on the clock.
 
     locoprop-autoencoder --epochs 6 --optimizers locoprop-m,adam,rmsprop     # full MNIST
     locoprop-autoencoder --dataset digits --epochs 3                          # smoke run

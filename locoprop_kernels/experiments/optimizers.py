@@ -65,7 +65,7 @@ NAMES = tuple(SWEEPS)
 #: on 3000 MNIST images damping 1e-3 and 0.1 diverged at lr >= 1e-2 or barely moved below;
 #: 10 with lr 0.1 looked steady over 9 steps, but on the full set it is SGD in disguise (the
 #: damping swamps the curvature) and stalls at 206. The race's tuning found damping 1 with
-#: lr 0.03 (bench/results/race-tune-cpu.md), which bench/race.py uses.
+#: lr 0.03 (bench/results/race-tune-cpu.md), which bench/race/ uses.
 KFAC_DAMPING = 10.0
 
 #: LocoProp presets. "official": the notebook's settings and outer schedule (epoch 0 at lr 0,
