@@ -45,11 +45,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .ops import rmsprop_step_
+from .config import OFFICIAL_RMSPROP
 from .rmsprop_options import RMSpropOptions
 from .validation import fail_value
 
-#: The official LocoProp code's inner RMSProp (DESIGN.md section 2).
-OFFICIAL_RMSPROP = RMSpropOptions(style="tf", alpha=0.9, eps=1e-5, momentum=0.999)
 
 
 def inner_lr_factors(inner_steps: int, floor: float) -> list:

@@ -46,10 +46,10 @@ from torch import nn
 from . import backends, ops
 from .activations import ACTIVATIONS, activation_of_module, get_activation
 from .arena import Arena, split_views
+from .config import LocoPropConfig
 from .distributed import DataParallel
 from .grouped import LayerGroup, LayerSpec, param_shapes
 from .inner_loop import InnerLoop, RMSpropSegment
-from .rmsprop_options import RMSpropOptions
 from .validation import check_choice, check_number, fail_type, fail_value
 
 OP = "LocoProp"
@@ -160,19 +160,15 @@ class LocoProp:
                  cuda_graph: bool = False, precision: str = "ieee", process_group=None):
         if not callable(loss_fn):
             fail_type(OP, "loss_fn", "a callable loss_fn(logits, y)", type(loss_fn).__name__)
-        check_choice(OP, "variant", variant, ops.VARIANTS)
+        self.config = LocoPropConfig.of(
+            lr=lr, variant=variant, gamma=gamma, inner_steps=inner_steps, lr_floor=lr_floor,
+            eta=eta, scale=scale, backend=backend, style=style, alpha=alpha, eps=eps,
+            momentum=momentum).check(OP)
         check_choice(OP, "precision", precision, ops.PRECISIONS)
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            fail_value(OP, "inner_steps", "an int >= 1", repr(inner_steps))
-        check_number(OP, "gamma", gamma)
-        check_number(OP, "lr", lr, low=0.0)
-        self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps,
-                                      momentum=momentum).check(OP)
-        check_number(OP, "lr_floor", lr_floor, low=0.0)
-        check_number(OP, "scale", scale)
-        if eta is not None:
-            check_number(OP, "eta", eta, low=0.0, low_open=True)
-        backends.check_name(OP, backend)
+        config = self.config
+        self.rmsprop = config.rmsprop
+        variant, gamma, inner_steps = config.variant, config.gamma, config.inner_steps
+        lr_floor, eta, scale, lr = config.lr_floor, config.eta, config.scale, config.lr
 
         linears, acts, tail = parse_sequential(model, output_activation)
         self.model, self.loss_fn = model, loss_fn
@@ -182,7 +178,7 @@ class LocoProp:
         self.eta, self.scale, self.precision = (None if eta is None else float(eta),
                                                 float(scale), precision)
         self.activations = acts                                  # f_l in the forward pass
-        local = acts if variant == "M" else ["identity"] * len(acts)
+        local = [variant.local_activation(act) for act in acts]
         self.layers = [LayerSpec(lin.in_features, lin.out_features, act, lin.bias is not None)
                        for lin, act in zip(linears, local)]     # f_l of the local losses
         self.linears = linears
@@ -305,7 +301,7 @@ class LocoProp:
         for view, g in zip(self.grads.views(), param_grads):
             torch.mul(g, self.scale * self.gamma, out=view)
         self.dp.all_reduce_grads_(self.grads.buffer)
-        targets = [ops.local_targets(z, g, act, self.gamma, variant=self.variant,
+        targets = [ops.local_targets(z, g, act, self.gamma, variant=self.variant.value,
                                      backend=self.backend)
                    for z, g, act in zip(preacts, dzs, self.activations)]
         if self.grouped:
@@ -384,7 +380,7 @@ class LocoProp:
             "lr": self._lr,
             "steps": self.steps,
             "layers": self._layer_records(),
-            "settings": dict(variant=self.variant, gamma=self.gamma,
+            "settings": dict(variant=self.variant.value, gamma=self.gamma,
                              inner_steps=self.inner_steps, alpha=self.rmsprop.alpha,
                              eps=self.rmsprop.eps, momentum=self.rmsprop.momentum,
                              style=self.rmsprop.style,

@@ -82,12 +82,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import backends
 from ..distributed import DataParallel
 from ..inner_loop import InnerLoop, RMSpropSegment
 from ..activations import get_activation
 from ..arena import Arena
-from ..ops import VARIANTS, matched_loss_grad, matched_loss_grad_conv2d
+from ..config import LocoPropConfig, Variant
+from ..ops import matched_loss_grad, matched_loss_grad_conv2d
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
 from .detection import Detector
@@ -147,17 +147,15 @@ def _remove_hooks(handles: list, modules: list = ()) -> None:
         _OWNERS.pop(m, None)
 
 
-def _check_group(group: dict, params: list) -> None:
+def _check_group(group: dict, params: list) -> LocoPropConfig:
     """The hyper-parameters a param group holds (the constructor's and add_param_group's one
-    check): lr, the RMSProp options, inner_steps >= 1, lr_floor in [0, 1], gamma > 0, variant."""
+    check, ``config.LocoPropConfig.check``), lr also as torch.optim accepts it (a tensor)."""
     _check_lr(OP, "lr", group["lr"], params)
-    RMSpropOptions.from_group(group).check(OP)
-    steps = group["inner_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        fail_value(OP, "inner_steps", "an int >= 1", repr(steps))
-    check_number(OP, "lr_floor", group["lr_floor"], low=0.0, high=1.0)
-    check_number(OP, "gamma", group["gamma"], low=0.0, low_open=True)
-    check_choice(OP, "variant", group["variant"], VARIANTS)
+    return LocoPropConfig(
+        lr=group["lr"], variant=group["variant"], gamma=group["gamma"],
+        inner_steps=group["inner_steps"], lr_floor=group["lr_floor"], eta=group.get("eta"),
+        scale=group.get("scale", 1.0), rmsprop=RMSpropOptions.from_group(group),
+        backend=group.get("backend")).check(OP, lr=False)
 
 
 def _check_lr(op: str, arg: str, lr, params) -> None:
@@ -242,24 +240,19 @@ class LocoProp(torch.optim.Optimizer):
             model = compiled  # torch.compile's wrapper: names and hooks on the real modules
         # Everything a param group holds, checked as add_param_group checks it (and before
         # anything below touches the model: detaching an older optimizer included).
-        self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps, momentum=momentum)
-        _check_group(dict(lr=lr, variant=variant, gamma=gamma, inner_steps=inner_steps,
-                          lr_floor=lr_floor, **dataclasses.asdict(self.rmsprop)),
-                     list(model.parameters()))
-        check_number(OP, "scale", scale)
-        if scale == 0:
-            fail_value(OP, "scale", "a nonzero number", scale)
         layer_eta = eta if isinstance(eta, dict) else {}
         if isinstance(eta, dict):
             eta = None
             for name, value in layer_eta.items():
                 check_number(OP, f"eta[{name!r}]", value, low=0.0, low_open=True)
-        if eta is not None:
-            check_number(OP, "eta", eta, low=0.0, low_open=True)
+        self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps, momentum=momentum)
+        self.config = _check_group(dict(
+            lr=lr, variant=variant, gamma=gamma, inner_steps=inner_steps, lr_floor=lr_floor,
+            eta=eta, scale=scale, backend=backend, **dataclasses.asdict(self.rmsprop)),
+            list(model.parameters()))
         if regularizer is not None and not callable(regularizer):
             fail_type(OP, "regularizer", "a callable (name, p, p0) -> Tensor or None",
                       type(regularizer).__name__)
-        backends.check_name(OP, backend)
         check_choice(OP, "nonfinite", nonfinite, NONFINITE)
         check_choice(OP, "gram", gram, GRAM)
         if other_lr is not None:
@@ -654,21 +647,21 @@ class LocoProp(torch.optim.Optimizer):
         made channels-last once here (the compiled backends' layout, so the T - 1 inner
         iterations copy neither) and f applied over the channels. Each call's X and Z0 are
         what the layer computed (``_true_record``)."""
-        variant = self.param_groups[0]["variant"]
+        variant = Variant(self.param_groups[0]["variant"])
         problems = []
         for m, info in zip(self._modules, self._infos):
             weight, _ = layer_params(m)
             calls = [c for c in self._records[m] if c.used]
             if not calls or weight.grad is None:
                 continue
-            act = info.activation if variant == "M" else "identity"
+            act = variant.local_activation(info.activation)
             f = get_activation(act).f
             records = [_true_record(m, info.name, c, state_dtype(weight)) for c in calls]
             grads = ([sum(c.grad).to(state_dtype(weight)) for c in calls]
                      if m in self._targets else None)
             if not isinstance(m, nn.Conv2d):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
-                problem = _Problem(m, X, Z if variant == "S" else f(Z), act, z0=Z,
+                problem = _Problem(m, X, Z if variant is Variant.S else f(Z), act, z0=Z,
                                    g=None if grads is None else _stack(grads))
                 d_out, d_in = Z.shape[1], X.shape[1]
                 gram = act == "identity" and (self.gram == "always" or (
@@ -692,7 +685,7 @@ class LocoProp(torch.optim.Optimizer):
                     X = nn.functional.pad(X, (0, extra[0], 0, extra[1]))
                 X = X.contiguous(memory_format=last)
                 Z = _stack([z for _, z, _ in same]).contiguous(memory_format=last)
-                Y = Z if variant == "S" else _over_channels(f, Z)
+                Y = Z if variant is Variant.S else _over_channels(f, Z)
                 G = None if grads is None else _stack([g for _, _, g in same]).contiguous(
                     memory_format=last)
                 problems.append(_Problem(m, X, Y.contiguous(memory_format=last), act,
