@@ -224,14 +224,13 @@ def grouped_cases(compiler: Compiler) -> None:
         group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
                             in zip(sizes, sizes[1:], acts)], batch, device="cpu", dtype=dtype,
                            backend="reference")
-        plan = grouped.plan(batch, group.layer_table(), "cpu")
+        plan = grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype, precision=precision)
         params = torch.empty(group.num_params, dtype=dtype)
         compiler.context = f"{dtype} {name}"
         grouped.grouped_matched_loss_grad_(
             plan, group.inputs.buffer, params, group.targets.buffer,
             torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
-            anchors=params if has_prox else None, eta=0.5 if has_prox else None,
-            precision=precision)
+            anchors=params if has_prox else None, eta=0.5 if has_prox else None)
 
 
 # torch's options beyond the base product of rmsprop_cases: a few combinations, not all 2^3.
