@@ -73,6 +73,8 @@ FAMILY = {("matched_loss_grad", "_delta_kernel"): "delta",
 # The matrix instructions in PTX and the operand type each precision must give them.
 MMA_LINE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.M)
 MMA_TYPE = {"tf32": ".tf32", "bf16": ".bf16"}
+# Shared memory one block may use on sm_90 (227 KB, H100/H200): a launch above it fails.
+SHARED_LIMIT = 232448
 # The deep autoencoder's layers (DESIGN section 2): the grouped kernels' real table.
 AUTOENCODER = autoencoder.layer_sizes()
 AUTOENCODER_ACTS = autoencoder.layer_activations(len(AUTOENCODER) - 1)
@@ -166,6 +168,8 @@ class Compiler:
             self._check_fma(kernel.__name__, constexprs, ptx),
             f"spills: {stack} bytes of local memory per thread (n_spills={spills}) in the "
             f"shipped config {row}" if isinstance(stack, int) and stack > 0 else "",
+            f"shared memory {shared} B over sm_90's {SHARED_LIMIT} B per block in {row}"
+            if shared > SHARED_LIMIT else "",
             "no resource report (cuobjdump missing): spills unchecked"
             if spills == "?" else "") if p]
         for problem in problems:
