@@ -3,6 +3,8 @@
 # every start counted). From the repository root on the device machine:
 #
 #     bash bench/device_run.sh            # everything below, logs and results under $OUT
+#     ONLY="env tune results" DEADLINE=470 bash bench/device_run.sh
+#                                         # issue 17's call: <= 8 minutes, room for a rerun
 #
 # Ordered by value per minute, each step under its own time limit so that one slow step
 # (first-call Triton compiles, torch.compile of the unrolled reference loop) cannot eat the
@@ -56,6 +58,16 @@ step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__ver
 triton.__version__, torch.cuda.get_device_name())'; which nvcc cmake ninja; \
 $PY -m pybind11 --version; $PY -m pytest --version; $PY -c 'import hypothesis'"
 
+# Issue 17: the tuning step (every spill-free launch config of the per-op rows timed at the
+# issue's shapes, interleaved; the fastest written into triton_kernels/config_table.py with
+# the card and the medians; a JSON copy in $LOGS), then the results step with that table:
+# matched_loss_grad tanh/softmax/relu at 1000x1000 B=1000 and 8192x768->3072, ieee/tf32/bf16,
+# ours vs eager at the same precision, medians and spread, interleaved, errors vs float64.
+# Pure Python + Triton: no build needed. Budget: tune <= 200 s, results <= 200 s.
+step tune 200 $PY bench/triton_tune.py --time --budget-s 150 --out "$LOGS"
+cp triton_kernels/config_table.py "$LOGS/" 2>/dev/null  # packed by the next step
+step results 200 $PY bench/matched_loss_grad_device.py --out "$LOGS"
+
 # The editable install builds locoprop_kernels._C with the CUDA kernels (sm_90 for Hopper).
 step build 180 env LOCOPROP_CUDA=ON LOCOPROP_REQUIRE_EXT=1 \
   $PY -m pip install --no-deps --no-build-isolation -e .
@@ -88,10 +100,6 @@ step rmsprop_bandwidth 90 $PY -m bench.cuda_rmsprop_bandwidth
 step optim_rmsprop 120 $PY -m bench.optim_rmsprop_gpu
 step tests_optim 120 $PY -m pytest -q $XDIST --timeout 100 tests/test_optim_rmsprop.py \
   tests/test_optim_locoprop.py
-# A/B: the same configuration with 8 warps per program (the 64-wide tile kernels spill at 4;
-# see LOCOPROP_TRITON_WARPS in triton_kernels/_launch.py). Compare with suite_b1000_fp32.
-step suite_b1000_fp32_8warps 150 env LOCOPROP_TRITON_WARPS=8 $PY -m bench.gpu_suite \
-  --out "$LOGS/suite-b1000-fp32-8warps" --batches 1000 --dtypes float32
 step suite_b4096_fp32 180 $PY -m bench.gpu_suite --out "$LOGS/suite-b4096-fp32" \
   --batches 4096 --dtypes float32
 step suite_bf16 180 $PY -m bench.gpu_suite --out "$LOGS/suite-bf16" \

@@ -33,6 +33,7 @@ import locoprop_kernels as lk  # noqa: E402
 from bench.output import write_results  # noqa: E402
 from locoprop_kernels import reference  # noqa: E402
 from locoprop_kernels.experiments import autoencoder  # noqa: E402
+from locoprop_kernels.triton_kernels import config_table  # noqa: E402
 
 # The official autoencoder: tanh hidden layers, a linear 30-unit code layer, sigmoid output.
 SIZES = autoencoder.layer_sizes()
@@ -269,7 +270,7 @@ def main(argv=None):
     batches = [8] if args.smoke else [int(b) for b in args.batches.split(",")]
     dtypes = ["float32"] if args.smoke else args.dtypes.split(",")
     results = {"device": device_name(device), "torch": torch.__version__,
-               "triton_warps": os.environ.get("LOCOPROP_TRITON_WARPS") or "default (4)",
+               "triton_configs": config_table.NOTE,
                "command": " ".join(["python", *sys.argv]), "T": 10, "smoke": args.smoke,
                "ops": op_rows(device, reps, warmup, args.smoke), "outer": {}}
     for batch in batches:

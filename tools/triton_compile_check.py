@@ -1,20 +1,28 @@
 """Compile every Triton kernel variant our launchers produce for a real GPU, without a GPU.
 
-    python tools/triton_compile_check.py [--arch 90] [--out FILE]      (make triton-check)
+    python tools/triton_compile_check.py [--arch 90] [--out FILE] [--only GROUP,...]
+                                                                        (make triton-check)
 
 The tests run the kernels under Triton's interpreter, which executes them as numpy and never
 compiles them: a kernel that the GPU compiler rejects (a dot with a tile edge under 16, a type
 mix the interpreter tolerates, a constexpr misuse) would pass CI and break on the first GPU.
 This script drives the real launchers (``triton_kernels/*.py``) over the cases the package
 uses -- every activation, dtype (and mixed precision: half x and target, fp32 parameters),
-bias/prox setting, dot precision, both tile regimes, the
-grouped kernels on the autoencoder's layer table, RMSProp flat and table forms with lr as a
-value and as a device pointer and with torch's options (centered, maximize, weight decay) --
-but replaces the launch with ``triton.compile`` for the target
-(sm_90 by default) on the signature the launch would have had. It fails on any compile error
-and checks the dot precision in the generated PTX: ``precision="ieee"`` must not use the
-tensor cores (IEEE fp32 FMAs), ``"tf32"`` must. Where Triton ships ``cuobjdump`` it also
-reports registers and stack (spills) per variant: no GPU time needed for that either.
+bias/prox setting, dot precision ("ieee", "tf32", "bf16"), both tile regimes, the grouped
+kernels on the autoencoder's layer table and a ragged one, the Conv2d delta and finish
+kernels, RMSProp flat and table forms with lr as a value and as a device pointer and with
+torch's options (centered, maximize, weight decay) -- but replaces the launch with
+``triton.compile`` for the target (sm_90 by default) on the signature, constexprs and launch
+options (num_warps, num_stages from ``triton_kernels/config_table.py``) the launch would have
+had. It FAILS on
+  - any compile error;
+  - a dot whose instructions are not what the precision asks (PTX): "ieee" must not use the
+    tensor cores (fp32 FMAs), "tf32" must use tf32 mma/wgmma, "bf16" bf16 ones;
+  - a spill: per-thread local memory (the cubin's stack frame, ``cuobjdump``) above 0 bytes.
+    Triton's ``CompiledKernel.n_spills`` is that size / 4 (the driver's local size), so this
+    is the GPU's number, read without a GPU; registers likewise (``n_regs``) and shared memory
+    from the compiled metadata (``shared``).
+``--out`` writes the resources per shipped config row (the worst variant of each).
 """
 from __future__ import annotations
 
@@ -41,13 +49,32 @@ from locoprop_kernels.experiments import autoencoder  # noqa: E402
 from locoprop_kernels.grouped import LayerGroup, LayerSpec  # noqa: E402
 from locoprop_kernels.rmsprop_options import RMSpropOptions  # noqa: E402
 from locoprop_kernels.triton_kernels import (  # noqa: E402
-    activation, grouped_matched_loss_grad as grouped, local_targets, matched_loss_grad, rmsprop)
+    activation, config_table, configs, conv_matched_loss_grad as conv,
+    grouped_matched_loss_grad as grouped, local_targets, matched_loss_grad, rmsprop)
+
+LOOKUP = configs.lookup
 
 # Tensor dtype -> Triton pointer type; Python scalars as Triton's launcher types them.
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
            torch.int64: "*i64"}
-DOT_KERNELS = ("_delta_kernel", "_weight_grad_kernel", "_grouped_delta_kernel",
-               "_grouped_weight_grad_kernel")
+PRECISIONS = ("ieee", "tf32", "bf16")
+# The kernels that hold a dot (conv_matched_loss_grad's _delta_kernel has none: it is told
+# apart by its module).
+DOT_KERNELS = {("matched_loss_grad", "_delta_kernel"), ("matched_loss_grad", "_weight_grad_kernel"),
+               ("grouped_matched_loss_grad", "_grouped_delta_kernel"),
+               ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel")}
+# The kernel family (configs.KERNELS) of each (module, kernel) the config table serves.
+FAMILY = {("matched_loss_grad", "_delta_kernel"): "delta",
+          ("matched_loss_grad", "_weight_grad_kernel"): "weight_grad",
+          ("grouped_matched_loss_grad", "_grouped_delta_kernel"): "grouped_delta",
+          ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel"): "grouped_weight_grad",
+          ("local_targets", "_targets_kernel"): "targets",
+          ("conv_matched_loss_grad", "_delta_kernel"): "conv_delta"}
+# The matrix instructions in PTX and the operand type each precision must give them.
+MMA_LINE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.M)
+MMA_TYPE = {"tf32": ".tf32", "bf16": ".bf16"}
+# Shared memory one block may use on sm_90 (227 KB, H100/H200): a launch above it fails.
+SHARED_LIMIT = 232448
 # The deep autoencoder's layers (DESIGN section 2): the grouped kernels' real table.
 AUTOENCODER = autoencoder.layer_sizes()
 AUTOENCODER_ACTS = autoencoder.layer_activations(len(AUTOENCODER) - 1)
@@ -65,69 +92,108 @@ def arg_type(value) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-class Compiler:
-    """Stands in for ``_launch.launch``: compiles each distinct (kernel, signature, constexprs)
-    once for ``target`` and records what came out."""
+def module_of(kernel) -> str:
+    return kernel.fn.__module__.rsplit(".", 1)[-1]
 
-    def __init__(self, target: GPUTarget, options: dict):
-        self.target, self.options = target, options
+
+class Compiler:
+    """Stands in for ``_launch.launch``: compiles each distinct (kernel, signature, constexprs,
+    launch options) once for ``target`` and records what came out, under the config-table row
+    the launcher looked up last for that kernel family (``configs.lookup`` is wrapped)."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
         self.seen = {}
-        self.rows = []
+        self.rows = []      # (label, config key, seconds, regs, spills, shared)
         self.failures = []
+        self.failed_rows = set()  # the config-table rows (or "-") of the failures
         self.context = ""
+        self.config_key = {}  # kernel family -> the table row of its latest lookup
         nvidia_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
         cuobjdump = os.path.join(nvidia_bin, "cuobjdump")
         self.cuobjdump = cuobjdump if os.path.exists(cuobjdump) else None
 
+    def lookup(self, kernel, dtype, precision="-", *, softmax=None, shape=(1,)):
+        """``configs.lookup``, recording which table row answered."""
+        cfg = LOOKUP(kernel, dtype, precision, softmax=softmax, shape=shape)
+        act = {True: "softmax", False: "elementwise",
+               None: configs.ACT_OF.get(kernel, "-")}[softmax]
+        for shape_cls in (configs.shape_class(shape), "any"):
+            row = configs.key(kernel, act, configs.dtype_class(dtype), precision, shape_cls)
+            if row in config_table.TABLE:
+                self.config_key[kernel] = row
+                break
+        return cfg
+
     def __call__(self, kernel, grid, *args, **constexprs):
-        options = dict(self.options)
-        if "num_warps" in constexprs:  # a launch option, not a kernel argument
-            options.setdefault("num_warps", constexprs.pop("num_warps"))
-        if "enable_fp_fusion" in constexprs:  # likewise (the RMSProp kernels turn it off)
-            options["enable_fp_fusion"] = constexprs.pop("enable_fp_fusion")
+        options = {"num_warps": 4}
+        for name in ("num_warps", "num_stages", "enable_fp_fusion"):  # launch options
+            if name in constexprs:
+                options[name] = constexprs.pop(name)
         names = kernel.arg_names
         runtime = [n for n in names if n not in constexprs]
         signature = {n: arg_type(v) for n, v in zip(runtime, args)}
         signature.update({n: "constexpr" for n in constexprs})
         signature = {n: signature[n] for n in names}
-        key = (kernel.__name__, tuple(signature.items()),
-               tuple(sorted((k, str(v)) for k, v in constexprs.items())), options["num_warps"])
+        where = (module_of(kernel), kernel.__name__)
+        family = FAMILY.get(where)
+        row = self.config_key.get(family, "-") if family else "-"
+        key = (where, tuple(signature.items()),
+               tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+               tuple(sorted(options.items())))
         if key in self.seen:
             return
         label = f"{kernel.__name__} {self.context} " + " ".join(
             f"{k}={v}" for k, v in constexprs.items()
             if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK")) + \
-            f" tiles={[constexprs[k] for k in ('BLOCK_M', 'BLOCK_N', 'BLOCK_K') if k in constexprs]}"
+            f" tiles={[constexprs[k] for k in ('BLOCK_M', 'BLOCK_N', 'BLOCK_K') if k in constexprs]}" \
+            f" warps={options['num_warps']} stages={options.get('num_stages', '-')}"
         t0 = time.perf_counter()
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                                       target=self.target, options=options)
         except Exception as err:  # noqa: BLE001 - every compiler error is a finding
             self.failures.append(f"{label}: {type(err).__name__}: {str(err)[:1500]}")
+            self.failed_rows.add(row)
             self.seen[key] = None
             print(f"FAIL {label}", flush=True)
             return
         seconds = time.perf_counter() - t0
         ptx = compiled.asm.get("ptx", "")
-        problem = (self._check_precision(kernel.__name__, constexprs, ptx)
-                   or self._check_fma(kernel.__name__, constexprs, ptx))
-        if problem:
-            self.failures.append(f"{label}: {problem}")
         regs, stack = self._resources(compiled.asm.get("cubin"))
+        spills = stack // 4 if isinstance(stack, int) else "?"
+        shared = compiled.metadata.shared
+        problems = [p for p in (
+            self._check_precision(where, constexprs, ptx),
+            self._check_fma(kernel.__name__, constexprs, ptx),
+            f"spills: {stack} bytes of local memory per thread (n_spills={spills}) in the "
+            f"shipped config {row}" if isinstance(stack, int) and stack > 0 else "",
+            f"shared memory {shared} B over sm_90's {SHARED_LIMIT} B per block in {row}"
+            if shared > SHARED_LIMIT else "",
+            "no resource report (cuobjdump missing): spills unchecked"
+            if spills == "?" else "") if p]
+        for problem in problems:
+            self.failures.append(f"{label}: {problem}")
+            self.failed_rows.add(row)
         self.seen[key] = compiled
-        self.rows.append((label, seconds, regs, stack))
-        print(f"{'FAIL' if problem else 'ok  '} {label}  {seconds:.1f}s regs={regs} "
-              f"stack={stack}", flush=True)
+        self.rows.append((label, row, seconds, regs, spills, shared))
+        print(f"{'FAIL' if problems else 'ok  '} {label}  {seconds:.1f}s regs={regs} "
+              f"spills={spills} shared={shared}", flush=True)
 
     @staticmethod
-    def _check_precision(name: str, constexprs: dict, ptx: str) -> str:
-        if name not in DOT_KERNELS:
+    def _check_precision(where, constexprs: dict, ptx: str) -> str:
+        if where not in DOT_KERNELS:
             return ""
-        tensor_cores = "wgmma" in ptx or "mma.sync" in ptx
-        if constexprs["PRECISION"] == "ieee" and tensor_cores:
-            return "precision='ieee' compiled to tensor-core (tf32) instructions"
-        if constexprs["PRECISION"] == "tf32" and not tensor_cores:
-            return "precision='tf32' compiled without tensor-core instructions"
+        precision = constexprs["PRECISION"]
+        mma = [m.group(0) for m in MMA_LINE.finditer(ptx)]
+        if precision == "ieee":
+            return (f"precision='ieee' compiled to tensor-core instructions ({mma[0]})"
+                    if mma else "")
+        if not mma:
+            return f"precision={precision!r} compiled without tensor-core instructions"
+        wrong = [m for m in mma if MMA_TYPE[precision] not in m]
+        if wrong:
+            return f"precision={precision!r} compiled to {wrong[0]} (not {MMA_TYPE[precision]})"
         return ""
 
     @staticmethod
@@ -149,6 +215,7 @@ class Compiler:
         return ""
 
     def _resources(self, cubin) -> tuple:
+        """(registers, stack frame bytes) per thread of the cubin's kernel."""
         if self.cuobjdump is None or not cubin:
             return "?", "?"
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -170,43 +237,58 @@ def table_codes_match(compiler: Compiler) -> None:
                                      f"triton_kernels/activation.py has {code!r}")
 
 
+# Activations that bound the register pressure of the element-wise epilogue (gelu_tanh: the
+# longest f) and the row loop (softmax), for the variants that repeat a kernel at another
+# bias/dtype setting; the full activation list runs once per config row.
+EXTREME_ACTS = ("softmax", "gelu_tanh")
+
+
+def _layer(B, K, N, dtype, has_bias, param_dtype=None):
+    p = param_dtype or dtype
+    x, y = torch.empty(B, K, dtype=dtype), torch.empty(B, N, dtype=dtype)
+    w, b = torch.empty(N, K, dtype=p), torch.empty(N, dtype=p) if has_bias else None
+    return x, w, b, y
+
+
+def _matched_loss_grad(x, w, b, y, act, has_prox, precision):
+    matched_loss_grad.matched_loss_grad_into(
+        x, w, b, y, act.code, 1.0, w if has_prox else None,
+        b if has_prox and b is not None else None, 0.5 if has_prox else None,
+        torch.empty_like(w), torch.empty_like(b) if b is not None else None,
+        precision=precision)
+
+
 def per_layer_cases(compiler: Compiler) -> None:
-    """matched_loss_grad (2 kernels) and local_targets through their launchers."""
-    # (B, d_in, d_out): 64-wide tiles (the GPU regime) and the 16-wide minimum (tiny layers).
-    shapes = {"64": (128, 96, 80), "16": (5, 3, 7)}
-    dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    for (tiles, (B, K, N)), dtype, act, has_bias, has_prox, precision in itertools.product(
-            shapes.items(), dtypes, ACTIVATIONS.values(), [True, False], [False, True],
-            ["ieee", "tf32"]):
-        # The full product in fp32 at 64-wide tiles; half dtypes on the default precision,
-        # small tiles in fp32 only (the same code with other types or sizes: compile time).
-        if (dtype != torch.float32 or tiles == "16") and precision != "ieee":
-            continue
-        if tiles == "16" and dtype != torch.float32:
-            continue
-        x = torch.empty(B, K, dtype=dtype)
-        w, b = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype) if has_bias else None
-        y = torch.empty(B, N, dtype=dtype)
+    """matched_loss_grad (2 kernels) and local_targets through their launchers: every
+    activation at every (dtype, precision) config row at full tiles; bias off, prox on/off
+    and the 16-wide tiles of tiny layers on the extreme activations."""
+    # (B, d_in, d_out): the configs' full tiles (edges up to 128) and the 16-wide minimum.
+    full, tiny = (1000, 1000, 1000), (5, 3, 7)
+    for dtype, precision, act in itertools.product(
+            [torch.float32, torch.bfloat16, torch.float16], PRECISIONS, ACTIVATIONS.values()):
+        extreme = act.name in EXTREME_ACTS
+        if dtype == torch.float16 and not extreme:
+            continue  # fp16 compiles as bf16 does (same loads and widths)
         compiler.context = f"{dtype} {act.name}"
-        matched_loss_grad.matched_loss_grad_into(
-            x, w, b, y, act.code, 1.0, w if has_prox else None,
-            b if has_prox and has_bias else None, 0.5 if has_prox else None,
-            torch.empty_like(w), torch.empty_like(b) if has_bias else None, precision=precision)
-        for variant in ("M", "S"):
-            local_targets.local_targets_into(y, y, act.code, 10.0, variant, torch.empty_like(y))
+        for has_bias, has_prox in [(True, False)] + ([(False, True)] if extreme else []):
+            _matched_loss_grad(*_layer(*full, dtype, has_bias), act, has_prox, precision)
+        if extreme and dtype == torch.float32:
+            compiler.context = f"{dtype} {act.name} tiny"
+            _matched_loss_grad(*_layer(*tiny, dtype, True), act, True, precision)
+    for dtype, act, variant in itertools.product(
+            [torch.float32, torch.bfloat16], ACTIVATIONS.values(), ["M", "S"]):
+        if variant == "S" and act.name != "tanh":
+            continue  # variant S launches the identity code: one variant
+        y = torch.empty(full[0], full[2], dtype=dtype)
+        compiler.context = f"{dtype} {act.name}"
+        local_targets.local_targets_into(y, y, act.code, 10.0, variant, torch.empty_like(y))
     # Mixed precision (half x and target, fp32 weight, bias, anchors and outputs: what
-    # torch.autocast records): the same kernels specialised on mixed pointer types, at the
-    # GPU tiles and the default precision.
-    B, K, N = shapes["64"]
-    for low, act, has_bias, has_prox in itertools.product(
-            [torch.bfloat16, torch.float16], ACTIVATIONS.values(), [True, False], [False, True]):
-        x, y = torch.empty(B, K, dtype=low), torch.empty(B, N, dtype=low)
-        w, b = torch.empty(N, K), torch.empty(N) if has_bias else None
-        compiler.context = f"{low} operands, fp32 params {act.name}"
-        matched_loss_grad.matched_loss_grad_into(
-            x, w, b, y, act.code, 1.0, w if has_prox else None,
-            b if has_prox and has_bias else None, 0.5 if has_prox else None,
-            torch.empty_like(w), torch.empty_like(b) if has_bias else None, precision="ieee")
+    # torch.autocast records): the same kernels specialised on mixed pointer types.
+    for low, act_name, precision in itertools.product(
+            [torch.bfloat16, torch.float16], EXTREME_ACTS, PRECISIONS):
+        compiler.context = f"{low} operands, fp32 params {act_name}"
+        _matched_loss_grad(*_layer(*full, low, True, torch.float32), ACTIVATIONS[act_name],
+                           True, precision)
 
 
 def grouped_cases(compiler: Compiler) -> None:
@@ -215,23 +297,47 @@ def grouped_cases(compiler: Compiler) -> None:
     tables = {"autoencoder": (AUTOENCODER, AUTOENCODER_ACTS),
               "ragged": ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"])}
     for (name, (sizes, acts)), dtype, has_prox, precision in itertools.product(
-            tables.items(), [torch.float32, torch.bfloat16], [False, True], ["ieee", "tf32"]):
-        if dtype != torch.float32 and precision != "ieee":
-            continue
+            tables.items(), [torch.float32, torch.bfloat16], [False, True], PRECISIONS):
+        if name == "ragged" and (has_prox or dtype != torch.float32):
+            continue  # the same kernels at smaller tiles: once
         batch = 1000 if name == "autoencoder" else 3
         # The trainer's layout (LayerGroup's arenas and layer rows), planned as the triton
         # backend plans it; the reference backend only stands in for building the group.
         group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
                             in zip(sizes, sizes[1:], acts)], batch, device="cpu", dtype=dtype,
                            backend="reference")
-        plan = grouped.plan(batch, group.layer_table(), "cpu")
+        plan = grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype, precision=precision)
         params = torch.empty(group.num_params, dtype=dtype)
         compiler.context = f"{dtype} {name}"
         grouped.grouped_matched_loss_grad_(
             plan, group.inputs.buffer, params, group.targets.buffer,
             torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
-            anchors=params if has_prox else None, eta=0.5 if has_prox else None,
-            precision=precision)
+            anchors=params if has_prox else None, eta=0.5 if has_prox else None)
+
+
+def conv_cases(compiler: Compiler) -> None:
+    """The Conv2d matched loss's Triton parts (the GEMMs are torch's): the delta epilogue for
+    every activation (bias on; off on the extremes), fp32 and bf16 targets, at full tiles;
+    the finish kernel with and without prox and bias."""
+    R, N, K = 4096, 256, 27  # output positions, C_out, C_in/groups * kh * kw
+    for act, dtype in itertools.product(ACTIVATIONS.values(), [torch.float32, torch.bfloat16]):
+        compiler.context = f"conv {dtype} {act.name}"
+        for has_bias in [True] + ([False] if act.name in EXTREME_ACTS else []):
+            conv.delta_rows_(torch.empty(R, N),
+                             torch.empty(N, dtype=dtype) if has_bias else None,
+                             torch.empty(R, N, dtype=dtype), act.code)
+    for has_prox, has_bias, dtype in itertools.product([False, True], [True, False],
+                                                       [torch.float32, torch.bfloat16]):
+        compiler.context = f"conv {dtype} bias={has_bias}"
+        w = torch.empty(N, K, dtype=dtype)
+        b = torch.empty(N, dtype=dtype) if has_bias else None
+        conv.finish_into(torch.empty(N, K), torch.empty(R, N), w, w if has_prox else None, b,
+                         b if has_prox else None, 1.0, 0.5 if has_prox else None,
+                         torch.empty_like(w), torch.empty_like(b) if has_bias else None)
+
+
+GROUPS = {"codes": table_codes_match, "per_layer": per_layer_cases, "grouped": grouped_cases,
+          "conv": conv_cases, "rmsprop": None}  # rmsprop_cases, defined below
 
 
 # torch's options beyond the base product of rmsprop_cases: a few combinations, not all 2^3.
@@ -268,42 +374,70 @@ def rmsprop_cases(compiler: Compiler) -> None:
                               state() if options.centered else [], lr=lr, options=options)
 
 
+GROUPS["rmsprop"] = rmsprop_cases
+
+
+def resources_table(compiler: Compiler, arch: int) -> str:
+    """Markdown: per config-table row, its config and the worst compiled variant's registers,
+    spills and shared memory; the kernels without a row (RMSProp, conv finish) per kernel."""
+    worst = {}
+    for label, row, _, regs, spills, shared in compiler.rows:
+        name = row if row != "-" else label.split()[0]
+        w = worst.setdefault(name, dict(variants=0, regs=0, spills=0, shared=0))
+        w["variants"] += 1
+        for field, value in (("regs", regs), ("spills", spills), ("shared", shared)):
+            w[field] = value if not isinstance(value, int) else max(w[field], value)
+    lines = [f"| config row (kernel/activation/dtype/precision/shape) | tiles (M, N, K) | warps "
+             f"| stages | variants | max n_regs | max n_spills | max shared B |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in sorted(worst):
+        w = worst[name]
+        cfg = config_table.TABLE.get(name)
+        shape = (f"{cfg['block_m']}, {cfg['block_n']}, {cfg['block_k']} | {cfg['num_warps']} | "
+                 f"{cfg['num_stages']}" if cfg else "(fixed in the kernel) | 4 | -")
+        lines.append(f"| {name} | {shape} | {w['variants']} | {w['regs']} | {w['spills']} | "
+                     f"{w['shared']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
-    parser.add_argument("--out", help="also write the per-variant table (markdown) here")
-    parser.add_argument("--num-warps", type=int, default=None,
-                        help="warps per program; default: what the launchers pass (Triton's "
-                             "4 unless LOCOPROP_TRITON_WARPS is set)")
+    parser.add_argument("--out", help="also write the per-config resource table (markdown)")
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma-separated case groups (default all: {','.join(GROUPS)})")
     args = parser.parse_args()
-    if args.num_warps is not None:
-        os.environ["LOCOPROP_TRITON_WARPS"] = str(args.num_warps)
-    args.num_warps = int(os.environ.get("LOCOPROP_TRITON_WARPS") or 4)
-    compiler = Compiler(GPUTarget("cuda", args.arch, 32), {"num_warps": args.num_warps})
-    modules = (matched_loss_grad, local_targets, grouped, rmsprop)
+    groups = args.only.split(",")
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group(s) {unknown}; known: {list(GROUPS)}")
+    compiler = Compiler(GPUTarget("cuda", args.arch, 32))
+    modules = (matched_loss_grad, local_targets, grouped, conv, rmsprop)
     saved = [m.launch for m in modules]
     t0 = time.perf_counter()
     try:
         for m in modules:
             m.launch = compiler
-        table_codes_match(compiler)
-        per_layer_cases(compiler)
-        grouped_cases(compiler)
-        rmsprop_cases(compiler)
+        configs.lookup = compiler.lookup
+        for g in groups:
+            GROUPS[g](compiler)
     finally:
         for m, launch in zip(modules, saved):
             m.launch = launch
-    print(f"\n{len(compiler.seen)} kernel variants compiled for sm_{args.arch} "
-          f"({args.num_warps} warps) with triton "
+        configs.lookup = LOOKUP
+    print(f"\n{len(compiler.seen)} kernel variants compiled for sm_{args.arch} with triton "
           f"{triton.__version__} in {time.perf_counter() - t0:.0f} s; "
           f"{len(compiler.failures)} failure(s)")
+    table = resources_table(compiler, args.arch)
+    print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# Triton kernels compiled for sm_{args.arch}, {args.num_warps} warps "
-                    f"(triton {triton.__version__})"
-                    f"\n\n| variant | compile s | registers | stack bytes |\n|---|---:|---:|---:|\n")
-            for label, seconds, regs, stack in compiler.rows:
-                f.write(f"| {label} | {seconds:.1f} | {regs} | {stack} |\n")
+            f.write(f"# Triton kernels compiled for sm_{args.arch} (triton {triton.__version__}):"
+                    f" resources per shipped config\n\n{table}\n## Variants\n\n"
+                    f"| variant | config row | compile s | n_regs | n_spills | shared B |\n"
+                    f"|---|---|---:|---:|---:|---:|\n")
+            for label, row, seconds, regs, spills, shared in compiler.rows:
+                f.write(f"| {label} | {row} | {seconds:.1f} | {regs} | {spills} | {shared} |\n")
     for failure in compiler.failures:
         print("FAILED:", failure)
     return 1 if compiler.failures else 0

@@ -4,8 +4,8 @@ The one place in the Triton kernels that lists activations: adding one is a code
 branch in ``apply_elementwise``. A code may reach a helper as a ``tl.constexpr`` (the
 per-layer kernels: compiled once per activation, the branches fold away) or as a run-time
 scalar read from a table (the grouped kernels: one compiled kernel; the branch is uniform
-across a program, so only the taken one runs). Softmax is row-wise and lives in the kernels
-(online max/sum over column tiles); here it only marks the columns outside the row.
+across a program, so only the taken one runs). Softmax is row-wise: its loop (online max/sum over the
+row's column tiles) is ``_common.softmax_rows``; here it only has its code.
 """
 import triton
 import triton.language as tl
@@ -73,14 +73,3 @@ def apply_elementwise(z, act):
         f = z / (1.0 + tl.exp(-z))
     return f
 
-
-@triton.jit
-def online_softmax_update(m, s, z):
-    """Fold a tile z (rows x cols, -inf outside the row) into the running row max m and
-    the running sum s of exp(z - m); returns the new (m, s). Stable for |z| up to fp32 max.
-    While a row has seen only -inf, m_new is -inf and exp(-inf - (-inf)) would be NaN: the
-    exponents then use 0 as the shift (every term is exp(-inf) = 0, s stays 0)."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s_new = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
-    return m_new, s_new

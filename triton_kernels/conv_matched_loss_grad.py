@@ -16,13 +16,12 @@ fixed order (no atomics: deterministic), writing straight into the destination.
 import triton
 import triton.language as tl
 
-from ._launch import launch, tile
-from .activation import SOFTMAX, apply_elementwise, online_softmax_update
+from . import configs
+from ._common import softmax_rows, tile
+from ._launch import launch
+from .activation import SOFTMAX, apply_elementwise
 from .matched_loss_grad import _add_prox  # the prox term's gradient, as for Linear
 
-#: Element-wise tiles of D: 64 x 64 as in ``local_targets`` (16 the floor for few channels).
-MIN_TILE = 16
-MAX_TILE = 64
 #: Elements of grad_W per program: 1024 fp32 is 4 KB, a full wave of loads on the GPU and few
 #: Python-level iterations under the interpreter.
 WEIGHT_BLOCK = 1024
@@ -33,10 +32,14 @@ BIAS_ROWS = 64
 
 
 @triton.jit
-def _preact_tile(z_ptr, b_ptr, offs, ok, cols, N, HAS_BIAS: tl.constexpr):
-    """Z + b on a (rows, cols) tile of the row matrix, fp32; masked entries read 0."""
-    z = tl.load(z_ptr + offs, mask=ok, other=0.0)
-    if HAS_BIAS:
+def _preact_tile(z_ptr, unused_ptr, b_ptr, rows, cols, R, N, unused_k, has_bias,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Z + b on the (rows, cols) tile of the (R, N) row matrix, fp32; masked entries read 0
+    (+ b: finite, so rows past R keep a finite max). The signature is ``softmax_rows``'s tile
+    source; the unused arguments are the GEMM source's."""
+    ok = (rows[:, None] < R) & (cols[None, :] < N)
+    z = tl.load(z_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0)
+    if has_bias:
         z += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     return z
 
@@ -46,32 +49,17 @@ def _delta_kernel(z_ptr, b_ptr, y_ptr, R, N, HAS_BIAS: tl.constexpr, ACT: tl.con
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Z <- f(Z + b) - Y in place, Z (R, N) fp32, Y (R, N). Grid (cdiv(R, BLOCK_M),
     cdiv(N, BLOCK_N)); (cdiv(R, BLOCK_M), 1) for softmax, whose program walks its rows' tiles
-    twice (online max/sum, then write); each element is read and written by one program."""
+    twice (online max/sum, then write: ``_common.softmax_rows``, the tile re-read rather than
+    parked, since it is a load); each element is read and written by one program."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
     if ACT == SOFTMAX:
-        m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            ok = row_ok[:, None] & (cols[None, :] < N)
-            z = _preact_tile(z_ptr, b_ptr, rows[:, None] * N + cols[None, :], ok, cols, N,
-                             HAS_BIAS)
-            # -inf outside the row (masked rows past R read 0 + b: finite, m stays finite).
-            z = tl.where(cols[None, :] < N, z, float("-inf"))
-            m, s = online_softmax_update(m, s, z)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            ok = row_ok[:, None] & (cols[None, :] < N)
-            offs = rows[:, None] * N + cols[None, :]
-            z = _preact_tile(z_ptr, b_ptr, offs, ok, cols, N, HAS_BIAS)
-            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(z_ptr + offs, tl.exp(z - m[:, None]) / s[:, None] - y, mask=ok)
+        softmax_rows(_preact_tile, z_ptr, z_ptr, b_ptr, HAS_BIAS, z_ptr, y_ptr, z_ptr, 1.0,
+                     rows, R, N, 0, False, BLOCK_N, BLOCK_N, "ieee")
     else:
         cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = row_ok[:, None] & (cols[None, :] < N)
+        ok = (rows[:, None] < R) & (cols[None, :] < N)
         offs = rows[:, None] * N + cols[None, :]
-        z = _preact_tile(z_ptr, b_ptr, offs, ok, cols, N, HAS_BIAS)
+        z = _preact_tile(z_ptr, z_ptr, b_ptr, rows, cols, R, N, 0, HAS_BIAS, BLOCK_N, "ieee")
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(z_ptr + offs, apply_elementwise(z, ACT) - y, mask=ok)
 
@@ -109,10 +97,13 @@ def delta_rows_(z_rows, bias, target_rows, code: int) -> None:
     """Z <- f(Z + b) - Y in place on the contiguous (R, C_out) fp32 rows: one launch. ``bias``
     (C_out,) or None and ``target_rows`` (R, C_out) contiguous, of any float dtype."""
     R, N = z_rows.shape
-    bm, bn = tile(R, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE)
-    grid = (triton.cdiv(R, bm), 1 if code == SOFTMAX.value else triton.cdiv(N, bn))
+    softmax = code == SOFTMAX.value
+    cfg = configs.lookup("conv_delta", target_rows.dtype, softmax=softmax, shape=(R, N))
+    bm, bn = tile(R, cfg.block_m), tile(N, cfg.block_n)
+    grid = (triton.cdiv(R, bm), 1 if softmax else triton.cdiv(N, bn))
     launch(_delta_kernel, grid, z_rows, bias if bias is not None else z_rows, target_rows,
-           R, N, HAS_BIAS=bias is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn)
+           R, N, HAS_BIAS=bias is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn,
+           **cfg.launch_options())
 
 
 def finish_into(grad_w32, delta, weight, anchor_weight, bias, anchor_bias, scale: float, eta,

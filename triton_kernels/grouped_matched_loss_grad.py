@@ -19,9 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, table_row, tile
+from . import configs
+from ._common import check_precision, tile
+from ._launch import launch, table_row
 from .activation import SOFTMAX
-from .matched_loss_grad import MAX_TILE, MIN_TILE, delta_block, weight_grad_block
+from .matched_loss_grad import delta_block, weight_grad_block
 
 # Layer-table columns (int64, one row per layer): element offsets of X_l, W_l, b_l (W_l's when
 # the layer has no bias) and Y_l/D_l in their arenas, d_out, d_in, activation code, has-bias.
@@ -86,23 +88,38 @@ def _grouped_weight_grad_kernel(x_ptr, d_ptr, p_ptr, p0_ptr, g_ptr, layers_ptr, 
 
 @dataclass
 class GroupedPlan:
-    """Device tables for one set of layer shapes and batch size; build once, launch often."""
+    """Device tables for one set of layer shapes, batch size, operand dtype and precision;
+    build once, launch often. Each stage has its own config (``configs.py``) and tiles."""
 
     batch: int
+    precision: str
     layers: torch.Tensor        # int64 (L, LAYER_FIELDS)
     delta_tiles: torch.Tensor   # int64 (n1, TILE_FIELDS)
     grad_tiles: torch.Tensor    # int64 (n2, TILE_FIELDS)
-    block_m: int
-    block_n: int
-    block_k: int
+    delta_blocks: dict          # BLOCK_M/N/K, num_warps, num_stages of stage 1
+    grad_blocks: dict           # the same for stage 2
 
 
-def plan(batch: int, layers, device) -> GroupedPlan:
+def _blocks(cfg: configs.Config, batch: int, d_out: int, d_in: int) -> dict:
+    return dict(BLOCK_M=tile(batch, cfg.block_m), BLOCK_N=tile(d_out, cfg.block_n),
+                BLOCK_K=tile(d_in, cfg.block_k), **cfg.launch_options())
+
+
+def plan(batch: int, layers, device, *, dtype=torch.float32, precision: str = "ieee"
+         ) -> GroupedPlan:
     """Build the tables. ``layers``: dicts with x_off, w_off, b_off (or None), yd_off,
-    d_in, d_out, code (activation). Offsets are in elements of their arenas."""
-    bm = tile(batch, MIN_TILE, MAX_TILE)
-    bn = tile(max(l["d_out"] for l in layers), MIN_TILE, MAX_TILE)
-    bk = tile(max(l["d_in"] for l in layers), MIN_TILE, MAX_TILE)
+    d_in, d_out, code (activation). Offsets are in elements of their arenas; ``dtype`` is the
+    arenas' storage dtype (it picks the configs, with ``precision``)."""
+    check_precision(precision)
+    d_out = max(l["d_out"] for l in layers)
+    d_in = max(l["d_in"] for l in layers)
+    shape = (batch, d_out, d_in)
+    delta_blocks = _blocks(configs.lookup("grouped_delta", dtype, precision, shape=shape),
+                           batch, d_out, d_in)
+    grad_blocks = _blocks(configs.lookup("grouped_weight_grad", dtype, precision, shape=shape),
+                          batch, d_out, d_in)
+    bm, bn1 = delta_blocks["BLOCK_M"], delta_blocks["BLOCK_N"]
+    bn2, bk2 = grad_blocks["BLOCK_N"], grad_blocks["BLOCK_K"]
     rows, delta_tiles, grad_tiles = [], [], []
     for i, l in enumerate(layers):
         N, K = l["d_out"], l["d_in"]
@@ -112,16 +129,17 @@ def plan(batch: int, layers, device) -> GroupedPlan:
                               (YD_OFF, l["yd_off"]), (N_COL, N), (K_COL, K),
                               (ACT_COL, l["code"]), (HAS_BIAS_COL, has_bias)))
         softmax = l["code"] == SOFTMAX.value
-        col_blocks = 1 if softmax else triton.cdiv(N, bn)
-        tile_cost = K * (N if softmax else bn)  # multiply-adds per row of the tile
+        col_blocks = 1 if softmax else triton.cdiv(N, bn1)
+        tile_cost = K * (N if softmax else bn1)  # multiply-adds per row of the tile
         for m in range(triton.cdiv(batch, bm)):
             for n in range(col_blocks):
                 delta_tiles.append((tile_cost, i, m, n))
-        for n in range(triton.cdiv(N, bn)):
-            for k in range(triton.cdiv(K, bk)):
-                grad_tiles.append((min(bk, K), i, n, k))
-    return GroupedPlan(batch, _int64_table(rows, device), _tile_table(delta_tiles, device),
-                       _tile_table(grad_tiles, device), bm, bn, bk)
+        for n in range(triton.cdiv(N, bn2)):
+            for k in range(triton.cdiv(K, bk2)):
+                grad_tiles.append((min(bk2, K), i, n, k))
+    return GroupedPlan(batch, precision, _int64_table(rows, device),
+                       _tile_table(delta_tiles, device), _tile_table(grad_tiles, device),
+                       delta_blocks, grad_blocks)
 
 
 def _int64_table(rows, device) -> torch.Tensor:
@@ -137,15 +155,15 @@ def _tile_table(tiles, device) -> torch.Tensor:
 
 
 def grouped_matched_loss_grad_(p: GroupedPlan, inputs, params, targets, deltas, grads, *,
-                               scale: float = 1.0, anchors=None, eta=None,
-                               precision: str = "ieee") -> None:
+                               scale: float = 1.0, anchors=None, eta=None) -> None:
     """Write every layer's matched-loss gradient into ``grads`` (params' layout): two
-    launches. All arenas are flat contiguous tensors; ``deltas`` is fp32 scratch laid out
-    like ``targets``. ``anchors`` (params' layout) and ``eta`` turn the prox term on."""
-    blocks = dict(BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k, PRECISION=precision)
+    launches, at the plan's precision. All arenas are flat contiguous tensors; ``deltas`` is
+    fp32 scratch laid out like ``targets``. ``anchors`` (params' layout) and ``eta`` turn the
+    prox term on."""
     launch(_grouped_delta_kernel, (p.delta_tiles.shape[0],), inputs, params, targets, deltas,
-           p.layers, p.delta_tiles, p.batch, **blocks)
+           p.layers, p.delta_tiles, p.batch, PRECISION=p.precision, **p.delta_blocks)
     has_prox = eta is not None
     launch(_grouped_weight_grad_kernel, (p.grad_tiles.shape[0],), inputs, deltas, params,
            anchors if has_prox else params, grads, p.layers, p.grad_tiles, p.batch,
-           float(scale), 1.0 / eta if has_prox else 0.0, HAS_PROX=has_prox, **blocks)
+           float(scale), 1.0 / eta if has_prox else 0.0, HAS_PROX=has_prox,
+           PRECISION=p.precision, **p.grad_blocks)

@@ -9,13 +9,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, tile
-from .activation import IDENTITY, SOFTMAX, apply_elementwise, online_softmax_update
+from . import configs
+from ._common import softmax_rows, tile
+from ._launch import launch
+from .activation import IDENTITY, SOFTMAX, apply_elementwise
 
-# Element-wise work: 64 x 64 tiles (4096 elements) keep a program busy on the GPU and keep
-# the interpreter's per-tile overhead small; 16 is the floor for tiny layers.
-MIN_TILE = 16
-MAX_TILE = 64
+
+@triton.jit
+def _z_tile(z_ptr, unused_ptr, unused_b_ptr, rows, cols, B, N, unused_k, unused_has_bias,
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Z's (rows, cols) tile in fp32, masked entries 0 (finite rows past B); the signature is
+    ``softmax_rows``'s tile source."""
+    return tl.load(z_ptr + rows[:, None] * N + cols[None, :],
+                   mask=(rows[:, None] < B) & (cols[None, :] < N), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -26,24 +32,9 @@ def _targets_kernel(z_ptr, g_ptr, y_ptr, B, N, gamma, ACT: tl.constexpr,
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     if ACT == SOFTMAX:
-        m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            ok = row_ok[:, None] & (cols[None, :] < N)
-            z = tl.load(z_ptr + rows[:, None] * N + cols[None, :], mask=ok,
-                        other=float("-inf")).to(tl.float32)
-            # Rows past B are all -inf: give them one finite column so m stays finite.
-            z = tl.where(row_ok[:, None] | (cols[None, :] != n0), z, 0.0)
-            m, s = online_softmax_update(m, s, z)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            ok = row_ok[:, None] & (cols[None, :] < N)
-            offs = rows[:, None] * N + cols[None, :]
-            z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            y = tl.exp(z - m[:, None]) / s[:, None] - gamma * g
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+        # Z is re-read in pass 2 (parking it would round it to Y's dtype).
+        softmax_rows(_z_tile, z_ptr, z_ptr, z_ptr, 0, z_ptr, g_ptr, y_ptr, gamma, rows, B, N,
+                     0, False, BLOCK_N, BLOCK_N, "ieee")
     else:
         cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols[None, :] < N)
@@ -59,7 +50,9 @@ def local_targets_into(preact, grad_preact, code: int, gamma: float, variant: st
     if variant == "S":
         code = IDENTITY.value
     B, N = preact.shape
-    bm, bn = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE)
-    grid = (triton.cdiv(B, bm), 1 if code == SOFTMAX.value else triton.cdiv(N, bn))
+    softmax = code == SOFTMAX.value
+    cfg = configs.lookup("targets", preact.dtype, softmax=softmax, shape=(B, N))
+    bm, bn = tile(B, cfg.block_m), tile(N, cfg.block_n)
+    grid = (triton.cdiv(B, bm), 1 if softmax else triton.cdiv(N, bn))
     launch(_targets_kernel, grid, preact, grad_preact, out, B, N, float(gamma),
-           ACT=code, BLOCK_M=bm, BLOCK_N=bn)
+           ACT=code, BLOCK_M=bm, BLOCK_N=bn, **cfg.launch_options())

@@ -10,21 +10,18 @@ parks them in D and folds them into an online (max, sum); pass 2 turns them into
 softmax - Y in place. Stage 2 reduces over the batch inside each program (a loop over B, no
 atomics: bit-for-bit deterministic), adds the bias gradient and the prox term in its epilogue
 and writes straight into the destination (which may be a view into an arena).
-Inputs are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot is broken, and
-bf16/fp16 values are exact in tf32, so tf32 tensor cores lose nothing on them).
+Inputs are loaded in their storage dtype and upcast to fp32 in registers; ``precision``
+("ieee", "tf32", "bf16", ``_common.dot``) says what the tensor cores or FMA units are given.
+Tile edges, warps and pipeline stages come from the config table (``configs.py``).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, tile
-from .activation import SOFTMAX, apply_elementwise, online_softmax_update
-
-# tl.dot needs every tile edge >= 16; 64 keeps a (64 x 64) fp32 accumulator at 16 KB of
-# registers per program on the GPU, and under the interpreter larger tiles mean fewer
-# Python-level iterations (each is a numpy call), which is what CI time is made of.
-MIN_TILE = 16
-MAX_TILE = 64
+from . import configs
+from ._common import check_precision, dot, softmax_rows, tile
+from ._launch import launch
+from .activation import SOFTMAX, apply_elementwise
 
 
 @triton.jit
@@ -40,7 +37,7 @@ def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias,
         # W^T tile (BLOCK_K, BLOCK_N) read straight from W's (d_out, d_in) layout.
         w_t = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
                       mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc, input_precision=PRECISION)
+        acc = dot(x.to(tl.float32), w_t.to(tl.float32), acc, PRECISION)
     # tl.full turns a scalar flag into a vector mask (the interpreter cannot AND a 0-d bool).
     bias_ok = (cols < N) & (tl.full(cols.shape, has_bias, tl.int32) != 0)
     bias = tl.load(b_ptr + cols, mask=bias_ok, other=0.0).to(tl.float32)
@@ -60,24 +57,9 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     if act == SOFTMAX:
-        m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            ok = row_ok[:, None] & (cols[None, :] < N)
-            z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias, BLOCK_K,
-                             PRECISION)
-            m, s = online_softmax_update(m, s, tl.where(cols[None, :] < N, z, float("-inf")))
-            tl.store(d_ptr + rows[:, None] * N + cols[None, :], z, mask=ok)
-        # Pass 2 reads what pass 1 of this same program wrote.
-        tl.debug_barrier()
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            ok = row_ok[:, None] & (cols[None, :] < N)
-            offs = rows[:, None] * N + cols[None, :]
-            z = tl.load(d_ptr + offs, mask=ok, other=0.0)
-            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(d_ptr + offs, tl.exp(z - m[:, None]) / s[:, None] - y, mask=ok)
+        # Z tiles are GEMMs: parked in D by pass 1, turned into softmax - Y there by pass 2.
+        softmax_rows(_preact_tile, x_ptr, w_ptr, b_ptr, has_bias, d_ptr, y_ptr, d_ptr, 1.0,
+                     rows, B, N, K, True, BLOCK_N, BLOCK_K, PRECISION)
     else:
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols[None, :] < N)
@@ -119,7 +101,7 @@ def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr
                       mask=(rows[None, :] < B) & (outs[:, None] < N), other=0.0)
         x = tl.load(x_ptr + rows[:, None] * K + ins[None, :],
                     mask=(rows[:, None] < B) & (ins[None, :] < K), other=0.0)
-        acc = tl.dot(d_t, x.to(tl.float32), acc, input_precision=PRECISION)
+        acc = dot(d_t, x.to(tl.float32), acc, PRECISION)
         acc_b += tl.sum(d_t, axis=1)  # a row sum of a tile in registers: free next to the dot
     w_offs = outs[:, None] * K + ins[None, :]
     w_ok = (outs[:, None] < N) & (ins[None, :] < K)
@@ -161,14 +143,17 @@ def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=No
           user_f=None):
     """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out); ``user_f``: a
     registered activation's @triton.jit f (then ``code`` is not read)."""
+    check_precision(precision)
     B, K = x.shape
     N = weight.shape[0]
     d = torch.empty((B, N), device=x.device, dtype=torch.float32) if out is None else out
-    bm, bn, bk = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE), tile(K, MIN_TILE, MAX_TILE)
-    grid = (triton.cdiv(B, bm), 1 if code == SOFTMAX.value else triton.cdiv(N, bn))
+    softmax = user_f is None and code == SOFTMAX.value
+    cfg = configs.lookup("delta", x.dtype, precision, softmax=softmax, shape=(B, N, K))
+    bm, bn, bk = tile(B, cfg.block_m), tile(N, cfg.block_n), tile(K, cfg.block_k)
+    grid = (triton.cdiv(B, bm), 1 if softmax else triton.cdiv(N, bn))
     launch(_delta_kernel, grid, x, weight, bias if bias is not None else x, target, d, B, N, K,
            HAS_BIAS=int(bias is not None), ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-           PRECISION=precision, USER_F=user_f)
+           PRECISION=precision, USER_F=user_f, **cfg.launch_options())
     return d
 
 
@@ -183,7 +168,8 @@ def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
     d = delta(x, weight, bias, target, code, precision=precision, user_f=user_f)
     B, K = x.shape
     N = weight.shape[0]
-    bm, bn, bk = tile(B, MIN_TILE, MAX_TILE), tile(N, MIN_TILE, MAX_TILE), tile(K, MIN_TILE, MAX_TILE)
+    cfg = configs.lookup("weight_grad", x.dtype, precision, shape=(B, N, K))
+    bm, bn, bk = tile(B, cfg.block_m), tile(N, cfg.block_n), tile(K, cfg.block_k)
     has_prox = eta is not None
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     launch(_weight_grad_kernel, grid, x, d, weight,
@@ -193,4 +179,4 @@ def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
            out_weight, out_bias if bias is not None else out_weight,
            B, N, K, float(scale), 1.0 / eta if has_prox else 0.0,
            HAS_BIAS=int(bias is not None), HAS_PROX=has_prox, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-           PRECISION=precision)
+           PRECISION=precision, **cfg.launch_options())

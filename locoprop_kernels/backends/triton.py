@@ -33,6 +33,20 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
+def _conv_operand(t, precision: str):
+    """t as the fp32 operand of a convolution at ``precision``: for "bf16" its values rounded
+    to bf16 (torch's round-to-nearest-even), so that an fp32 convolution of them computes
+    bf16 products exactly and accumulates in fp32, what a bf16 GEMM with fp32 accumulation
+    does; the output stays fp32 (a bf16 convolution would round Z and G_W to bf16 too)."""
+    return t.to(torch.bfloat16).float() if precision == "bf16" else t.float()
+
+
+def _conv_mode(precision: str) -> str:
+    """cuDNN's math mode for ``precision``: bf16-valued operands are exact in tf32, so "bf16"
+    runs on cuDNN's tf32 tensor-core path at no accuracy cost."""
+    return "tf32" if precision == "bf16" else precision
+
+
 class TritonBackend(Backend):
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,12 +86,13 @@ class TritonBackend(Backend):
             "locoprop_kernels.triton_kernels.grouped_matched_loss_grad")
         deltas = torch.empty(group.targets.buffer.numel(), dtype=torch.float32,
                              device=group.device)
-        plan = grouped.plan(group.batch, group.layer_table(), group.device)
+        plan = grouped.plan(group.batch, group.layer_table(), group.device, dtype=group.dtype,
+                            precision=group.precision)
 
         def run(params, grads, *, scale, anchors, eta):
             grouped.grouped_matched_loss_grad_(
                 plan, group.inputs.buffer, params, group.targets.buffer, deltas, grads,
-                scale=scale, anchors=anchors, eta=eta, precision=group.precision)
+                scale=scale, anchors=anchors, eta=eta)
 
         return run
 
@@ -102,14 +117,15 @@ class TritonBackend(Backend):
         (R = N*H_out*W_out, C_out) row view of Z: two launches
         (``triton_kernels/conv_matched_loss_grad.py``)."""
         kernels = self.conv_kernels
-        x32, w32 = x.float(), weight.float()
-        with conv.conv_precision(precision, x.device):
+        x32, w32 = _conv_operand(x, precision), _conv_operand(weight, precision)
+        with conv.conv_precision(_conv_mode(precision), x.device):
             z = conv.preactivation(x32, w32, stride, padding, dilation, groups)
         delta = conv.rows(z)
         kernels.delta_rows_(delta, _contiguous(bias), conv.rows_copy(target),
                             get_activation(activation).code)
-        with conv.conv_precision(precision, x.device):
-            grad_w32 = conv.weight_grad(x32, w32, z, stride, padding, dilation, groups)
+        with conv.conv_precision(_conv_mode(precision), x.device):
+            grad_w32 = conv.weight_grad(x32, w32, _conv_operand(z, precision), stride, padding,
+                                        dilation, groups)
         c = _contiguous
         has_prox = eta is not None
 
