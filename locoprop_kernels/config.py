@@ -13,6 +13,8 @@ keywords with the same defaults, the official LocoProp settings (docs/design.md 
     style, alpha, eps, momentum   "tf", 0.9, 1e-5, 0.999: the inner RMSProp (TF1 flavour,
                                   ``rmsprop_options.RMSpropOptions``)
     backend     None    a backend name or None (chosen per device and dtype, ``backends``)
+    precision   "ieee"  the dots of the matched-loss kernels: "ieee" (fp32 FMA), "tf32", "bf16"
+                        (bf16 operands, fp32 accumulation, epilogue and state); see ``ops``
 
 ``LocoPropConfig.check(op)`` is the one validation of these, at the public boundary; every
 error reads ``locoprop.<op>: argument '<name>' expected ..., got ...``. What only one API has
@@ -45,6 +47,10 @@ class Variant(str, enum.Enum):
 
 VARIANTS = tuple(v.value for v in Variant)
 
+#: The dot precisions of the matched-loss kernels (the ops' ``precision``): fp32 on the FMA
+#: units, tf32 on the tensor cores, bf16 operands with fp32 accumulation.
+PRECISIONS = ("ieee", "tf32", "bf16")
+
 #: The official LocoProp code's inner RMSProp (docs/design.md section 2).
 OFFICIAL_RMSPROP = RMSpropOptions(style="tf", alpha=0.9, eps=1e-5, momentum=0.999)
 
@@ -62,6 +68,7 @@ class LocoPropConfig:
     scale: float = 1.0
     rmsprop: RMSpropOptions = OFFICIAL_RMSPROP
     backend: Optional[str] = None
+    precision: str = "ieee"
 
     @classmethod
     def of(cls, *, style: str, alpha: float, eps: float, momentum: float,
@@ -89,10 +96,11 @@ class LocoPropConfig:
             fail_value(op, "scale", "a nonzero number", self.scale)
         self.rmsprop.check(op)
         backends.check_name(op, self.backend)
+        check_choice(op, "precision", self.precision, PRECISIONS)
         return dataclasses.replace(
             self, lr=self.lr if not lr else float(self.lr), variant=Variant(self.variant),
             gamma=float(self.gamma), lr_floor=float(self.lr_floor),
             eta=None if self.eta is None else float(self.eta), scale=float(self.scale))
 
 
-__all__ = ["LocoPropConfig", "OFFICIAL_RMSPROP", "VARIANTS", "Variant"]
+__all__ = ["LocoPropConfig", "OFFICIAL_RMSPROP", "PRECISIONS", "VARIANTS", "Variant"]

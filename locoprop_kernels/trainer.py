@@ -50,7 +50,7 @@ from .config import LocoPropConfig
 from .distributed import DataParallel
 from .grouped import LayerGroup, LayerSpec, param_shapes
 from .inner_loop import InnerLoop, RMSpropSegment
-from .validation import check_choice, check_number, fail_type, fail_value
+from .validation import check_number, fail_type, fail_value
 
 OP = "LocoProp"
 
@@ -162,9 +162,8 @@ class LocoProp:
             fail_type(OP, "loss_fn", "a callable loss_fn(logits, y)", type(loss_fn).__name__)
         self.config = LocoPropConfig.of(
             lr=lr, variant=variant, gamma=gamma, inner_steps=inner_steps, lr_floor=lr_floor,
-            eta=eta, scale=scale, backend=backend, style=style, alpha=alpha, eps=eps,
-            momentum=momentum).check(OP)
-        check_choice(OP, "precision", precision, ops.PRECISIONS)
+            eta=eta, scale=scale, backend=backend, precision=precision, style=style,
+            alpha=alpha, eps=eps, momentum=momentum).check(OP)
         config = self.config
         self.rmsprop = config.rmsprop
         variant, gamma, inner_steps = config.variant, config.gamma, config.inner_steps

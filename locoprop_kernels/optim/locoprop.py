@@ -155,7 +155,8 @@ def _check_group(group: dict, params: list) -> LocoPropConfig:
         lr=group["lr"], variant=group["variant"], gamma=group["gamma"],
         inner_steps=group["inner_steps"], lr_floor=group["lr_floor"], eta=group.get("eta"),
         scale=group.get("scale", 1.0), rmsprop=RMSpropOptions.from_group(group),
-        backend=group.get("backend")).check(OP, lr=False)
+        backend=group.get("backend"),
+        precision=group.get("precision", "ieee")).check(OP, lr=False)
 
 
 def _check_lr(op: str, arg: str, lr, params) -> None:
@@ -208,7 +209,8 @@ class LocoProp(torch.optim.Optimizer):
     (z0, grad, f, gamma) -> Y, or {layer: rule}), ``eta`` as {layer: eta}, ``regularizer``
     ((param name, p, p0) -> gradient or None). ``nonfinite``: "apply" (torch's behaviour) or
     "skip" (a step with non-finite gradients or update changes nothing; ``skipped_steps``
-    counts them). ``gram``: "auto" (the default), "always" or "never": whether layers with a
+    counts them). ``precision``: the matched-loss kernels' dots ("ieee", "tf32", "bf16";
+    the Gram form's GEMMs stay in the parameters' precision). ``gram``: "auto" (the default), "always" or "never": whether layers with a
     quadratic local loss (f = identity) take the exact Gram form (``_Quadratic``, ``uses_gram``;
     ``opt.layers[i].inner`` says which did). Every hyper-parameter is checked here and in ``add_param_group``; one
     optimizer per model; a step is applied whole or not at all (docs/guarantees.md).
@@ -221,7 +223,7 @@ class LocoProp(torch.optim.Optimizer):
                  activations: Optional[dict] = None, output_activation: Optional[str] = None,
                  exclude=(), other_lr: Optional[float] = None, backend: Optional[str] = None,
                  process_group=None, targets=None, regularizer: Optional[Callable] = None,
-                 nonfinite: str = "apply", gram: str = "auto"):
+                 nonfinite: str = "apply", gram: str = "auto", precision: str = "ieee"):
         if not isinstance(model, nn.Module):
             fail_type(OP, "model", "an nn.Module", type(model).__name__)
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -248,7 +250,8 @@ class LocoProp(torch.optim.Optimizer):
         self.rmsprop = RMSpropOptions(style=style, alpha=alpha, eps=eps, momentum=momentum)
         self.config = _check_group(dict(
             lr=lr, variant=variant, gamma=gamma, inner_steps=inner_steps, lr_floor=lr_floor,
-            eta=eta, scale=scale, backend=backend, **dataclasses.asdict(self.rmsprop)),
+            eta=eta, scale=scale, backend=backend, precision=precision,
+            **dataclasses.asdict(self.rmsprop)),
             list(model.parameters()))
         if regularizer is not None and not callable(regularizer):
             fail_type(OP, "regularizer", "a callable (name, p, p0) -> Tensor or None",
@@ -297,7 +300,7 @@ class LocoProp(torch.optim.Optimizer):
             fail_value(OP, "model", "at least one trainable parameter", "none")
         defaults = dict(lr=lr, variant=variant, gamma=float(gamma), inner_steps=inner_steps,
                         lr_floor=float(lr_floor), eta=None if eta is None else float(eta),
-                        scale=float(scale), backend=backend,
+                        scale=float(scale), backend=backend, precision=precision,
                         **dataclasses.asdict(self.rmsprop))
         super().__init__(groups, defaults)
         names = {m: info.name for m, info in zip(self._modules, self._infos)}
@@ -716,12 +719,13 @@ class LocoProp(torch.optim.Optimizer):
         weight = weight.t() if in_out else weight
         args = (problem.x, weight, None if b is None else b.detach().to(dtype),
                 problem.y if target is None else target, problem.activation)
-        backend = self.param_groups[0]["backend"]
+        g0 = self.param_groups[0]
+        backend, precision = g0["backend"], g0.get("precision", "ieee")  # older checkpoints
         if problem.conv is None:
-            gw, gb = matched_loss_grad(*args, scale=scale, backend=backend)
+            gw, gb = matched_loss_grad(*args, scale=scale, backend=backend, precision=precision)
         else:
             gw, gb = matched_loss_grad_conv2d(*args, scale=scale, backend=backend,
-                                              **problem.conv)
+                                              precision=precision, **problem.conv)
         grads[w].add_(gw.t() if in_out else gw)
         if b is not None and b in grads:
             grads[b].add_(gb)
