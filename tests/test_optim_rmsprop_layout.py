@@ -412,3 +412,18 @@ def test_steps_bump_autograd_versions():
         assert p._version > version
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+def test_layout_does_not_keep_gradients_alive():
+    """zero_grad() drops the gradients; the layout must not hold them (they would double the
+    gradient memory during the next backward pass)."""
+    import weakref
+
+    p = torch.randn(4, requires_grad=True)
+    opt = lk.optim.RMSprop([p], backend=BACKEND)
+    for _ in range(3):
+        p.grad = torch.randn(4)
+        opt.step()
+    last = weakref.ref(p.grad)
+    opt.zero_grad()
+    assert p.grad is None and last() is None

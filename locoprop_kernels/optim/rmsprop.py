@@ -4,8 +4,22 @@ A drop-in for ``torch.optim.RMSprop``: same signature, defaults, param groups, s
 (``step``, ``square_avg``, ``momentum_buffer`` when momentum > 0, ``grad_avg`` when centered)
 and ``state_dict`` format, so a state dict saved by either loads into the other and training
 goes on the same. The update of every parameter of a (param group, device, dtype) bucket is
-ONE call of ``lk.rmsprop_step_`` (one kernel launch on the triton and cpp backends), where
-torch's foreach path streams the tensors through about five separate multi-tensor kernels.
+ONE kernel launch (triton and cpp backends), where torch's foreach path streams the tensors
+through about five separate multi-tensor kernels.
+
+Host cost per step does not grow with per-tensor validation: a group's first step (and the
+first after its layout changed) is ``lk.rmsprop_step_``, which validates every tensor; the
+layout it validated (``_Layout``: parameters with a gradient, their state, the backend of each
+bucket, one counter tensor holding every ``step``) is kept, and later steps re-check it in a
+few list operations and call the backend directly (``RMSprop._fast_step`` lists what is
+re-checked). Measured on 161 one-element parameters: bench/optim_rmsprop.py.
+
+``capturable=True`` follows torch's contract: parameters and state on CUDA, the counters on
+the device, no host sync in the step (a device ``lr`` is read by the kernel), so a CUDA graph
+can capture the whole step; a backend that cannot be captured is refused, and capturing a
+step with ``capturable=False`` raises as torch's does. Under ``torch.compile`` (or a torch
+function / dispatch mode) the step always goes through the op, which Dynamo sees as one
+custom op; no layout is kept there.
 
     g  = -g if maximize;  g = g + weight_decay p  if weight_decay != 0
     ms = alpha ms + (1 - alpha) g^2
@@ -21,14 +35,15 @@ parameters are updated as pairs of reals, as torch does. Refused with a clear er
 computing something else: ``differentiable=True`` (the kernels are not differentiable),
 sparse gradients, ``capturable=True`` with parameters off CUDA (as torch refuses it).
 
-The functional core ``rmsprop`` below is what ``step`` calls, beside the class as in
-``torch/optim/rmsprop.py``.
+The functional core ``rmsprop`` below is what the validating step calls, beside the class as
+in ``torch/optim/rmsprop.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import operator
+import weakref
 from typing import Optional
 
 import torch
@@ -113,14 +128,14 @@ def _check_capturable(op: str, backend, device: torch.device) -> None:
 class _Bucket:
     """One launch of a layout: its tensors of one (device, dtype), as the backend takes them
     (complex ones as real views). ``positions`` index the layout's parameters with a gradient;
-    ``whole`` says they are all of them, in order, none complex (the layout's grad list then
+    ``whole`` says they are all of them, in order, none complex (the step's grad list then
     serves as the bucket's)."""
 
-    __slots__ = ("backend", "device", "dtype", "positions", "whole", "params", "grads",
-                 "square_avgs", "momentum_bufs", "grad_avgs")
+    __slots__ = ("backend", "device", "dtype", "positions", "whole", "params", "square_avgs",
+                 "momentum_bufs", "grad_avgs")
 
-    def set_grads(self, grads: list) -> None:
-        self.grads = grads if self.whole else [_real(grads[i]) for i in self.positions]
+    def grads_of(self, grads: list) -> list:
+        return grads if self.whole else [_real(grads[i]) for i in self.positions]
 
 
 class _Layout:
@@ -129,11 +144,15 @@ class _Layout:
 
     ``counters``: one fp32 tensor per device the counters live on (the CPU, or the parameters'
     device with capturable=True) holding the ``step`` of every parameter of the layout; each
-    parameter's ``state["step"]`` is a 0-d view of it, so a step adds 1 to all in one op."""
+    parameter's ``state["step"]`` is a 0-d view of it, so a step adds 1 to all in one op.
+
+    The gradients last checked are held by weak references: a layout must not keep a step's
+    gradients alive once ``zero_grad()`` has dropped them (that would double their memory
+    during the next backward pass)."""
 
     __slots__ = ("group", "group_params", "has_grad", "with_grad_index", "params",
                  "options", "options_key", "state", "state_dicts", "state_keys",
-                 "state_tensors", "watched", "watched_ptrs", "grads", "grad_ptrs",
+                 "state_tensors", "watched", "watched_ptrs", "grad_refs", "grad_ptrs",
                  "real_params", "any_complex", "written_storages", "buckets", "counters")
 
     def accepts_grads(self, grads: list) -> bool:
@@ -327,7 +346,7 @@ class RMSprop(torch.optim.Optimizer):
         layout.state_tensors = [d[k] for d in layout.state_dicts for k in layout.state_keys]
         layout.watched = watched
         layout.watched_ptrs = list(map(_data_ptr, watched))
-        layout.grads = grads
+        layout.grad_refs = [weakref.ref(g) for g in grads]
         layout.grad_ptrs = list(map(_data_ptr, grads))
         layout.real_params = [_real(p) for p in params]
         layout.any_complex = any(p.is_complex() for p in params)
@@ -346,7 +365,6 @@ class RMSprop(torch.optim.Optimizer):
             pick = lambda ts: [_real(ts[i]) for i in idx] if ts else []  # noqa: E731
             b.params, b.square_avgs = pick(params), pick(square_avgs)
             b.momentum_bufs, b.grad_avgs = pick(momentum_bufs), pick(grad_avgs)
-            b.set_grads(grads)
             layout.buckets.append(b)
         return layout
 
@@ -377,7 +395,8 @@ class RMSprop(torch.optim.Optimizer):
         if list(map(_data_ptr, layout.watched)) != layout.watched_ptrs:
             return False
         grad_ptrs = list(map(_data_ptr, grads))
-        new_grads = not (grad_ptrs == layout.grad_ptrs and all(map(_is, grads, layout.grads)))
+        new_grads = not (grad_ptrs == layout.grad_ptrs and all(
+            map(_is, grads, [ref() for ref in layout.grad_refs])))
         if new_grads and not layout.accepts_grads(grads):
             return False
         lr_args = []
@@ -389,13 +408,11 @@ class RMSprop(torch.optim.Optimizer):
                 return False  # the op names what is wrong with this lr
             lr_args.append(lr_arg)
         if new_grads:
-            layout.grads, layout.grad_ptrs = grads, grad_ptrs
-            for b in layout.buckets:
-                b.set_grads(grads)
+            layout.grad_refs, layout.grad_ptrs = [weakref.ref(g) for g in grads], grad_ptrs
         options = layout.options
         for b, lr_arg in zip(layout.buckets, lr_args):
-            b.backend.rmsprop_step_(b.params, b.grads, b.square_avgs, b.momentum_bufs,
-                                    b.grad_avgs, lr_arg, options)
+            b.backend.rmsprop_step_(b.params, b.grads_of(grads), b.square_avgs,
+                                    b.momentum_bufs, b.grad_avgs, lr_arg, options)
         for counter in layout.counters:
             counter.add_(1)
         _bump_versions(layout.watched)
