@@ -52,6 +52,20 @@ class Arena:
             view.copy_(t)
         return arena
 
+    @classmethod
+    def over(cls, buffer: torch.Tensor, shapes: Sequence[Sequence[int]]) -> "Arena":
+        """An arena whose buffer is ``buffer`` itself (1-D, ``layout_offsets(shapes)[-1]``
+        elements): views, no copy."""
+        arena = cls.__new__(cls)
+        arena.shapes = [tuple(int(d) for d in s) for s in shapes]
+        arena.offsets = layout_offsets(arena.shapes)
+        if buffer.dim() != 1 or buffer.numel() != arena.offsets[-1]:
+            raise ValueError(f"locoprop.Arena.over: argument 'buffer' expected a 1-D tensor of "
+                             f"{arena.offsets[-1]} elements, got shape {tuple(buffer.shape)}")
+        arena.buffer = buffer
+        arena._views = split_views(buffer, arena.shapes)
+        return arena
+
     def views(self) -> list:
         """One tensor per shape, each a view into ``buffer``."""
         return list(self._views)

@@ -1,40 +1,26 @@
 """The LocoProp trainer: an ``nn.Sequential`` of Linear + activation layers, trained by local
-loss optimization with the official semantics (DESIGN.md sections 2 and 4).
+loss optimization with the official semantics (docs/design.md sections 2 and 4).
 
-One outer step ``opt.step(x, y)`` on a batch of B rows:
+A thin layer over the one LocoProp, ``lk.optim.LocoProp``: it checks that the model is a
+Sequential it supports (``parse_sequential``), gives the optimizer each layer's f (the module
+after each Linear; the last Linear's is ``output_activation``), keeps its parameters and
+RMSProp state in flat arenas (the model's ``weight``/``bias`` become ``nn.Parameter`` views of
+the parameter arena, the optimizer's state views of the state arenas), and runs the outer step:
 
-1. forward, keeping each layer's input X_l (B, d_in_l) and pre-activation Z0_l (B, d_out_l);
-   the last Linear's Z is the logits and L = ``loss_fn(output, y)`` (a mean over the batch),
-   the output being what the model returns (the logits, or f(logits) when the model ends in
-   its output activation module, e.g. an nn.Softmax);
-2. one backward pass for G_l = dL/dZ_l and dL/dW_l, dL/db_l of every layer;
-3. targets  M: Y_l = f_l(Z_l) - gamma G_l      S: Y_l = Z_l - gamma G_l (local f = identity);
-4. T inner iterations t = 0..T-1, X_l and Y_l fixed, through the shared ``InnerLoop``
-   (``inner_loop.py``, the one ``lk.optim.LocoProp`` runs too): every layer's local gradient
+1. forward through the model, L = ``loss_fn(model(x), y)`` (a mean over the batch; under data
+   parallel this replica's share of the global mean);
+2. one backward pass (the optimizer's hooks record every layer's X and Z0);
+3. ``lk.optim.LocoProp.step()``: T inner iterations on every layer's local problem with the
+   target f(Z0) - gamma dL/dZ, as the local gradient s (f(Z) - f(Z0))^T X + s gamma dL/dp
+   (docs/design.md section 9). At t = 0 the local gradient is s gamma dL/dp (no GEMM).
 
-       D_l = f_l(X_l W_l^T + b_l) - Y_l
-       grad W_l = scale D_l^T X_l [+ (W_l - W0_l)/eta],   grad b_l = scale sum_n D_l[n] [+ ...]
-
-   goes into one flat gradient arena, then ONE ``rmsprop_step_`` over the whole parameter
-   arena takes the step with lr_t = lr * max(1 - t/T, lr_floor). At t = 0 (W = W0) D is
-   exactly gamma G, so the local gradient is scale gamma dL/dp, which the backward pass
-   already formed: it goes straight into the arena and iteration 0 runs no GEMM and no f
-   (the t = 0 skip).
-
-Parameters, gradients and RMSProp state are flat arenas in the layout W_0, b_0, W_1, b_1, ...
-(``grouped.param_shapes``); the model's ``weight``/``bias`` become ``nn.Parameter`` views of the
-parameter arena, so the model keeps working (forward, ``state_dict``, ``load_state_dict``,
-evaluation) and always shows the trained values. Build the trainer BEFORE anything else keeps
-references to the model's parameters (another optimizer, an EMA), and do not move the model
-(``.to()``) afterwards: both would see the replaced tensors.
-
-Paths for step 4 (same math, different launch counts):
-- per-layer (default except triton on CUDA): ``matched_loss_grad(..., out=arena views)`` per
-  layer, then one ``rmsprop_step_``; data-parallel training (``process_group``) uses this one
-  (C and each iteration's matched part are all-reduced, one flat buffer each).
-- grouped (``grouped=True``; default for triton on CUDA): ``LayerGroup`` runs all layers'
-  matched-loss gradients in two launches and ``InnerLoop`` the T iterations, optionally
-  replayed as one CUDA graph (``cuda_graph=True``).
+The inner loop runs per layer or grouped (all layers per launch, optionally replayed as one
+CUDA graph): ``grouped`` (default: where the backend prefers it, triton on CUDA) and
+``cuda_graph`` go to the optimizer; ``strategy`` says what the last step did. The arenas make
+the grouped strategy run on the trainer's own buffers, with no copy, and keep the checkpoint
+format (``state_dict``: flat ``params``, ``square_avgs``, ``momentum_bufs``). Build the trainer
+BEFORE anything else keeps references to the model's parameters (another optimizer, an EMA),
+and do not move the model (``.to()``) afterwards: both would see the replaced tensors.
 """
 from __future__ import annotations
 
@@ -43,13 +29,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import backends, ops
+from . import backends
 from .activations import ACTIVATIONS, activation_of_module, get_activation
-from .arena import Arena, split_views
+from .arena import Arena
 from .config import LocoPropConfig
 from .distributed import DataParallel
-from .grouped import LayerGroup, LayerSpec, param_shapes
-from .inner_loop import InnerLoop, RMSpropSegment
+from .grouped import LayerSpec, param_shapes
 from .validation import check_number, fail_type, fail_value
 
 OP = "LocoProp"
@@ -157,7 +142,8 @@ class LocoProp:
                  eps: float = 1e-5, momentum: float = 0.999, style: str = "tf",
                  lr_floor: float = 0.25, eta: Optional[float] = None, scale: float = 1.0,
                  backend: Optional[str] = None, grouped: Optional[bool] = None,
-                 cuda_graph: bool = False, precision: str = "ieee", process_group=None):
+                 cuda_graph: bool = False, precision: str = "ieee", process_group=None,
+                 gram: str = "auto"):
         if not callable(loss_fn):
             fail_type(OP, "loss_fn", "a callable loss_fn(logits, y)", type(loss_fn).__name__)
         self.config = LocoPropConfig.of(
@@ -169,9 +155,8 @@ class LocoProp:
         variant, gamma, inner_steps = config.variant, config.gamma, config.inner_steps
         lr_floor, eta, scale, lr = config.lr_floor, config.eta, config.scale, config.lr
 
-        linears, acts, tail = parse_sequential(model, output_activation)
+        linears, acts, _ = parse_sequential(model, output_activation)
         self.model, self.loss_fn = model, loss_fn
-        self._output_f = None if tail is None else get_activation(tail).f
         self.variant, self.gamma = variant, float(gamma)
         self.inner_steps, self.lr_floor = inner_steps, float(lr_floor)
         self.eta, self.scale, self.precision = (None if eta is None else float(eta),
@@ -202,26 +187,39 @@ class LocoProp:
                        "has no per-iteration all-reduce)", grouped)
         self.grouped, self.cuda_graph = bool(grouped), bool(cuda_graph)
 
-        # The arenas. State (and gradients) are fp32 for fp32/half params, fp64 for fp64.
+        # The arenas: parameters (the model's weight/bias become views of it), RMSProp state
+        # (fp32 for fp32/half params, fp64 for fp64), in the layout W_0, b_0, W_1, b_1, ...
         self.shapes = param_shapes(self.layers)
         state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         tensors = [t.detach() for lin in linears for t in (lin.weight, lin.bias)
                    if t is not None]
         self.params = Arena.from_tensors(tensors)
-        self.grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
         self.square_avgs = Arena(self.shapes, dtype=state_dtype, device=self.device,
                                  fill=self.rmsprop.initial_square_avg)
         self.momentum_bufs = Arena(self.shapes, dtype=state_dtype, device=self.device)
-        self._anchors = (torch.empty_like(self.params.buffer) if self.eta is not None
-                         else None)
+        self._no_grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
         self._rebind_model_parameters()
         self.dp.broadcast_(self._state_buffers())
 
-        self._lr = float(lr)
+        # The one LocoProp: lk.optim.LocoProp over the same model, its f per layer given, its
+        # RMSProp state the arenas' views (so its grouped strategy runs on the arenas, no copy).
+        from .optim.locoprop import LocoProp as _Optimizer  # optim imports this package
+        names = {id(m): name for name, m in model.named_modules()}
+        self.optimizer = _Optimizer(
+            model, lr=lr, variant=variant.value, gamma=gamma, inner_steps=inner_steps,
+            alpha=alpha, eps=eps, momentum=momentum, style=style, lr_floor=lr_floor, eta=eta,
+            scale=scale, activations={names[id(lin)]: act for lin, act in zip(linears, acts)},
+            output_activation=output_activation, backend=self.backend,
+            process_group=self.dp.group if self.dp.active else None, precision=precision,
+            grouped=self.grouped, cuda_graph=self.cuda_graph, gram=gram)
+        # The backward loss is this replica's share of the global mean (``global_loss``): the
+        # replicas' gradients are summed, not averaged.
+        self.optimizer._grad_reduction = "sum"
+        params = self._model_params()
+        for p, avg, mom in zip(params, self.square_avgs.views(), self.momentum_bufs.views()):
+            self.optimizer.state[p] = dict(step=torch.zeros((), dtype=torch.float32),
+                                           square_avg=avg, momentum_buffer=mom)
         self.steps = 0
-        self._inner = {}  # batch size -> InnerLoop (grouped path)
-        self._problem = ([], [])  # this step's inputs X_l and targets Y0_l (per-layer path)
-        self._per_layer = None if self.grouped else self._per_layer_loop()
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -234,54 +232,35 @@ class LocoProp:
             if lin.bias is not None:
                 lin.bias = nn.Parameter(next(views), requires_grad=requires)
 
+    def _model_params(self) -> list:
+        return [t for lin in self.linears for t in (lin.weight, lin.bias) if t is not None]
+
     def _state_buffers(self) -> list:
         return [self.params.buffer, self.square_avgs.buffer, self.momentum_bufs.buffer]
 
-    def _layer_params(self, views) -> list:
-        """[(W_l, b_l or None)] from views in the flat layout."""
-        out, it = [], iter(views)
-        for layer in self.layers:
-            out.append((next(it), next(it) if layer.bias else None))
-        return out
+    @property
+    def grads(self) -> Arena:
+        """The local gradients of the last inner iteration of the last step, in the arena
+        layout (zeros before the first step)."""
+        last = self.optimizer._last_grads
+        return self._no_grads if not last else Arena.over(last[0], self.shapes)
+
+    @property
+    def strategy(self) -> Optional[str]:
+        """How the last step ran: "grouped" or "per-layer (why)" (``lk.optim.LocoProp``)."""
+        return self.optimizer.strategy
 
     @property
     def lr(self) -> float:
         """The outer learning rate; inner iteration t uses lr * max(1 - t/T, lr_floor)."""
-        return self._lr
+        return self.optimizer.param_groups[0]["lr"]
 
     @lr.setter
     def lr(self, value: float) -> None:
         check_number(OP, "lr", value, low=0.0)
-        self._lr = float(value)
+        self.optimizer.param_groups[0]["lr"] = float(value)
 
     # ------------------------------------------------------------------ the outer step
-
-    def _forward_backward(self, x: torch.Tensor, y):
-        """(L, [X_l], [Z_l], [G_l = dL/dZ_l], [dL/dp]): one forward, one backward for every
-        G_l and the gradient of every weight and bias (flat layout order)."""
-        inputs, preacts = [], []
-        a = x.detach()
-        with torch.enable_grad():
-            for l, lin in enumerate(self.linears):
-                inputs.append(a.detach())
-                z = nn.functional.linear(a, lin.weight, lin.bias)
-                preacts.append(z)
-                if l < len(self.linears) - 1:
-                    a = get_activation(self.activations[l]).f(z)
-            # loss_fn gets what the model returns: the logits, or the output activation's
-            # values when the model ends in one (an nn.Softmax for an NLL loss).
-            out = z if self._output_f is None else self._output_f(z)
-            local_loss = self.loss_fn(out, y)
-            if not isinstance(local_loss, torch.Tensor) or local_loss.numel() != 1:
-                fail_value(OP, "loss_fn", "a callable returning a one-element loss tensor",
-                           type(local_loss).__name__ if not isinstance(local_loss, torch.Tensor)
-                           else f"a tensor of shape {tuple(local_loss.shape)}")
-            backward_loss, loss = self.dp.global_loss(local_loss.reshape(()), x.shape[0])
-            params = [t for lin in self.linears for t in (lin.weight, lin.bias)
-                      if t is not None]
-            grads = torch.autograd.grad(backward_loss, preacts + params)
-        n = len(preacts)
-        return loss, inputs, [z.detach() for z in preacts], grads[:n], grads[n:]
 
     def step(self, x: torch.Tensor, y) -> torch.Tensor:
         """One outer LocoProp step on the batch (x, y); returns L before the update, as a
@@ -294,74 +273,26 @@ class LocoProp:
             fail_value(OP, "x", f"shape (B >= 1, {self.layers[0].d_in})", tuple(x.shape))
         if x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)  # the model's forward would need the parameters' dtype
-        loss, inputs, preacts, dzs, param_grads = self._forward_backward(x, y)
-        # The t = 0 local gradient, C = s gamma dL/dp, straight into the gradient arena (the
-        # inner loop starts from it: no GEMM at W0), summed over the replicas' shards.
-        for view, g in zip(self.grads.views(), param_grads):
-            torch.mul(g, self.scale * self.gamma, out=view)
-        self.dp.all_reduce_grads_(self.grads.buffer)
-        targets = [ops.local_targets(z, g, act, self.gamma, variant=self.variant.value,
-                                     backend=self.backend)
-                   for z, g, act in zip(preacts, dzs, self.activations)]
-        if self.grouped:
-            self._inner_grouped(inputs, targets)
-        else:
-            self._problem = (inputs, targets)
-            if self._per_layer.lr != self._lr:
-                self._per_layer.set_lr(self._lr)
-            self._per_layer.run()
-            self._problem = ([], [])
+        params = self._model_params()
+        with torch.enable_grad():
+            # loss_fn gets what the model returns: the logits, or the output activation's
+            # values when the model ends in one (an nn.Softmax for an NLL loss).
+            local_loss = self.loss_fn(self.model(x), y)
+            if not isinstance(local_loss, torch.Tensor) or local_loss.numel() != 1:
+                fail_value(OP, "loss_fn", "a callable returning a one-element loss tensor",
+                           type(local_loss).__name__ if not isinstance(local_loss, torch.Tensor)
+                           else f"a tensor of shape {tuple(local_loss.shape)}")
+            backward_loss, loss = self.dp.global_loss(local_loss.reshape(()), x.shape[0])
+            for p in params:
+                p.grad = None
+            backward_loss.backward()
+        try:
+            self.optimizer.step()
+        finally:
+            for p in params:
+                p.grad = None  # the trainer owns the step: no gradient left on the model
         self.steps += 1
         return loss
-
-    def _per_layer_loop(self) -> InnerLoop:
-        """The inner loop over the arenas with one matched-loss op per layer (data parallel:
-        one all-reduce of the gradient arena per iteration)."""
-        params = self._layer_params(self.params.views())
-        grads = self._layer_params(self.grads.views())
-        anchors = (self._layer_params(split_views(self._anchors, self.shapes))
-                   if self._anchors is not None else [(None, None)] * len(self.layers))
-
-        def matched(local_eta):
-            inputs, targets = self._problem
-            for layer, X, Y, (w, b), (w0, b0), out in zip(self.layers, inputs, targets, params,
-                                                          anchors, grads):
-                ops.matched_loss_grad(X, w, b, Y, layer.activation, scale=self.scale,
-                                      anchor_weight=w0, anchor_bias=b0, eta=local_eta,
-                                      backend=self.backend, precision=self.precision, out=out)
-
-        segment = RMSpropSegment([self.params.buffer], [self.grads.buffer],
-                                 [self.square_avgs.buffer],
-                                 [self.momentum_bufs.buffer] if self.rmsprop.has_momentum
-                                 else None, self.rmsprop, self._lr, self.backend)
-        return InnerLoop(matched, [self.grads.buffer], [segment],
-                         inner_steps=self.inner_steps, lr_floor=self.lr_floor, eta=self.eta,
-                         prox_centre=(None if self._anchors is None
-                                      else ([self._anchors], [self.params.buffer])),
-                         first_gradient_given=True, dp=self.dp)
-
-    def _inner_grouped(self, inputs, targets) -> None:
-        """The same T iterations with all layers per launch (``LayerGroup``), one loop per
-        batch size."""
-        batch = inputs[0].shape[0]
-        loop = self._inner.get(batch)
-        if loop is None:
-            group = LayerGroup(self.layers, batch, device=self.device, dtype=self.dtype,
-                               backend=self.backend, precision=self.precision)
-            loop = InnerLoop.for_group(group, self.params.buffer, self.square_avgs.buffer,
-                                       self.momentum_bufs.buffer, inner_steps=self.inner_steps,
-                                       lr=self._lr, lr_floor=self.lr_floor,
-                                       options=self.rmsprop, scale=self.scale, eta=self.eta,
-                                       grads=self.grads.buffer, first_gradient_given=True,
-                                       cuda_graph=self.cuda_graph)
-            self._inner[batch] = loop
-        for view, X in zip(loop.group.inputs.views(), inputs):
-            view.copy_(X)
-        for view, Y in zip(loop.group.targets.views(), targets):
-            view.copy_(Y)
-        if loop.lr != self._lr:
-            loop.set_lr(self._lr)
-        loop.run()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -376,7 +307,7 @@ class LocoProp:
             "params": self.params.buffer.detach().clone(),
             "square_avgs": self.square_avgs.buffer.clone(),
             "momentum_bufs": self.momentum_bufs.buffer.clone(),
-            "lr": self._lr,
+            "lr": self.lr,
             "steps": self.steps,
             "layers": self._layer_records(),
             "settings": dict(variant=self.variant.value, gamma=self.gamma,
@@ -426,8 +357,10 @@ class LocoProp:
             self.params.buffer.copy_(state_dict["params"])
             self.square_avgs.buffer.copy_(state_dict["square_avgs"])
             self.momentum_bufs.buffer.copy_(state_dict["momentum_bufs"])
-        self._lr = float(state_dict["lr"])
+        self.lr = float(state_dict["lr"])
         self.steps = steps
+        for p in self._model_params():
+            self.optimizer.state[p]["step"].fill_(steps)
         self.dp.broadcast_(self._state_buffers())
 
 

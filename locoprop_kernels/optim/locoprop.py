@@ -85,12 +85,15 @@ from torch import Tensor, nn
 from ..distributed import DataParallel
 from ..inner_loop import InnerLoop, RMSpropSegment
 from ..activations import get_activation
+from .. import backends
 from ..arena import Arena
+from ..grouped import LayerSpec
 from ..config import LocoPropConfig, Variant
 from ..ops import matched_loss_grad, matched_loss_grad_conv2d
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
 from .detection import Detector
+from .grouped_step import GroupedLoop, flat_view
 from .layers import (OP, LayerInfo, affine_type, conv_geometry, decide_activations, features,
                      find_layers, layer_params, observed, preactivation)
 from .rmsprop import init_state, state_dtype
@@ -223,7 +226,8 @@ class LocoProp(torch.optim.Optimizer):
                  activations: Optional[dict] = None, output_activation: Optional[str] = None,
                  exclude=(), other_lr: Optional[float] = None, backend: Optional[str] = None,
                  process_group=None, targets=None, regularizer: Optional[Callable] = None,
-                 nonfinite: str = "apply", gram: str = "auto", precision: str = "ieee"):
+                 nonfinite: str = "apply", gram: str = "auto", precision: str = "ieee",
+                 grouped: Optional[bool] = None, cuda_graph: bool = False):
         if not isinstance(model, nn.Module):
             fail_type(OP, "model", "an nn.Module", type(model).__name__)
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -233,7 +237,11 @@ class LocoProp(torch.optim.Optimizer):
         # initialised torch.distributed may well train a model of its own.
         self._dp = (DataParallel.for_group(process_group) if process_group is not None
                     else DataParallel(active=False))
-        self._grads_averaged = ddp  # DDP has averaged .grad over the ranks already
+        # How p.grad is combined over the replicas: DDP has averaged it already ("none");
+        # without DDP each replica's gradient of its mean loss is averaged ("average", what
+        # DDP would do); lk.LocoProp back-propagates each replica's share of the global mean,
+        # so it sums ("sum").
+        self._grad_reduction = "none" if ddp else "average"
         if ddp:
             model = model.module  # hooks on the wrapped modules, whose forward is called
         root = model
@@ -319,7 +327,16 @@ class LocoProp(torch.optim.Optimizer):
         self._records = {m: [] for m in self._modules}
         self.nonfinite = nonfinite
         self.gram = gram
+        for name, value, allowed in (("grouped", grouped, (None, True, False)),
+                                     ("cuda_graph", cuda_graph, (True, False))):
+            if not any(value is a for a in allowed):
+                fail_type(OP, name, " or ".join(map(repr, allowed)), repr(value))
+        self.grouped, self.cuda_graph = grouped, cuda_graph
+        self.strategy = None  # "grouped" or "per-layer (why)" after a step
+        self._grouped_cache: dict = {}
+        self._last_grads = None
         self._layer_index = {info.name: i for i, info in enumerate(self.layers)}
+        self._module_index = {m: j for j, m in enumerate(self._modules)}
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         self._had_records = False  # the last step had recorded layer calls
         self._superseded = False  # a newer LocoProp on the same model detached this one
@@ -488,8 +505,8 @@ class LocoProp(torch.optim.Optimizer):
                                    "supported")
         constant = _Flat(params)
         constant.copy_from({p: p.grad for p in params})
-        if self._dp.active and not self._grads_averaged:
-            constant.all_reduce_(self._dp, average=True)  # what DDP would have done
+        if self._dp.active and self._grad_reduction != "none":
+            constant.all_reduce_(self._dp, average=self._grad_reduction == "average")
         constant.mul_(g0["scale"] * g0["gamma"])
         problems = self._layer_problems()
         self._add_target_terms(problems, constant)
@@ -575,6 +592,7 @@ class LocoProp(torch.optim.Optimizer):
         ``at`` = {parameter: value} for the parameters it names (the others at W0; the model
         is left as it was). At W0 every entry is s gamma p.grad."""
         params, problems, constant = self._prepare()
+        self._take_gram(problems)
         grads = _Flat(params)
         saved = {p: p.detach().clone() for p in (at or {})}
         try:
@@ -595,8 +613,6 @@ class LocoProp(torch.optim.Optimizer):
         as one transaction: if anything raises during them (or, with ``nonfinite="skip"``, the
         update is not finite), the parameters, their state and the step counts are put back
         as they were."""
-        g0 = self.param_groups[0]
-        eta = g0["eta"]
         params, problems, constant = self._prepare()
         if not params:
             return
@@ -609,23 +625,15 @@ class LocoProp(torch.optim.Optimizer):
         if self.nonfinite == "skip" and not _all_finite(constant.buffers):
             self._skip("gradients")
             return
+        grouped = self._grouped_loop(params, problems)
+        if grouped is None:
+            self._take_gram(problems)
         backup = _Backup(params, self.state)
         try:
-            grads = _Flat(params)
-            anchors = [torch.empty_like(p) for p in params] if eta is not None else None
-            extra = self._regularization(params, constant)
-
-            def matched(local_eta):
-                self._matched_loss_grads(problems, grads, params, anchors, local_eta)
-                if extra is not None:
-                    extra(grads)
-
-            loop = InnerLoop(matched, grads.buffers, self._segments(grads),
-                             inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
-                             prox_centre=(None if eta is None
-                                          else (anchors, [p.detach() for p in params])),
-                             constant=constant.buffers, dp=self._dp)
-            loop.run()
+            if grouped is not None:
+                self._run_grouped(grouped, params, problems, constant)
+            else:
+                self._run_per_layer(params, problems, constant)
         except BaseException:
             backup.restore(self.state)
             raise
@@ -636,6 +644,120 @@ class LocoProp(torch.optim.Optimizer):
         # One outer step: the state's step count, as torch.optim keeps it.
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)
+
+    def _run_per_layer(self, params: list, problems: list, constant: "_Flat") -> None:
+        """The per-layer strategy: one matched-loss op (or Gram form) per layer per inner
+        iteration, one RMSProp launch per segment."""
+        g0 = self.param_groups[0]
+        eta = g0["eta"]
+        grads = _Flat(params)
+        anchors = [torch.empty_like(p) for p in params] if eta is not None else None
+        extra = self._regularization(params, constant)
+
+        def matched(local_eta):
+            self._matched_loss_grads(problems, grads, params, anchors, local_eta)
+            if extra is not None:
+                extra(grads)
+
+        loop = InnerLoop(matched, grads.buffers, self._segments(grads),
+                         inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
+                         prox_centre=(None if eta is None
+                                      else (anchors, [p.detach() for p in params])),
+                         constant=constant.buffers, dp=self._dp)
+        loop.run()
+        # The last inner iteration's local gradients (one flat buffer per dtype): lk.LocoProp's
+        # ``grads``.
+        self._last_grads = grads.buffers
+
+    def _grouped_loop(self, params: list, problems: list) -> Optional[GroupedLoop]:
+        """The cached ``GroupedLoop`` for this step's records when the grouped strategy applies
+        (``optim/grouped_step.py``), else None; ``self.strategy`` says which and why."""
+        reason = self._grouped_refusal(params, problems)
+        if reason is not None:
+            self.strategy = f"per-layer ({reason})"
+            return None
+        g0 = self.param_groups[0]
+        options = RMSpropOptions.from_group(g0)
+        specs = [LayerSpec(pr.x.shape[1], pr.y.shape[1], pr.activation,
+                           layer_params(pr.layer)[1] is not None) for pr in problems]
+        first = params[0]
+        # lk.LocoProp hands its parameter and state arenas: the step runs on them, no copy.
+        states = [self.state[p] for p in params]
+        for st, p in zip(states, params):
+            init_state(st, p, options)
+        buffers = (flat_view([p.detach() for p in params]),
+                   flat_view([st["square_avg"] for st in states]),
+                   flat_view([st["momentum_buffer"] for st in states])
+                   if options.has_momentum else None)
+        if buffers[0] is None or buffers[1] is None or (options.has_momentum
+                                                        and buffers[2] is None):
+            buffers = None
+        elif buffers[2] is None:
+            buffers = (buffers[0], buffers[1], torch.empty_like(buffers[0]))
+        key = (tuple(specs), problems[0].x.shape[0], first.device, first.dtype, options,
+               g0["inner_steps"], g0["lr_floor"], g0["scale"], g0["eta"], g0["backend"],
+               g0.get("precision", "ieee"),
+               None if buffers is None else tuple(b.data_ptr() for b in buffers))
+        loop = self._grouped_cache.get(key)
+        if loop is None:
+            self._grouped_cache.clear()  # one shape at a time: a new shape replaces the last
+            loop = self._grouped_cache[key] = GroupedLoop(
+                specs, problems[0].x.shape[0], device=first.device, dtype=first.dtype,
+                backend=g0["backend"], precision=g0.get("precision", "ieee"),
+                options=options, inner_steps=g0["inner_steps"], lr=float(g0["lr"]),
+                lr_floor=g0["lr_floor"], scale=g0["scale"], eta=g0["eta"],
+                cuda_graph=self.cuda_graph, buffers=buffers)
+        self.strategy = "grouped"
+        for problem in problems:
+            self._set_inner(problem.layer, "matched")
+        return loop
+
+    def _grouped_refusal(self, params: list, problems: list) -> Optional[str]:
+        """Why this step cannot take the grouped strategy (None: it can)."""
+        if self.grouped is False:
+            return "grouped=False"
+        if not problems:
+            return "no recorded layer"
+        if self.grouped is None:
+            be = backends.resolve(OP, self.param_groups[0]["backend"], params[0].device,
+                                  params[0].dtype)
+            if not be.prefers_grouped(params[0].device):
+                return f"the {be.name} backend runs layer by layer here"
+        if self._dp.active:
+            return "data parallel"
+        if self._targets or self._layer_eta or self._regularizer is not None:
+            return "custom targets, per-layer eta or a regularizer"
+        if len(self.param_groups) != 1:
+            return "more than one param group"
+        layout = []
+        rows = problems[0].x.shape[0]
+        for problem in problems:
+            m = problem.layer
+            if problem.conv is not None or _in_out(m) or not isinstance(m, nn.Linear):
+                return f"{self._names[m]} is not an nn.Linear"
+            if not get_activation(problem.activation).builtin:
+                return f"{self._names[m]} has a registered activation"
+            if problem.x.shape[0] != rows:
+                return "layers with different row counts"
+            layout.extend(p for p in layer_params(m) if p is not None)
+        if len(layout) != len(params) or any(a is not b for a, b in zip(layout, params)):
+            return "the parameters with a gradient are not exactly the layers' (W, b)"
+        if len({p.dtype for p in params}) != 1 or params[0].dtype not in (torch.float32,
+                                                                          torch.float64):
+            return "parameters not all fp32 or all fp64"
+        if len({p.device for p in params}) != 1:
+            return "parameters on several devices"
+        return None
+
+    def _run_grouped(self, loop: GroupedLoop, params: list, problems: list,
+                     constant: "_Flat") -> None:
+        g0 = self.param_groups[0]
+        options = RMSpropOptions.from_group(g0)
+        states = [self.state[p] for p in params]
+        loop.run(problems, params, [st["square_avg"] for st in states],
+                 [st["momentum_buffer"] for st in states] if options.has_momentum else None,
+                 [constant[p] for p in params], float(g0["lr"]))
+        self._last_grads = loop.loop.grad_buffers
 
     def _skip(self, what: str) -> None:
         self.skipped_steps += 1
@@ -664,18 +786,9 @@ class LocoProp(torch.optim.Optimizer):
                      if m in self._targets else None)
             if not isinstance(m, nn.Conv2d):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
-                problem = _Problem(m, X, Z if variant is Variant.S else f(Z), act, z0=Z,
-                                   g=None if grads is None else _stack(grads))
-                d_out, d_in = Z.shape[1], X.shape[1]
-                gram = act == "identity" and (self.gram == "always" or (
-                    self.gram == "auto" and uses_gram(X.shape[0], d_in, d_out,
-                                                      self.param_groups[0]["inner_steps"])))
-                if gram:
-                    problem.quadratic = _Quadratic(m, X)
-                self._set_inner(info, "gram" if gram else "matched")
-                problems.append(problem)
+                problems.append(_Problem(m, X, Z if variant is Variant.S else f(Z), act, z0=Z,
+                                         g=None if grads is None else _stack(grads)))
                 continue
-            self._set_inner(info, "matched")
             geometry, extra = conv_geometry(m)
             by_size: dict = {}
             for i, (x, z) in enumerate(records):
@@ -695,13 +808,27 @@ class LocoProp(torch.optim.Optimizer):
                                          geometry, z0=Z, g=G))
         return problems
 
-    def _set_inner(self, info: LayerInfo, inner: str) -> None:
+    def _take_gram(self, problems: list) -> None:
+        """The per-layer strategy's choice, per problem, of the Gram form (``uses_gram``,
+        ``gram=``), recorded in ``opt.layers[i].inner``."""
+        steps = self.param_groups[0]["inner_steps"]
+        for problem in problems:
+            x = problem.x
+            gram = (problem.conv is None and problem.activation == "identity"
+                    and (self.gram == "always" or (self.gram == "auto" and uses_gram(
+                        x.shape[0], x.shape[1], problem.y.shape[1], steps))))
+            if gram:
+                problem.quadratic = _Quadratic(problem.layer, x)
+            self._set_inner(problem.layer, "gram" if gram else "matched")
+
+    def _set_inner(self, module: nn.Module, inner: str) -> None:
         """Record in ``opt.layers`` how this step forms the layer's inner gradient."""
+        j = self._module_index[module]
+        info = self._infos[j]
         if info.inner != inner:
-            i = self._layer_index[info.name]
             new = dataclasses.replace(info, inner=inner)
-            self.layers[i] = new
-            self._infos[self._infos.index(info)] = new
+            self.layers[self._layer_index[info.name]] = new
+            self._infos[j] = new
 
     def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads,
                                target: Optional[Tensor] = None) -> None:
