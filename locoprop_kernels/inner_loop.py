@@ -1,5 +1,5 @@
-"""LocoProp's inner loop: the one implementation both APIs run (``lk.LocoProp``, the
-Sequential trainer, and ``lk.optim.LocoProp``), eager or replayed as one CUDA graph.
+"""LocoProp's inner loop: the one implementation ``lk.optim.LocoProp`` runs (per layer or
+grouped; ``lk.LocoProp`` is a thin layer over it), eager or replayed as one CUDA graph.
 
 With every layer's input X and target fixed, it takes T RMSProp steps on all local problems
 together (DESIGN.md section 2). A LocoProp layer's local gradient at iteration t is
@@ -12,23 +12,18 @@ uses of p the hooks do not see, is the backprop gradient dL/dp. At t = 0 the par
 p0, Z_0 = Z0, and the local gradient is exactly C: the first inner iteration needs no GEMM and
 no f (the "t = 0 skip", exact, on every backend and path; it saves one iteration's stage-1 and
 stage-2 GEMMs per layer, of which autograd's weight-gradient GEMM in the backward pass gives
-one back). The two APIs feed the loop differently:
+one back). ``lk.optim.LocoProp`` records X and Z0 (no G): its targets are f(Z0) and it
+passes C (``constant``), copied at t = 0 and added at every later iteration. Without ``constant`` (C = 0: a bare ``LayerGroup`` with full targets
+Y = f(Z0) - gamma G) every iteration, t = 0 included, runs the matched part.
 
-- ``lk.LocoProp`` (the Sequential trainer) has G (one backward for dL/dZ and dL/dW): its
-  targets are Y, it writes C = s gamma dL/dW into the gradient arena before ``run()``
-  (``first_gradient_given=True``) and needs no buffer for C;
-- ``lk.optim.LocoProp`` records only X and Z0 (no G): its targets are f(Z0) and it passes C
-  (``constant``), copied at t = 0 and added at every later iteration.
-
-    t = 0:       grads <- C                 (given, or copied from ``constant``)
+    t = 0:       grads <- C                 (copied from ``constant``)
     t = 1..T-1:  grads <- matched_t (all layers; one all-reduce under data parallel) [+ C]
     every t:     rmsprop_step_(params, grads, state, lr = lr * max(1 - t/T, floor))  per segment
 
 ``matched_loss_grads_(eta)`` writes matched_t for every parameter (the caller's layers: a
 ``grouped.LayerGroup``'s two launches, or one op per layer); each ``RMSpropSegment`` is one
-``rmsprop_step_`` launch over tensors that share an lr and options (one segment for the
-Sequential trainer's arena; one per param group whose lr/options differ in the optimizer).
-Without either (a bare ``LayerGroup`` with full targets) every iteration runs the matched part.
+``rmsprop_step_`` launch over tensors that share an lr and options (one segment for a
+grouped loop's flat arena; one per param group whose lr/options differ per layer).
 
 CUDA graph (``cuda_graph=True`` where the backend can be captured: triton on CUDA): the first
 ``run()`` is eager (it also compiles the kernels), the second captures the T iterations once,
@@ -74,8 +69,7 @@ class InnerLoop:
     """T RMSProp steps on every layer's local problem; see the module docstring.
 
     ``grads``: the flat gradient buffers every segment's ``grads`` view; ``constant``: C in the
-    same layout; ``first_gradient_given``: the caller has written C into ``grads`` before each
-    ``run()`` (then no ``constant``); ``prox_centre``: (p0 copies, params), copied at every
+    same layout (None: C = 0, no t = 0 skip); ``prox_centre``: (p0 copies, params), copied at every
     ``run()`` (with ``eta``); ``dp``: ``distributed.DataParallel``.
     """
 
@@ -83,15 +77,12 @@ class InnerLoop:
                  grads: Sequence[torch.Tensor], segments: Sequence[RMSpropSegment], *,
                  inner_steps: int = 10, lr_floor: float = 0.25, eta: Optional[float] = None,
                  prox_centre: Optional[tuple] = None, constant: Optional[Sequence] = None,
-                 first_gradient_given: bool = False, dp=None, cuda_graph: bool = False,
+                 dp=None, cuda_graph: bool = False,
                  can_capture_graph: bool = False):
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             fail_value("InnerLoop", "inner_steps", "an int >= 1", repr(inner_steps))
         if eta is not None and prox_centre is None:
             fail_value("InnerLoop", "prox_centre", "(anchors, params) when eta is given", None)
-        if first_gradient_given and constant is not None:
-            fail_value("InnerLoop", "constant", "None when first_gradient_given", "a constant")
-        self.first_gradient_given = bool(first_gradient_given)
         self._matched_loss_grads_ = matched_loss_grads_
         self.grad_buffers = list(grads)
         self.constant = None if constant is None else list(constant)
@@ -126,11 +117,13 @@ class InnerLoop:
                   constant: Optional[torch.Tensor] = None, cuda_graph: bool = False,
                   **kwargs) -> "InnerLoop":
         """The loop over a ``grouped.LayerGroup`` whose parameters, gradients and state are flat
-        buffers in its ``param_shapes`` layout (the Sequential trainer's arenas); its targets
-        are f(Z0) when ``constant`` (C, flat) is given, Y = f(Z0) - gamma G otherwise (and
-        with ``first_gradient_given``, C is in ``grads`` before every ``run()``)."""
+        buffers in its ``param_shapes`` layout (``optim/grouped_step.py``'s arenas); its targets
+        are f(Z0) when ``constant`` (C, flat) is given, Y = f(Z0) - gamma G otherwise."""
+        # The state dtype: fp64 for fp64 parameters, fp32 otherwise (an fp32 default here
+        # rounded an fp64 problem's gradients to fp32).
         grads = grads if grads is not None else torch.zeros(
-            params.shape, dtype=torch.float32, device=params.device)
+            params.shape, dtype=torch.float64 if params.dtype == torch.float64
+            else torch.float32, device=params.device)
         anchors = params.detach().clone() if eta is not None else None
         options = options.check("InnerLoop")
         segment = RMSpropSegment([params], [grads], [square_avgs],
@@ -170,10 +163,9 @@ class InnerLoop:
     def _iterations(self, lrs) -> None:
         local_eta = self.eta if self.dp is None else self.dp.local_eta(self.eta)
         for t in range(self.inner_steps):
-            if t == 0 and (self.first_gradient_given or self.constant is not None):
+            if t == 0 and self.constant is not None:
                 # p = p0: the matched part (and the prox term) is exactly 0; the gradient is C.
-                if self.constant is not None:
-                    torch._foreach_copy_(self.grad_buffers, self.constant)
+                torch._foreach_copy_(self.grad_buffers, self.constant)
             else:
                 self._matched_loss_grads_(local_eta)
                 if self.dp is not None:

@@ -101,10 +101,10 @@ def test_graph_replays_equal_eager_runs(eta):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eta", [None, 2.0])
 def test_t0_skip_changes_no_result(backend, eta):
-    """The exact t = 0 skip: with targets Y = f(Z0) - gamma G, the loop that takes its first
-    local gradient from the backward pass (C = s gamma [G^T X, sum G], no GEMM, as lk.LocoProp
-    runs it) gives the loop that computes it with the matched-loss kernels (Z = Z0 there, so
-    D = gamma G). float64 where the backend computes in it (reference: <= 1e-12), else fp32
+    """The exact t = 0 skip: the loop with targets f(Z0) and the constant C = s gamma
+    [G^T X, sum G] (copied at t = 0, no GEMM; added at t >= 1), as lk.optim.LocoProp runs it,
+    gives the loop with targets Y = f(Z0) - gamma G that computes every iteration with the
+    matched-loss kernels (Z = Z0 at t = 0 there, so D = gamma G). float64 where the backend computes in it (reference: <= 1e-12), else fp32
     against the same fp32 path without the skip (<= 1e-6)."""
     B, T, gamma, scale = 9, 4, 10.0, 1.0 / 9
     dtype = torch.float64 if backend == "reference" else torch.float32
@@ -132,19 +132,20 @@ def test_t0_skip_changes_no_result(backend, eta):
             group.targets[i].copy_(f(z0) - gamma * gs[i])
             k += 2 if l.bias else 1
         state = torch.float64 if dtype == torch.float64 else torch.float32
-        grads = torch.zeros(params.shape, dtype=state, device=DEVICE)
-        if skip:  # C = s gamma dL/dp from G and X, written before run()
-            views = split_views(grads, shapes)
+        constant = None
+        if skip:  # targets f(Z0) and C = s gamma dL/dp from G and X, as lk.optim.LocoProp
+            constant = torch.zeros(params.shape, dtype=state, device=DEVICE)
+            views = split_views(constant, shapes)
             k = 0
             for i, l in enumerate(layers):
+                group.targets[i].add_(gamma * gs[i])
                 views[k].copy_(scale * gamma * gs[i].T @ xs[i])
                 if l.bias:
                     views[k + 1].copy_(scale * gamma * gs[i].sum(0))
                 k += 2 if l.bias else 1
         loop = InnerLoop.for_group(group, params, torch.ones_like(params, dtype=state),
                                    torch.zeros_like(params, dtype=state), inner_steps=T,
-                                   lr=1e-2, eta=eta, scale=scale, grads=grads,
-                                   first_gradient_given=skip)
+                                   lr=1e-2, eta=eta, scale=scale, constant=constant)
         loop.run()
         return params
 
