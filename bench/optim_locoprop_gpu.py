@@ -7,8 +7,9 @@ loss), batch 1000, T = 10, fp32 on CUDA, the official settings. Entries:
 
   seq/<backend>[/graph]   lk.LocoProp.step(x, x), the Sequential trainer (its default path on
                           that backend: grouped for triton, + the CUDA-graph inner loop)
-  std/<backend>           lk.optim.LocoProp in the standard loop:
+  std/<backend>[/graph]   lk.optim.LocoProp in the standard loop:
                           zero_grad; loss(model(x), x).backward(); step()
+                          (lk.LocoProp is a thin layer over it: both take the same strategy)
 
 1. Correctness: 3 outer steps of each entry from the same weights and batches, against the same
    API in float64 on the CPU (reference backend); ||W - W_ref|| / ||W_ref|| over all weights
@@ -47,7 +48,7 @@ class Entry:
                                    backend=backend, cuda_graph=cuda_graph)
         else:
             self.opt = lk.optim.LocoProp(self.model, output_activation="sigmoid",
-                                         backend=backend)
+                                         backend=backend, cuda_graph=cuda_graph)
 
     def step(self, x):
         if self.api == "seq":
@@ -83,6 +84,8 @@ def main(argv=None):
         if be == "triton":
             specs.append((f"seq/{be}/graph", "seq", be, True))
         specs.append((f"std/{be}", "std", be, False))
+        if be == "triton":
+            specs.append((f"std/{be}/graph", "std", be, True))
 
     refs = {}
     for api in ("seq", "std"):
@@ -110,8 +113,12 @@ def main(argv=None):
                             args.repeats, warmup=2, sync=sync)
     times = {name: [t * 1e3 for t in ts] for name, ts in seconds.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    graph_states = {name: getattr(getattr(e.opt, "_inner", {}).get(args.batch), "graph_state",
-                                  None) for name, e in entries.items() if e.api == "seq"}
+    def graph_state(opt):
+        optimizer = getattr(opt, "optimizer", opt)  # lk.LocoProp wraps its lk.optim.LocoProp
+        loops = list(getattr(optimizer, "_grouped_cache", {}).values())
+        return f"{optimizer.strategy}: {loops[0].graph_state}" if loops else optimizer.strategy
+
+    graph_states = {name: graph_state(e.opt) for name, e in entries.items()}
     result = dict(machine=machine(), torch=torch.__version__, batch=args.batch,
                   inner_steps=10, repeats=args.repeats, rel_err=errors, times_ms=times,
                   median_ms=med, graph_states=graph_states)

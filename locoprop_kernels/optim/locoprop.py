@@ -1140,10 +1140,6 @@ class _Flat:
         for p, view in self._views.items():
             view.copy_(tensors[p])
 
-    def copy_from_flat(self, other: "_Flat") -> None:
-        for mine, theirs in zip(self.buffers, other.buffers):
-            mine.copy_(theirs)
-
     def zero_(self) -> None:
         for b in self.buffers:
             b.zero_()
