@@ -35,6 +35,7 @@ from .arena import Arena
 from .config import LocoPropConfig
 from .distributed import DataParallel
 from .grouped import LayerSpec, param_shapes
+from .optim.locoprop import LocoProp as _Optimizer
 from .validation import check_number, fail_type, fail_value
 
 OP = "LocoProp"
@@ -203,7 +204,6 @@ class LocoProp:
 
         # The one LocoProp: lk.optim.LocoProp over the same model, its f per layer given, its
         # RMSProp state the arenas' views (so its grouped strategy runs on the arenas, no copy).
-        from .optim.locoprop import LocoProp as _Optimizer  # optim imports this package
         names = {id(m): name for name, m in model.named_modules()}
         self.optimizer = _Optimizer(
             model, lr=lr, variant=variant.value, gamma=gamma, inner_steps=inner_steps,

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import locoprop_kernels as lk
 from locoprop_kernels import backends
-from locoprop_kernels.optim.locoprop import uses_gram
+from locoprop_kernels.optim.gram import uses_gram
 from locoprop_oracle import oracle_steps
 
 TOL = 1e-9

@@ -112,6 +112,12 @@ def affine_type(module: nn.Module) -> Optional[AffineType]:
     return None
 
 
+def stores_in_out(module: nn.Module) -> bool:
+    """An affine layer whose weight is stored (d_in, d_out) (transformers' Conv1D)."""
+    kind = affine_type(module)
+    return kind is not None and kind.layout == "in_out"
+
+
 def is_layer_type(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) or affine_type(module) is not None
 

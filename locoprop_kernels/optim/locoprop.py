@@ -50,7 +50,7 @@ lr_t = lr max(1 - t/T, lr_floor)):
       every other parameter (param_groups[1], the linearized local loss):
         local_grad_t(p) = s gamma p.grad
       with eta: + (p - p0) / eta for every parameter
-      a layer with f = identity may take the same gradient in its Gram form (``_Quadratic``:
+      a layer with f = identity may take the same gradient in its Gram form (``Quadratic``:
       X^T X once per step, no row-sized GEMM in the inner iterations), where cheaper
     t = 0: the matched part is 0 (W = W0): local_grad_0(p) = s gamma p.grad, no GEMMs
     t = 0 .. T-1: ONE rmsprop_step_ over every parameter (per group when the groups' lr or
@@ -93,9 +93,10 @@ from ..ops import matched_loss_grad, matched_loss_grad_conv2d
 from ..rmsprop_options import RMSpropOptions
 from ..validation import check_choice, check_number, fail_type, fail_value
 from .detection import Detector
+from .gram import Quadratic, uses_gram
 from .grouped_step import GroupedLoop, flat_view
-from .layers import (OP, LayerInfo, affine_type, conv_geometry, decide_activations, features,
-                     find_layers, layer_params, observed, preactivation)
+from .layers import (OP, LayerInfo, conv_geometry, decide_activations, features, find_layers,
+                     layer_params, observed, preactivation, stores_in_out)
 from .rmsprop import init_state, state_dtype
 
 #: Forward passes observed for activation detection at most (``Detector``): a layer that no
@@ -214,7 +215,7 @@ class LocoProp(torch.optim.Optimizer):
     "skip" (a step with non-finite gradients or update changes nothing; ``skipped_steps``
     counts them). ``precision``: the matched-loss kernels' dots ("ieee", "tf32", "bf16";
     the Gram form's GEMMs stay in the parameters' precision). ``gram``: "auto" (the default), "always" or "never": whether layers with a
-    quadratic local loss (f = identity) take the exact Gram form (``_Quadratic``, ``uses_gram``;
+    quadratic local loss (f = identity) take the exact Gram form (``Quadratic``, ``uses_gram``;
     ``opt.layers[i].inner`` says which did). Every hyper-parameter is checked here and in ``add_param_group``; one
     optimizer per model; a step is applied whole or not at all (docs/guarantees.md).
     """
@@ -733,7 +734,7 @@ class LocoProp(torch.optim.Optimizer):
         rows = problems[0].x.shape[0]
         for problem in problems:
             m = problem.layer
-            if problem.conv is not None or _in_out(m) or not isinstance(m, nn.Linear):
+            if problem.conv is not None or stores_in_out(m) or not isinstance(m, nn.Linear):
                 return f"{self._names[m]} is not an nn.Linear"
             if not get_activation(problem.activation).builtin:
                 return f"{self._names[m]} has a registered activation"
@@ -818,7 +819,7 @@ class LocoProp(torch.optim.Optimizer):
                     and (self.gram == "always" or (self.gram == "auto" and uses_gram(
                         x.shape[0], x.shape[1], problem.y.shape[1], steps))))
             if gram:
-                problem.quadratic = _Quadratic(problem.layer, x)
+                problem.quadratic = Quadratic(problem.layer, x)
             self._set_inner(problem.layer, "gram" if gram else "matched")
 
     def _set_inner(self, module: nn.Module, inner: str) -> None:
@@ -839,7 +840,7 @@ class LocoProp(torch.optim.Optimizer):
         if problem.quadratic is not None and target is None:
             problem.quadratic.add_grad_(grads, scale)
             return
-        in_out = problem.conv is None and _in_out(m)
+        in_out = problem.conv is None and stores_in_out(m)
         # In the records' compute dtype (``_true_record``): a copy only for half parameters.
         dtype = problem.x.dtype
         weight = w.detach().to(dtype)
@@ -939,68 +940,7 @@ class _Problem:
                  g: Optional[Tensor] = None):
         self.layer, self.x, self.y, self.activation, self.conv = layer, x, y, activation, conv
         self.z0, self.g = z0, g
-        self.quadratic: Optional[_Quadratic] = None  # the Gram form, where it is taken
-
-
-def uses_gram(rows: int, d_in: int, d_out: int, inner_steps: int) -> bool:
-    """Whether the Gram form of a quadratic local loss (``_Quadratic``) costs fewer
-    multiply-adds per step than the matched-loss op, counting the GEMMs only.
-
-    The op takes two (rows x d_in x d_out) GEMMs in each of the T - 1 iterations t >= 1
-    (t = 0 needs none). The Gram form takes X^T X once (rows x d_in x d_in) and one
-    (d_out x d_in x d_in) GEMM per iteration:
-
-        rows d_in^2 + (T - 1) d_out d_in^2  <  2 (T - 1) rows d_out d_in,
-        i.e.  rows d_in + (T - 1) d_out d_in  <  2 (T - 1) rows d_out.
-
-    For a square layer (d_in = d_out = d) at T = 10 that is d < 1.89 rows: any layer with
-    more rows (batch x sequence) than about half its width."""
-    t = inner_steps - 1
-    return t >= 1 and rows * d_in + t * d_out * d_in < 2 * t * rows * d_out
-
-
-class _Quadratic:
-    """A layer whose local loss is quadratic (f = identity: variant S, or a layer without an
-    activation), in its Gram form. With Z = X W^T + 1 b^T and the target Z0 = X W0^T + 1 b0^T
-    (what the layer computed at W0, b0), the local gradient (without the prox term and C) is
-
-        dW = s (Z - Z0)^T X = s [(W - W0) X^T X + (b - b0) (X^T 1)^T]      (d_out, d_in)
-        db = s (Z - Z0)^T 1 = s [(W - W0) X^T 1 + rows (b - b0)]            (d_out,)
-
-    so X^T X (d_in, d_in) and X^T 1 (d_in,), formed once per step, serve all T - 1 inner
-    iterations: one (d_out x d_in x d_in) GEMM instead of the op's two (rows x d_in x d_out)
-    ones. Exact (the same function of W, b; only the rounding differs), and at W0 exactly 0.
-    Weights are kept as (d_out, d_in) views whatever the module stores (Conv1D: (d_in, d_out))."""
-
-    __slots__ = ("weight", "bias", "in_out", "w0", "b0", "gram", "x_sum", "rows")
-
-    def __init__(self, layer: nn.Module, x: Tensor):
-        self.weight, self.bias = layer_params(layer)
-        self.in_out = _in_out(layer)
-        self.w0 = self._w(self.weight, x.dtype).clone()
-        self.b0 = None if self.bias is None else self.bias.detach().to(x.dtype).clone()
-        self.gram = x.t() @ x
-        self.x_sum = x.sum(dim=0)
-        self.rows = x.shape[0]
-
-    def _w(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        w = weight.detach().to(dtype)
-        return w.t() if self.in_out else w
-
-    def add_grad_(self, grads, scale: float) -> None:
-        """grads[W], grads[b] += the local gradient above at the current weights."""
-        delta = self._w(self.weight, self.w0.dtype) - self.w0
-        grad_w = grads[self.weight]
-        grad_w = grad_w.t() if self.in_out else grad_w
-        grad_w.addmm_(delta, self.gram, alpha=scale)
-        if self.bias is None:
-            return
-        delta_b = self.bias.detach().to(self.w0.dtype) - self.b0
-        grad_w.addr_(delta_b, self.x_sum, alpha=scale)
-        if self.bias in grads:
-            grad_b = grads[self.bias]
-            grad_b.addmv_(delta, self.x_sum, alpha=scale)
-            grad_b.add_(delta_b, alpha=scale * self.rows)
+        self.quadratic: Optional[Quadratic] = None  # the Gram form, where it is taken
 
 
 def _per_layer(op: str, arg: str, value, names: dict, check, expected: str) -> dict:
@@ -1020,12 +960,6 @@ def _per_layer(op: str, arg: str, value, names: dict, check, expected: str) -> d
             fail_type(op, f"{arg}[{name!r}]", expected, type(v).__name__)
         out[by_name[name]] = v
     return out
-
-
-def _in_out(module: nn.Module) -> bool:
-    """An affine layer whose weight is stored (d_in, d_out) (transformers' Conv1D)."""
-    kind = affine_type(module)
-    return kind is not None and kind.layout == "in_out"
 
 
 def _true_record(module: nn.Module, name: str, call: _Call, dtype: torch.dtype) -> tuple:
