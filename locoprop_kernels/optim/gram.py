@@ -14,7 +14,7 @@ from .layers import layer_params, stores_in_out
 
 
 def uses_gram(rows: int, d_in: int, d_out: int, inner_steps: int) -> bool:
-    """Whether the Gram form of a quadratic local loss (``_Quadratic``) costs fewer
+    """Whether the Gram form of a quadratic local loss (``Quadratic``) costs fewer
     multiply-adds per step than the matched-loss op, counting the GEMMs only.
 
     The op takes two (rows x d_in x d_out) GEMMs in each of the T - 1 iterations t >= 1
