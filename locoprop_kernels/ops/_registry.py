@@ -1,0 +1,183 @@
+"""The one way an op of this package becomes a ``torch.library`` custom op: ``register``.
+
+Every op is three pieces of plain Python, called with the op's arguments by name:
+
+    check(**args)             every validation, before anything is written; also the fake
+    allocate(**args)          the functional op's outputs, empty (real and fake tensors alike)
+    run(**args, **outputs)    resolves a backend and writes into the outputs
+
+From them ``register`` builds ``locoprop::<name>`` (functional: check, allocate, run, return
+the outputs; its fake: check, allocate) and, when asked (``out_variant``),
+``locoprop::<name>_out`` (check and run into the caller's tensors; its fake: check). An op
+without outputs writes its inputs in place (``mutates``): check and run; its fake: check. The
+schemas are inferred by ``torch.library`` from the parameter lists, as from an annotated
+function, so every op states its schema once, as a table of (name, type) pairs.
+
+None of the ops is differentiable (the trainer calls them on detached tensors). A functional op
+registered with ``why_not_differentiable`` accepts inputs that require grad and returns
+correct values, but its autograd formula raises a RuntimeError naming the op when a backward
+pass reaches it (``locoprop::not_differentiable``, below).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+Tensor = torch.Tensor
+#: An op's parameters in schema order: (name, type annotation) pairs.
+Params = Sequence[Tuple[str, object]]
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast off on ``device`` while a backend runs. A custom op has no
+    autocast kernel of its own, so an op called under ``torch.autocast`` reaches its
+    implementation with autocast still on, and the torch GEMMs and convolutions inside the
+    backends (all of the reference's math, the cpp and conv paths' GEMMs) would run in the
+    autocast dtype instead of the weight's. Nothing to do (no context entered) otherwise."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- no derivative
+
+#: Why each functional op has no derivative, for its error message (filled by ``register``).
+_NOT_DIFFERENTIABLE: dict = {}
+
+
+def _not_differentiable_message(op: str) -> str:
+    return (f"locoprop.{op} is not differentiable: {_NOT_DIFFERENTIABLE[op]}, and it has no "
+            f"autograd formula. Call it on detached tensors (x.detach()), or use "
+            f"locoprop_kernels.reference.{op} (plain PyTorch) under autograd if you need "
+            f"derivatives through it")
+
+
+@torch.library.custom_op("locoprop::not_differentiable", mutates_args=())
+def not_differentiable_op(grad: Tensor, shape: List[int], dtype: torch.dtype,
+                          op: str) -> Tensor:
+    """The gradient of one input of ``op``, which has none: raises. An op (not a plain raise in
+    the backward formula) so that tracing a backward graph under torch.compile (AOTAutograd
+    traces it whenever an input requires grad) succeeds, and the error comes when the
+    backward runs, as in eager."""
+    raise RuntimeError(_not_differentiable_message(op))
+
+
+@not_differentiable_op.register_fake
+def _(grad, shape, dtype, op):
+    return grad.new_empty(shape, dtype=dtype)
+
+
+def _register_no_derivative(custom_op, op: str) -> None:
+    """The autograd formula of a functional op without a derivative: the forward runs (on
+    inputs that require grad too, returning the same values and outputs with a grad_fn); a
+    backward pass through it raises a RuntimeError naming the op. Only input shapes and dtypes
+    are kept for the backward, no tensors."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.input_meta = [(tuple(t.shape), t.dtype) if isinstance(t, Tensor) else None
+                          for t in inputs]
+
+    def backward(ctx, *grads):
+        # One gradient per output (a list of them for an op returning List[Tensor]).
+        grad = next(g for g in pytree.tree_leaves(grads) if isinstance(g, Tensor))
+        return tuple(not_differentiable_op(grad, list(meta[0]), meta[1], op)
+                     if meta is not None and needed else None
+                     for meta, needed in zip(ctx.input_meta, ctx.needs_input_grad))
+
+    custom_op.register_autograd(backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- register
+
+@dataclass(frozen=True)
+class RegisteredOp:
+    """What ``register`` made of one op."""
+
+    #: ``locoprop::<name>``: the functional op, or the in-place one when it has no outputs.
+    op: Callable
+    #: ``locoprop::<name>_out`` (writes into its trailing ``out`` parameters), or None.
+    out_op: Optional[Callable]
+    #: ``op``'s implementation as a plain function of the positional arguments, for callers
+    #: that may skip the dispatcher (nothing for it to do: eager, plain tensors, no autograd).
+    impl: Callable
+
+
+def _function(names: Sequence[str], params: Params, returns, body: Callable) -> Callable:
+    """A function ``f(*args)`` calling ``body(**args by name)``, whose signature (what
+    ``torch.library`` infers the schema from) is ``params -> returns``."""
+
+    def f(*args, **kwargs):
+        named = dict(zip(names, args))
+        named.update(kwargs)
+        return body(**named)
+
+    f.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t)
+         for n, t in params], return_annotation=returns)
+    return f
+
+
+def register(name: str, params: Params, *, check: Callable, run: Callable,
+             allocate: Optional[Callable] = None, returns=None, outs: Params = (),
+             out_variant: bool = False, mutates: Sequence[str] = (),
+             why_not_differentiable: Optional[str] = None) -> RegisteredOp:
+    """Registers ``locoprop::<name>`` from its pieces (see the module docstring).
+
+    params: the op's parameters (name, type) in schema order.
+    check(**args [, **outs]): raises before any write; runs in the op, the ``_out`` op and both
+        fakes (so it must work on fake tensors).
+    run(**args, **outs): writes the result into the outputs, or, for an op without
+        ``allocate``, into the inputs named in ``mutates``.
+    allocate(**args) -> the functional op's return value (``returns``: its type), whose
+        tensors in order are the outputs ``run`` fills, named as ``outs``; None for an in-place
+        op (returns None).
+    outs: the outputs, (name, type) pairs; with ``out_variant`` they are also the trailing
+        parameters of ``locoprop::<name>_out``, which writes into the caller's tensors.
+    why_not_differentiable: the reason in the error a backward pass through the functional
+        op raises ("it computes ..."); None registers no autograd formula (an in-place op,
+        which autograd cannot record: its public function refuses tensors that require grad).
+    """
+    names = [n for n, _ in params]
+    out_names = [n for n, _ in outs]
+
+    if allocate is None:
+        def implementation(**args):
+            check(**args)
+            run(**args)
+
+        def fake(**args):
+            check(**args)
+    else:
+        def implementation(**args):
+            check(**args)
+            outputs = allocate(**args)
+            run(**args, **dict(zip(out_names, pytree.tree_leaves(outputs))))
+            return outputs
+
+        def fake(**args):
+            check(**args)
+            return allocate(**args)
+
+    impl = _function(names, params, returns, implementation)
+    op = torch.library.custom_op(f"locoprop::{name}", mutates_args=tuple(mutates))(impl)
+    op.register_fake(_function(names, params, returns, fake))
+    if why_not_differentiable is not None:
+        _NOT_DIFFERENTIABLE[name] = why_not_differentiable
+        _register_no_derivative(op, name)
+
+    out_op = None
+    if out_variant:
+        def check_and_run(**args):
+            check(**args)
+            run(**args)
+
+        all_names, all_params = names + out_names, [*params, *outs]
+        out_op = torch.library.custom_op(f"locoprop::{name}_out", mutates_args=out_names)(
+            _function(all_names, all_params, None, check_and_run))
+        out_op.register_fake(_function(all_names, all_params, None, check))
+    return RegisteredOp(op=op, out_op=out_op, impl=impl)
