@@ -1,14 +1,15 @@
-"""Argument checks every op family shares, on top of ``validation.py``'s per-tensor ones: the
-``backend=`` argument, the dtypes a resolved backend serves, and the refusal of autograd by
-the in-place ops. Each raises before anything is written, naming the op and the argument."""
+"""Argument checks the op families share, on top of ``validation.py``'s per-tensor ones: the
+``backend=`` argument, the dtypes a resolved backend serves, ints and pairs of ints, and the
+refusal of autograd by the in-place ops. Each raises before anything is written, naming the
+op and the argument."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from .. import backends
-from ..validation import fail_type
+from ..validation import fail_type, fail_value
 
 Tensor = torch.Tensor
 
@@ -30,6 +31,24 @@ def check_backend_dtype(op: str, backend, arg: str, t: Tensor) -> None:
     if t.dtype not in backend.dtypes:
         fail_type(op, arg, f"a dtype the '{backend.name}' backend supports "
                   f"{[str(d) for d in backend.dtypes]}", t.dtype)
+
+
+def int_pair(op: str, arg: str, value, low: int) -> List[int]:
+    """An int or a pair of ints, each >= low, as a list [h, w] (torch's conv2d arguments)."""
+    values = list(value) if isinstance(value, (tuple, list)) else [value, value]
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        fail_type(op, arg, "an int or a pair of ints", repr(value))
+    if min(values) < low:
+        fail_value(op, arg, f"ints >= {low}", repr(value))
+    return values
+
+
+def check_int(op: str, arg: str, value, low: int) -> None:
+    """An int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail_type(op, arg, "an int", type(value).__name__)
+    if value < low:
+        fail_value(op, arg, f"an int >= {low}", value)
 
 
 def _any_requires_grad_py(*values) -> bool:

@@ -1,10 +1,11 @@
 """The one way an op of this package becomes a ``torch.library`` custom op: ``register``.
 
-Every op is three pieces of plain Python, called with the op's arguments by name:
+Every op is three pieces of plain Python, called with the op's arguments in schema order
+(positionally: the ops' host cost is per call, and keyword passing would add to it):
 
-    check(**args)             every validation, before anything is written; also the fake
-    allocate(**args)          the functional op's outputs, empty (real and fake tensors alike)
-    run(**args, **outputs)    resolves a backend and writes into the outputs
+    check(*args)              every validation, before anything is written; also the fake
+    allocate(*args)           the functional op's outputs, empty (real and fake tensors alike)
+    run(*args, *outputs)      resolves a backend and writes into the outputs
 
 From them ``register`` builds ``locoprop::<name>`` (functional: check, allocate, run, return
 the outputs; its fake: check, allocate) and, when asked (``out_variant``),
@@ -107,19 +108,14 @@ class RegisteredOp:
     impl: Callable
 
 
-def _function(names: Sequence[str], params: Params, returns, body: Callable) -> Callable:
-    """A function ``f(*args)`` calling ``body(**args by name)``, whose signature (what
-    ``torch.library`` infers the schema from) is ``params -> returns``."""
-
-    def f(*args, **kwargs):
-        named = dict(zip(names, args))
-        named.update(kwargs)
-        return body(**named)
-
-    f.__signature__ = inspect.Signature(
+def _with_signature(fn: Callable, params: Params, returns) -> Callable:
+    """``fn(*args)``, declared as ``params -> returns``: ``torch.library`` infers the op's
+    schema from that signature as from an annotated function. The schemas have no keyword-only
+    arguments, so the dispatcher passes every argument positionally."""
+    fn.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t)
          for n, t in params], return_annotation=returns)
-    return f
+    return fn
 
 
 def register(name: str, params: Params, *, check: Callable, run: Callable,
@@ -129,55 +125,56 @@ def register(name: str, params: Params, *, check: Callable, run: Callable,
     """Registers ``locoprop::<name>`` from its pieces (see the module docstring).
 
     params: the op's parameters (name, type) in schema order.
-    check(**args [, **outs]): raises before any write; runs in the op, the ``_out`` op and both
+    check(*args [, *outs]): raises before any write; runs in the op, the ``_out`` op and both
         fakes (so it must work on fake tensors).
-    run(**args, **outs): writes the result into the outputs, or, for an op without
+    run(*args, *outs): writes the result into the outputs, or, for an op without
         ``allocate``, into the inputs named in ``mutates``.
-    allocate(**args) -> the functional op's return value (``returns``: its type), whose
-        tensors in order are the outputs ``run`` fills, named as ``outs``; None for an in-place
-        op (returns None).
+    allocate(*args) -> the functional op's return value (``returns``: its type): a tensor or
+        a list of them, the outputs ``run`` fills, in the order of ``outs``; None for an
+        in-place op (returns None).
     outs: the outputs, (name, type) pairs; with ``out_variant`` they are also the trailing
         parameters of ``locoprop::<name>_out``, which writes into the caller's tensors.
     why_not_differentiable: the reason in the error a backward pass through the functional
         op raises ("it computes ..."); None registers no autograd formula (an in-place op,
         which autograd cannot record: its public function refuses tensors that require grad).
     """
-    names = [n for n, _ in params]
-    out_names = [n for n, _ in outs]
-
     if allocate is None:
-        def implementation(**args):
-            check(**args)
-            run(**args)
+        def implementation(*args):
+            check(*args)
+            run(*args)
 
-        def fake(**args):
-            check(**args)
+        def fake(*args):
+            check(*args)
     else:
-        def implementation(**args):
-            check(**args)
-            outputs = allocate(**args)
-            run(**args, **dict(zip(out_names, pytree.tree_leaves(outputs))))
+        def implementation(*args):
+            check(*args)
+            outputs = allocate(*args)
+            run(*args, *(outputs if isinstance(outputs, list) else (outputs,)))
             return outputs
 
-        def fake(**args):
-            check(**args)
-            return allocate(**args)
+        def fake(*args):
+            check(*args)
+            return allocate(*args)
 
-    impl = _function(names, params, returns, implementation)
+    impl = _with_signature(implementation, params, returns)
     op = torch.library.custom_op(f"locoprop::{name}", mutates_args=tuple(mutates))(impl)
-    op.register_fake(_function(names, params, returns, fake))
+    op.register_fake(_with_signature(fake, params, returns))
     if why_not_differentiable is not None:
         _NOT_DIFFERENTIABLE[name] = why_not_differentiable
         _register_no_derivative(op, name)
 
     out_op = None
     if out_variant:
-        def check_and_run(**args):
-            check(**args)
-            run(**args)
+        def check_and_run(*args):
+            check(*args)
+            run(*args)
 
-        all_names, all_params = names + out_names, [*params, *outs]
-        out_op = torch.library.custom_op(f"locoprop::{name}_out", mutates_args=out_names)(
-            _function(all_names, all_params, None, check_and_run))
-        out_op.register_fake(_function(all_names, all_params, None, check))
+        def check_only(*args):
+            check(*args)
+
+        all_params = [*params, *outs]
+        out_op = torch.library.custom_op(f"locoprop::{name}_out",
+                                         mutates_args=[n for n, _ in outs])(
+            _with_signature(check_and_run, all_params, None))
+        out_op.register_fake(_with_signature(check_only, all_params, None))
     return RegisteredOp(op=op, out_op=out_op, impl=impl)

@@ -22,7 +22,7 @@ VARIANTS = ("M", "S")
 _OP = "local_targets"
 
 
-def _check(preact, grad_preact, activation, gamma, variant, backend, **_):
+def _check(preact, grad_preact, activation, gamma, variant, backend):
     """Every argument, before anything is written."""
     get_activation(activation, op=f"locoprop.{_OP}")
     check_matrix(_OP, "preact", preact, rows_name="B", cols_name="d_out")
@@ -32,7 +32,7 @@ def _check(preact, grad_preact, activation, gamma, variant, backend, **_):
     check_choice(_OP, "variant", variant, VARIANTS)
 
 
-def _allocate(preact, **_):
+def _allocate(preact, *_):
     return torch.empty_like(preact, memory_format=torch.contiguous_format)
 
 

@@ -1,19 +1,13 @@
 """The matched-loss gradients of one layer's local LocoProp objective: Linear and Conv2d.
 
-Both are DESIGN.md section 2's gradient, D = f(Z) - Y, grad_W = scale * (D against X)
-[+ (W - W0) / eta], grad_b = scale * (D summed over rows) [+ (b - b0) / eta], with the rows of
-section 2 the batch (Linear) or the N * H_out * W_out output positions (Conv2d, f over the
-channels). They share their arguments but for the Conv2d geometry (stride, padding, dilation,
-groups), and everything else: the checks of bias, target, scale, the prox term and ``out=``,
-the backend call, the outputs, the ``out=`` path of the public function. What differs is one
-``_Layer`` each: its geometry, the shapes of x and weight, and its backend method.
+Both are DESIGN.md section 2's gradient (D = f(Z) - Y against X, plus the prox term), the
+rows being the batch (Linear) or the output positions (Conv2d). They share all but one
+``_Layer`` each (its geometry, the shapes of x and weight, its backend method): the checks of
+bias, target, scale, prox and ``out=``, the backend call, the outputs and the public path.
 
-Ops (each with a fake, so they work under ``torch.compile(fullgraph=True)``):
-    locoprop::matched_loss_grad               returns (grad_weight, grad_bias)
-    locoprop::matched_loss_grad_out           writes into out_weight / out_bias (arena slices)
-    locoprop::matched_loss_grad_conv2d        the same for a Conv2d layer
-    locoprop::matched_loss_grad_conv2d_out    writes into out_weight / out_bias
-The functional ops return an empty grad_bias when bias is None (a Tensor[] holds no None).
+    locoprop::matched_loss_grad[_conv2d]       returns [grad_weight, grad_bias]; grad_bias is
+                                               empty when bias is None (a Tensor[] holds no None)
+    locoprop::matched_loss_grad[_conv2d]_out   writes into out_weight / out_bias (arena slices)
 """
 from __future__ import annotations
 
@@ -28,7 +22,8 @@ from ..activations import get_activation
 from ..validation import (check_call_types, check_choice, check_matrix, check_no_overlap,
                           check_number, check_operand_dtype, check_tensor, fail_type,
                           fail_value)
-from ._checks import backend_arg, check_backend_dtype, refuse_in_place_autograd
+from ._checks import (backend_arg, check_backend_dtype, check_int, int_pair,
+                      refuse_in_place_autograd)
 from ._registry import Params, autocast_off, register
 
 Tensor = torch.Tensor
@@ -51,14 +46,12 @@ class _Layer:
     op: str
     #: Its parameters between ``activation`` and ``scale`` (schema order).
     geometry: Params
-    #: (op, **geometry) -> the geometry checked and normalized, a dict in schema order.
+    #: (op, *geometry) -> the geometry checked and normalized, a tuple in schema order.
     check_geometry: Callable
-    #: (op, x, weight, **geometry) -> (bias shape, target shape, their names for messages),
+    #: (op, x, weight, *geometry) -> (bias shape, target shape, their names for messages),
     #: after checking x, weight and their dtypes.
     check_shapes: Callable
-    #: (geometry dict) -> the backend method's geometry arguments.
-    backend_geometry: Callable
-    #: The ``base.Backend`` method that writes the gradient.
+    #: The ``base.Backend`` method that writes the gradient (the geometry after activation).
     backend_method: str
     #: For the error a backward pass raises.
     why_not_differentiable: str
@@ -113,20 +106,29 @@ def _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bi
     check_tensor(op, "target", target, shape=target_shape, what=f" {target_what}")
 
 
-def _check(layer: _Layer, x, weight, bias, target, activation, scale, anchor_weight,
-           anchor_bias, eta, backend, precision, out_weight=None, out_bias=None, **geometry):
+def _split(layer: _Layer, rest: tuple):
+    """An op's arguments after ``activation`` -> (the geometry, a tuple; scale, anchor_weight,
+    anchor_bias, eta, backend, precision, out_weight, out_bias), the outputs None where the
+    call has none (the functional op's check and fake)."""
+    n = len(layer.geometry)
+    return rest[:n], (*rest[n:], None, None)[:8]
+
+
+def _check(layer: _Layer, x, weight, bias, target, activation, *rest):
     """Every argument of the matched-loss gradient, before anything is written."""
     op = layer.op
+    geometry, (scale, anchor_weight, anchor_bias, eta, _, precision, out_weight,
+               out_bias) = _split(layer, rest)
     get_activation(activation, op=f"locoprop.{op}")
     bias_shape, target_shape, bias_what, target_what = layer.check_shapes(op, x, weight,
-                                                                          **geometry)
+                                                                          *geometry)
     _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bias_what,
                        target_what)
     _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
                           precision, out_weight, out_bias)
 
 
-def _allocate(x, weight, bias, **_):
+def _allocate(x, weight, bias, *_):
     """(grad_weight, grad_bias), empty: weight's shape and dtype (contiguous), grad_bias of
     length 0 when bias is None."""
     gb_len = weight.shape[0] if bias is not None else 0
@@ -134,9 +136,10 @@ def _allocate(x, weight, bias, **_):
             weight.new_empty((gb_len,))]
 
 
-def _run(layer: _Layer, x, weight, bias, target, activation, scale, anchor_weight, anchor_bias,
-         eta, backend, precision, out_weight, out_bias, **geometry):
+def _run(layer: _Layer, x, weight, bias, target, activation, *rest):
     op = layer.op
+    geometry, (scale, anchor_weight, anchor_bias, eta, backend, precision, out_weight,
+               out_bias) = _split(layer, rest)
     be = backends.resolve(op, backend, x.device, weight.dtype,
                           activation=get_activation(activation))
     check_backend_dtype(op, be, "x", x)
@@ -147,8 +150,14 @@ def _run(layer: _Layer, x, weight, bias, target, activation, scale, anchor_weigh
         out_bias = None
     with autocast_off(x.device):
         getattr(be, layer.backend_method)(
-            x, weight, bias, target, activation, *layer.backend_geometry(geometry),
-            float(scale), anchor_weight, anchor_bias, eta, out_weight, out_bias, precision)
+            x, weight, bias, target, activation, *_plain(geometry), float(scale),
+            anchor_weight, anchor_bias, eta, out_weight, out_bias, precision)
+
+
+def _plain(geometry: tuple) -> list:
+    """The geometry as the backends take it: lists of ints and ints (the dispatcher may hand
+    the op other sequences and int-likes)."""
+    return [list(v) if isinstance(v, (list, tuple)) else int(v) for v in geometry]
 
 
 def _register(layer: _Layer):
@@ -158,7 +167,7 @@ def _register(layer: _Layer):
                     why_not_differentiable=layer.why_not_differentiable)
 
 
-def _call(layer: _Layer, registered, x, weight, bias, target, activation, geometry: dict,
+def _call(layer: _Layer, registered, x, weight, bias, target, activation, geometry: tuple,
           scale, anchor_weight, anchor_bias, eta, backend, precision, out):
     """The public function of either layer type: Python-side checks, then the op (``out=``:
     the ``_out`` op, after refusing tensors that require grad in grad mode)."""
@@ -168,10 +177,10 @@ def _call(layer: _Layer, registered, x, weight, bias, target, activation, geomet
                                        ("anchor_bias", anchor_bias)],
                      numbers=[("scale", scale)], optional_numbers=[("eta", eta)],
                      strings=[("activation", activation), ("precision", precision)])
-    geometry = layer.check_geometry(op, **geometry)
+    geometry = layer.check_geometry(op, *geometry)
     backend = backend_arg(op, backend)
     scale, eta = float(scale), (None if eta is None else float(eta))
-    args = (x, weight, bias, target, activation, *geometry.values(), scale, anchor_weight,
+    args = (x, weight, bias, target, activation, *geometry, scale, anchor_weight,
             anchor_bias, eta, backend, precision)
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -206,9 +215,8 @@ def _linear_shapes(op, x, weight):
 
 
 _LINEAR = _Layer(
-    op="matched_loss_grad", geometry=(), check_geometry=lambda op: {},
-    check_shapes=_linear_shapes, backend_geometry=lambda geometry: (),
-    backend_method="matched_loss_grad_into",
+    op="matched_loss_grad", geometry=(), check_geometry=lambda op: (),
+    check_shapes=_linear_shapes, backend_method="matched_loss_grad_into",
     why_not_differentiable="it computes a gradient itself (of the layer's local matched loss "
                            "in W and b, in closed form)")
 _LINEAR_OPS = _register(_LINEAR)
@@ -259,7 +267,7 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
             backward pass reaches the returned gradients
             ("locoprop.matched_loss_grad is not differentiable: ...").
     """
-    return _call(_LINEAR, _LINEAR_OPS, x, weight, bias, target, activation, {}, scale,
+    return _call(_LINEAR, _LINEAR_OPS, x, weight, bias, target, activation, (), scale,
                  anchor_weight, anchor_bias, eta, backend, precision, out)
 
 
@@ -271,29 +279,11 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
 # columns the C_out channels: f acts on every position's channel vector (softmax over dim 1)
 # and the potential F is summed over channels and positions.
 
-def _pair(op: str, arg: str, value, low: int) -> List[int]:
-    """An int or a pair of ints, each >= low, as a list [h, w] (torch's conv2d arguments)."""
-    values = list(value) if isinstance(value, (tuple, list)) else [value, value]
-    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        fail_type(op, arg, "an int or a pair of ints", repr(value))
-    if min(values) < low:
-        fail_value(op, arg, f"ints >= {low}", repr(value))
-    return values
-
-
-def _check_int(op: str, arg: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        fail_type(op, arg, "an int", type(value).__name__)
-    if value < low:
-        fail_value(op, arg, f"an int >= {low}", value)
-
-
-def _conv2d_geometry(op, stride, padding, dilation, groups) -> dict:
+def _conv2d_geometry(op, stride, padding, dilation, groups) -> tuple:
     """stride, padding, dilation as [h, w] lists of ints (>= 1, >= 0, >= 1); groups >= 1."""
-    geometry = dict(stride=_pair(op, "stride", stride, 1),
-                    padding=_pair(op, "padding", padding, 0),
-                    dilation=_pair(op, "dilation", dilation, 1), groups=groups)
-    _check_int(op, "groups", groups, 1)
+    geometry = (int_pair(op, "stride", stride, 1), int_pair(op, "padding", padding, 0),
+                int_pair(op, "dilation", dilation, 1), groups)
+    check_int(op, "groups", groups, 1)
     return geometry
 
 
@@ -335,8 +325,6 @@ _CONV2D = _Layer(
     geometry=(("stride", List[int]), ("padding", List[int]), ("dilation", List[int]),
               ("groups", int)),
     check_geometry=_conv2d_geometry, check_shapes=_conv2d_shapes,
-    backend_geometry=lambda g: (list(g["stride"]), list(g["padding"]), list(g["dilation"]),
-                                int(g["groups"])),
     backend_method="matched_loss_grad_conv2d_into",
     why_not_differentiable="it computes a gradient itself (of the Conv2d layer's local "
                            "matched loss in W and b, in closed form)")
@@ -402,5 +390,5 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
             ("locoprop.matched_loss_grad_conv2d is not differentiable: ...").
     """
     return _call(_CONV2D, _CONV2D_OPS, x, weight, bias, target, activation,
-                 dict(stride=stride, padding=padding, dilation=dilation, groups=groups), scale,
+                 (stride, padding, dilation, groups), scale,
                  anchor_weight, anchor_bias, eta, backend, precision, out)

@@ -80,13 +80,16 @@ def _check_rmsprop(op, params, grads, square_avgs, momentum_bufs, grad_avgs, lr,
     check_no_overlap(op, written=named, read=[(("grads", i), g) for i, g in enumerate(grads)])
 
 
-def _check(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, backend, **options):
-    """Every argument, before anything is written; ``options``: ``RMSpropOptions``' fields."""
-    _check_rmsprop(_OP, params, grads, square_avgs, momentum_bufs, grad_avgs, lr,
-                   RMSpropOptions(**options))
+def _check(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha, eps,
+           weight_decay, momentum, centered, maximize, backend):
+    """Every argument, before anything is written."""
+    options = RMSpropOptions(style, alpha, eps, weight_decay, momentum, centered, maximize)
+    _check_rmsprop(_OP, params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
 
 
-def _run(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, backend, **options):
+def _run(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha, eps,
+         weight_decay, momentum, centered, maximize, backend):
+    options = RMSpropOptions(style, alpha, eps, weight_decay, momentum, centered, maximize)
     be = backends.resolve(_OP, backend, params[0].device, params[0].dtype)
     for i, p in enumerate(params):
         check_backend_dtype(_OP, be, f"params[{i}]", p)
@@ -97,7 +100,7 @@ def _run(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, backend, **op
     else:
         lr_arg = float(lr.item())       # this backend takes a host value: one sync
     be.rmsprop_step_(list(params), list(grads), list(square_avgs), list(momentum_bufs),
-                     list(grad_avgs), lr_arg, RMSpropOptions(**options))
+                     list(grad_avgs), lr_arg, options)
 
 
 _WRITTEN = ("params", "square_avgs", "momentum_bufs", "grad_avgs")
