@@ -8,7 +8,7 @@ Every op is three pieces of plain Python, called with the op's arguments in sche
     run(*args, *outputs)      resolves a backend and writes into the outputs
 
 From them ``register`` builds ``locoprop::<name>`` (functional: check, allocate, run, return
-the outputs; its fake: check, allocate) and, when asked (``out_variant``),
+the outputs; its fake: check, allocate) and, for an op with ``outs``,
 ``locoprop::<name>_out`` (check and run into the caller's tensors; its fake: check). An op
 without outputs writes its inputs in place (``mutates``): check and run; its fake: check. The
 schemas are inferred by ``torch.library`` from the parameter lists, as from an annotated
@@ -118,33 +118,36 @@ def _with_signature(fn: Callable, params: Params, returns) -> Callable:
     return fn
 
 
+def _checked(check: Callable, run: Optional[Callable]) -> Callable:
+    """``f(*args)``: check, then run (None: check only, a fake that returns nothing)."""
+    def f(*args):
+        check(*args)
+        if run is not None:
+            run(*args)
+    return f
+
+
 def register(name: str, params: Params, *, check: Callable, run: Callable,
              allocate: Optional[Callable] = None, returns=None, outs: Params = (),
-             out_variant: bool = False, mutates: Sequence[str] = (),
+             mutates: Sequence[str] = (),
              why_not_differentiable: Optional[str] = None) -> RegisteredOp:
     """Registers ``locoprop::<name>`` from its pieces (see the module docstring).
 
     params: the op's parameters (name, type) in schema order.
     check(*args [, *outs]): raises before any write; runs in the op, the ``_out`` op and both
         fakes (so it must work on fake tensors).
-    run(*args, *outs): writes the result into the outputs, or, for an op without
+    run(*args, *outputs): writes the result into the outputs, or, for an op without
         ``allocate``, into the inputs named in ``mutates``.
     allocate(*args) -> the functional op's return value (``returns``: its type): a tensor or
-        a list of them, the outputs ``run`` fills, in the order of ``outs``; None for an
-        in-place op (returns None).
-    outs: the outputs, (name, type) pairs; with ``out_variant`` they are also the trailing
-        parameters of ``locoprop::<name>_out``, which writes into the caller's tensors.
+        a list of them, the outputs ``run`` fills; None for an in-place op (returns None).
+    outs: (name, type) pairs of ``allocate``'s outputs; when given, ``locoprop::<name>_out``
+        is registered too, taking them as trailing parameters it writes into.
     why_not_differentiable: the reason in the error a backward pass through the functional
         op raises ("it computes ..."); None registers no autograd formula (an in-place op,
         which autograd cannot record: its public function refuses tensors that require grad).
     """
     if allocate is None:
-        def implementation(*args):
-            check(*args)
-            run(*args)
-
-        def fake(*args):
-            check(*args)
+        implementation, fake = _checked(check, run), _checked(check, None)
     else:
         def implementation(*args):
             check(*args)
@@ -164,17 +167,10 @@ def register(name: str, params: Params, *, check: Callable, run: Callable,
         _register_no_derivative(op, name)
 
     out_op = None
-    if out_variant:
-        def check_and_run(*args):
-            check(*args)
-            run(*args)
-
-        def check_only(*args):
-            check(*args)
-
+    if outs:
         all_params = [*params, *outs]
         out_op = torch.library.custom_op(f"locoprop::{name}_out",
                                          mutates_args=[n for n, _ in outs])(
-            _with_signature(check_and_run, all_params, None))
-        out_op.register_fake(_with_signature(check_only, all_params, None))
+            _with_signature(_checked(check, run), all_params, None))
+        out_op.register_fake(_with_signature(_checked(check, None), all_params, None))
     return RegisteredOp(op=op, out_op=out_op, impl=impl)

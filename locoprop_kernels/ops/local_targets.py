@@ -47,7 +47,7 @@ def _run(preact, grad_preact, activation, gamma, variant, backend, out):
 _local_targets_op = register(
     _OP, (("preact", Tensor), ("grad_preact", Tensor), ("activation", str), ("gamma", float),
           ("variant", str), ("backend", str)),
-    check=_check, run=_run, allocate=_allocate, returns=Tensor, outs=(("out", Tensor),),
+    check=_check, run=_run, allocate=_allocate, returns=Tensor,
     why_not_differentiable="it forms the local problem's targets from a gradient, in closed "
                            "form").op
 

@@ -163,7 +163,7 @@ def _plain(geometry: tuple) -> list:
 def _register(layer: _Layer):
     return register(layer.op, (*_INPUTS, *layer.geometry, *_OBJECTIVE),
                     check=functools.partial(_check, layer), run=functools.partial(_run, layer),
-                    allocate=_allocate, returns=List[Tensor], outs=_OUTS, out_variant=True,
+                    allocate=_allocate, returns=List[Tensor], outs=_OUTS,
                     why_not_differentiable=layer.why_not_differentiable)
 
 
