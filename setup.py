@@ -97,7 +97,7 @@ ext_modules = [] if os.environ.get("LOCOPROP_NO_EXT") == "1" else [
 
 setup(
     packages=["locoprop_kernels", "locoprop_kernels.backends", "locoprop_kernels.experiments",
-              "locoprop_kernels.optim",
+              "locoprop_kernels.ops", "locoprop_kernels.optim",
               "locoprop_kernels.triton_kernels"],
     package_dir={"locoprop_kernels": "locoprop_kernels",
                  "locoprop_kernels.triton_kernels": "triton_kernels"},

@@ -95,8 +95,9 @@ def test_sdist_builds_a_wheel_with_the_extension(tmp_path):
         names = set(zf.namelist())
         assert [n for n in names if re.fullmatch(r"locoprop_kernels/_C[^/]*\.so", n)], \
             sorted(names)
-        want = (_repo_files("locoprop_kernels/backends", ".py")
-                | _repo_files("locoprop_kernels/optim", ".py")
+        # Every module of the package, its subpackages (backends/, ops/, optim/, ...) included:
+        # a subpackage missing from setup.py's list would be left out of the wheel.
+        want = (_repo_files("locoprop_kernels", ".py")
                 | {"locoprop_kernels/" + p for p in _repo_files("triton_kernels", ".py")})
         assert not want - names, sorted(want - names)
         assert not [n for n in names if n.startswith("triton_kernels/")], "top-level name"

@@ -79,12 +79,15 @@ def check_name(op: str, backend) -> None:
 
 
 def resolve(op: str, backend: Optional[str], device: torch.device,
-            dtype: Optional[torch.dtype] = None, *, activation=None) -> Backend:
+            dtype: Optional[torch.dtype] = None, *, activation=None,
+            variant: Optional[str] = None) -> Backend:
     """The backend object for a call on tensors of ``device`` (and ``dtype``), by the rules in
     this module's docstring. A named backend that cannot run there is a ValueError. With
     ``activation`` (a table row): a backend without a kernel for it (a registered activation,
     ``Backend.implements``) hands the call to the reference backend, which computes any f
-    from its torch function, in the same compute dtype."""
+    from its torch function, in the same compute dtype. ``variant`` (local_targets'): "S"
+    targets, Y = Z - gamma G, apply no f, so every backend computes them, whatever
+    ``activation`` is."""
     name = backend or os.environ.get("LOCOPROP_BACKEND") or None
     check_name(op, name)
     if name is None:
@@ -98,6 +101,8 @@ def resolve(op: str, backend: Optional[str], device: torch.device,
         raise ValueError(f"locoprop.{op}: backend 'cpp' asked for, but the C++ extension "
                          f"locoprop_kernels._C is not built (reinstall with a C++ compiler)")
     be = _instance(name)
+    if variant == "S":
+        activation = None
     if activation is not None and not be.implements(activation, op):
         return _instance("reference")
     return be

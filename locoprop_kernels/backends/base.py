@@ -11,8 +11,8 @@ op layer), so a backend only makes the layouts its kernels need:
     local_targets_into(preact, grad_preact, activation, gamma, variant, out)
     rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
 
-What callers may ask instead of comparing names: which devices and dtypes it serves
-(``serves``), whether it reads a learning rate from a device tensor without a host sync
+What callers may ask instead of comparing names: which dtypes it computes on (``dtypes``),
+whether it reads a learning rate from a device tensor without a host sync
 (``reads_lr_from_device``), whether its launches can be captured in a CUDA graph
 (``can_capture_graph``), whether the trainer should group layers by default
 (``prefers_grouped``), its grouped matched-loss entry (``grouped_matched_loss_grad``), and how
@@ -35,14 +35,8 @@ class Backend(ABC):
     name: str
     #: Parameter/activation storage dtypes it computes on.
     dtypes: tuple
-    #: Device types it runs on.
-    device_types: tuple = ("cpu", "cuda")
     #: True when ``rmsprop_step_`` reads a device ``lr`` tensor itself (no host sync).
     reads_lr_from_device: bool = False
-
-    def serves(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
-        """Whether tensors of this device (and dtype, when given) run here."""
-        return device.type in self.device_types and (dtype is None or dtype in self.dtypes)
 
     def implements(self, activation, op: str) -> bool:
         """Whether this backend has a kernel for ``activation`` (a table row) in ``op``: the

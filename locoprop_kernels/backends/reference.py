@@ -33,7 +33,6 @@ def _compute_dtype(weight) -> torch.dtype:
 class ReferenceBackend(Backend):
     name = "reference"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    device_types = ("cpu", "cuda", "mps", "xpu")
     reads_lr_from_device = True  # plain tensor math: a 0-d lr tensor works as a scalar
 
     def implements(self, activation, op):
