@@ -160,3 +160,49 @@ def test_unknown_precision_is_refused():
     x, w, b, y, _, _ = _layer(4, 16, 16, "tanh", seed=0)
     with pytest.raises(ValueError, match="precision"):
         mlg.delta(x, w, b, y, ACTIVATIONS["tanh"].code, precision="fp8")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("api", ["optim", "trainer"])
+def test_precision_reaches_the_kernels_through_both_locoprop_apis(api):
+    """precision= is one option through lk.optim.LocoProp and lk.LocoProp down to the Triton
+    dots: bf16 and tf32 steps differ from the ieee step (the option is not dropped on the way)
+    and stay within their bounds of a float64 reference step."""
+    import copy
+
+    import locoprop_kernels as lk
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 16))
+    x, y = torch.randn(40, 24), torch.rand(40, 16)
+
+    def step(precision, dtype=torch.float32, backend="triton"):
+        model = copy.deepcopy(start).to(dtype)
+        xx, yy = x.to(dtype), y.to(dtype)
+        loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t)  # noqa: E731
+        if api == "optim":
+            opt = lk.optim.LocoProp(model, lr=1e-2, inner_steps=3, backend=backend,
+                                    precision=precision, output_activation="sigmoid")
+            opt.zero_grad()
+            loss(model(xx), yy).backward()
+            opt.step()
+        else:
+            lk.LocoProp(model, loss, lr=1e-2, inner_steps=3, backend=backend,
+                        precision=precision).step(xx, yy)
+        return torch.cat([(p.detach().double() - q.detach().double()).flatten()
+                          for p, q in zip(model.parameters(), start.parameters())])
+
+    want = step("ieee", torch.float64, "reference")
+    moves = {p: step(p) for p in ("ieee", "tf32", "bf16")}
+    err = {p: ((m - want).norm() / want.norm()).item() for p, m in moves.items()}
+    # The step's move p - p0 (not one op's gradient) against float64. Measured here: ieee
+    # 1.2e-5, tf32 6e-2, bf16 1.9e-1, while one local gradient of this layer is off by
+    # 1.7e-3 (tf32) / 8e-3 (bf16), with the targets f(Z0) - gamma G or f(Z0) plus C alike:
+    # three RMSProp steps on the rounded gradients move the weights 6 / 19% off. Why the
+    # step amplifies the error that much is not established (docs/design.md section 4).
+    assert err["ieee"] <= 1e-4, err
+    assert err["tf32"] <= 0.2 and err["bf16"] <= 0.5, err
+    assert (moves["bf16"] - moves["ieee"]).abs().max() > 0, err
+    assert (moves["tf32"] - moves["ieee"]).abs().max() > 0, err
