@@ -1,5 +1,5 @@
 """Build script: packages, and the top-level ``triton_kernels/`` folder installed as
-``locoprop_kernels.triton_kernels`` (DESIGN.md section 3: PyPI and Triton already ship a
+``locoprop_kernels.triton_kernels`` (docs/design.md section 3: PyPI and Triton already ship a
 top-level ``triton_kernels``, so we never install one).
 
 The C++ extension ``locoprop_kernels._C`` (``csrc/``, ``CMakeLists.txt``) is built with CMake

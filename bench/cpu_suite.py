@@ -171,7 +171,7 @@ def bench_matched_loss(repeats):
 # ---------------------------------------------------------------------- outer step
 
 class OuterStep:
-    """One LocoProp-M outer step as a plain loop over the ops (DESIGN.md section 2):
+    """One LocoProp-M outer step as a plain loop over the ops (docs/design.md section 2):
     forward, one backward for G = dL/dZ, targets, then T x (every layer's matched_loss_grad
     into a flat gradient buffer + one rmsprop_step_ over the flat parameter buffer)."""
 

@@ -1,6 +1,6 @@
 """locoprop-kernels: fused ops for LocoProp (Amid, Anil, Warmuth, AISTATS 2022).
 
-Public names (DESIGN.md section 4): ``matched_loss_grad`` (``matched_loss_grad_conv2d`` for
+Public names (docs/design.md section 4): ``matched_loss_grad`` (``matched_loss_grad_conv2d`` for
 Conv2d layers), ``local_targets``, ``rmsprop_step_``, the ``LocoProp`` trainer, ``optim``
 (``optim.RMSprop``), the ``reference`` module, ``Arena``, ``ACTIVATIONS``, ``RMSpropOptions``
 and ``testing``; ``register_activation`` adds a row to the activation table.

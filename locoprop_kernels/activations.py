@@ -1,7 +1,7 @@
 """The one activation table every backend reads.
 
 Each transfer function f of a LocoProp layer has a convex potential F with dF/dz = f
-(DESIGN.md section 2). A layer's local loss is ``F(z) - y.z`` per row, so its gradient in z is
+(docs/design.md section 2). A layer's local loss is ``F(z) - y.z`` per row, so its gradient in z is
 ``f(z) - y``: the "matched" loss.
 
 | name       | f(z)                   | F(z) per row                  | modules                  |

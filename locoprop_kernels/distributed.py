@@ -2,7 +2,7 @@
 
 Each replica holds a shard of the mini-batch; LocoProp's local problems are defined over the
 whole batch, so the result must equal one process running the whole batch. Where each
-piece of the math lives (DESIGN.md section 2; B is the GLOBAL batch, B_r replica r's shard):
+piece of the math lives (docs/design.md section 2; B is the GLOBAL batch, B_r replica r's shard):
 
 - The loss L = (1/B) sum_n l_n is a mean over the global batch; ``loss_fn`` returns the mean
   over the batch it is given, L_r = (1/B_r) sum_{n in r} l_n. So L = sum_r (B_r / B) L_r,

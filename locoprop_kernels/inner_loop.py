@@ -2,9 +2,9 @@
 grouped; ``lk.LocoProp`` is a thin layer over it), eager or replayed as one CUDA graph.
 
 With every layer's input X and target fixed, it takes T RMSProp steps on all local problems
-together (DESIGN.md section 2). A LocoProp layer's local gradient at iteration t is
+together (docs/design.md section 2). A LocoProp layer's local gradient at iteration t is
 
-    local_grad_t = s (f(Z_t) - Y)^T X [+ (p - p0) / eta],   Y = f(Z0) - gamma G   (DESIGN)
+    local_grad_t = s (f(Z_t) - Y)^T X [+ (p - p0) / eta],   Y = f(Z0) - gamma G   (design.md)
                  = s (f(Z_t) - f(Z0))^T X [+ ...] + C,       C = s gamma dL/dp
 
 (variant S: f = identity), the second form because G^T X over the layer's calls, plus the

@@ -2,7 +2,7 @@
 
 Plain, readable PyTorch in whatever dtype it is given (the tests call it in float64). Shapes:
 X (B, d_in), W (d_out, d_in) as ``nn.Linear``, b (d_out,) or None, Y and G (B, d_out).
-The math is DESIGN.md section 2; nothing here is fused or clever on purpose. Conv2d layers
+The math is docs/design.md section 2; nothing here is fused or clever on purpose. Conv2d layers
 (``*_conv2d``, at the end) are the same math with one row per output position.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""An independent float64 oracle for ``lk.optim.LocoProp`` (DESIGN sections 2 and 9).
+"""An independent float64 oracle for ``lk.optim.LocoProp`` (docs/design.md sections 2 and 9).
 
 Deliberately imports nothing from ``locoprop_kernels``: no ops, no ``reference.py``, no
-activation table. It states the math of DESIGN once more, in the most direct form that plain
+activation table. It states the math of docs/design.md once more, in the most direct form that plain
 autograd allows, so that a test comparing it with the package checks the package against the
 specification and not against itself.
 

@@ -34,7 +34,7 @@ def test_cpp_codes_match_the_table():
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_potential_derivative_is_f(name):
-    """dF/dz = f: the matched loss's gradient is f(z) - y (DESIGN section 2)."""
+    """dF/dz = f: the matched loss's gradient is f(z) - y (docs/design.md section 2)."""
     act = ACTIVATIONS[name]
     z = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(act.potential(z).sum(), z)

@@ -1,5 +1,5 @@
 """matched_loss_grad_conv2d: the reference's identities in float64, every backend against it,
-the DESIGN invariant (first local gradient = gamma x backprop) for a Conv2d, bad input,
+the docs/design.md invariant (first local gradient = gamma x backprop) for a Conv2d, bad input,
 torch.library integration."""
 import pytest
 import torch
@@ -96,7 +96,7 @@ def test_reference_equals_linear_on_positions(activation):
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("variant", ["M", "S"])
 def test_first_local_gradient_is_gamma_times_backprop(activation, variant):
-    """DESIGN section 2's invariant for a Conv2d with stride 2, padding 1, dilation 2 and a
+    """docs/design.md section 2's invariant for a Conv2d with stride 2, padding 1, dilation 2 and a
     bias, float64: with Y = f(Z0) - gamma G (G = dL/dZ), the local gradient at W0 is
     gamma x the backprop gradient of W and b (f over the channels; variant S: identity)."""
     gamma = 10.0

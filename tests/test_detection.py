@@ -1,4 +1,4 @@
-"""Activation detection from the forward pass (optim/detection.py, DESIGN section 9).
+"""Activation detection from the forward pass (optim/detection.py, docs/design.md section 9).
 
 Each model here is one a fx trace would either fail on or read wrongly; after one training
 forward ``opt.layers`` must name the activation that a reader of the model's code would name,

@@ -1,4 +1,4 @@
-"""lk.optim.LocoProp held by the training frameworks users run (DESIGN section 9).
+"""lk.optim.LocoProp held by the training frameworks users run (docs/design.md section 9).
 
 Two examples that run as tests, on CPU, in a few seconds each:
 
@@ -63,7 +63,7 @@ def mlp():
 
 
 def plain_loop(model, epochs=EPOCHS, accumulate=1, scheduler=None):
-    """The standard loop (DESIGN section 9) that each framework run must reproduce: one step
+    """The standard loop (docs/design.md section 9) that each framework run must reproduce: one step
     every ``accumulate`` batches on the sum of their mean losses / accumulate."""
     opt = lk.optim.LocoProp(model, **OPTIONS)
     sched = scheduler(opt) if scheduler else None

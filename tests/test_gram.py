@@ -157,7 +157,7 @@ def test_conv1d_layout_equals_the_matched_path():
 
 
 def test_local_gradients_at_w0_are_gamma_times_backprop_and_match_elsewhere():
-    """DESIGN §9's invariant on the Gram path, and the Gram gradient away from W0 equals the
+    """docs/design.md §9's invariant on the Gram path, and the Gram gradient away from W0 equals the
     op's (``local_gradients(at=...)``)."""
     torch.manual_seed(5)
     model = Identities().double()

@@ -15,7 +15,7 @@ LAYERS = [LayerSpec(5, 7, "tanh"), LayerSpec(7, 3, "identity"), LayerSpec(3, 6, 
 
 
 def _plain_loop(layers, xs, ys, params, T, lr, floor, eta, scale):
-    """DESIGN section 2 written out: per layer, T steps of TF RMSProp, float64."""
+    """docs/design.md section 2 written out: per layer, T steps of TF RMSProp, float64."""
     shapes = [s for l in layers for s in ([(l.d_out, l.d_in), (l.d_out,)] if l.bias else [(l.d_out, l.d_in)])]
     p = [v.clone() for v in split_views(params.double(), shapes)]
     anchors = [v.clone() for v in p]

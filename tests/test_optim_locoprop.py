@@ -1,4 +1,4 @@
-"""lk.optim.LocoProp: LocoProp on any model in the standard loop (DESIGN section 9)."""
+"""lk.optim.LocoProp: LocoProp on any model in the standard loop (docs/design.md section 9)."""
 import copy
 import io
 import math

@@ -1,7 +1,7 @@
 """The independent oracle (tests/locoprop_oracle.py) against ``lk.optim.LocoProp``.
 
-The oracle restates DESIGN sections 2 and 9 with plain autograd and imports nothing of ours; here
-it is checked against the package on the models where the package is known to follow DESIGN
+The oracle restates docs/design.md sections 2 and 9 with plain autograd and imports nothing of ours; here
+it is checked against the package on the models where the package is known to follow docs/design.md
 (nn.Linear / nn.Conv2d layers with tanh, sigmoid, relu, softmax, identity), so that the
 transformer tests (test_transformers_models.py) can use it as their oracle.
 
@@ -172,7 +172,7 @@ def test_oracle_activations_are_the_textbook_functions(name):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_oracle_first_local_gradient_is_gamma_times_backprop(case):
-    """At theta0 the oracle's local gradient is gamma p.grad for every parameter (DESIGN §9):
+    """At theta0 the oracle's local gradient is gamma p.grad for every parameter (docs/design.md §9):
     the oracle's own consistency (its R and its matched part at W0)."""
     factory, loss_of, acts, _ = CASES[case]
     model = build(factory)
@@ -216,7 +216,7 @@ def test_package_matches_oracle_variant_s():
 
 
 def test_package_matches_oracle_with_the_prox_term():
-    """eta: + ||p - p0||^2 / (2 eta) in the local objective. DESIGN §2 writes it for a layer's
+    """eta: + ||p - p0||^2 / (2 eta) in the local objective. docs/design.md §2 writes it for a layer's
     (W, b); the package (its module docstring) and the oracle put it on every trainable
     parameter, the linearized ones (LayerNorm, embedding) included."""
     start, data = build(Tied), batches("tied")
@@ -279,7 +279,7 @@ class Conv1D(nn.Module):
 @pytest.mark.parametrize("kind", ["Linear", "Conv1D"])
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_oracle_inner_gradient_is_the_matched_loss_gradient(act, kind):
-    """Away from W0 the oracle's local gradient of a layer is DESIGN §2's
+    """Away from W0 the oracle's local gradient of a layer is docs/design.md §2's
     s (f(X W^T + b) - Y)^T X (Conv1D: X^T (f(X W + b) - Y)), Y = f(Z0) - gamma G: checks the
     surrogate of F for every activation, and the Conv1D layout."""
     torch.manual_seed(3)

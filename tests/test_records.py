@@ -1,4 +1,4 @@
-"""What lk.optim.LocoProp's step reads is what each layer computed (DESIGN section 9):
+"""What lk.optim.LocoProp's step reads is what each layer computed (docs/design.md section 9):
 records under in-place activations and torch.autocast, and affine layers beyond nn.Linear."""
 import copy
 import gc

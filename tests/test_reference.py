@@ -36,7 +36,7 @@ def test_grad_is_autograd_of_local_objective(activation, bias, eta, scale):
 
 @pytest.mark.parametrize("variant", ["M", "S"])
 def test_first_local_gradient_is_gamma_times_backprop(variant):
-    """At W = W0 the local gradient of every layer equals gamma x dL/dW (DESIGN section 2)."""
+    """At W = W0 the local gradient of every layer equals gamma x dL/dW (docs/design.md section 2)."""
     gamma = 10.0
     sizes = [7, 5, 3, 6]
     acts = ["tanh", "identity", "sigmoid"]

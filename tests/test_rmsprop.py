@@ -40,7 +40,7 @@ def test_torch_style_matches_torch_optim(backend, momentum):
 
 
 def _tf_formulas(p, g, ms, mom, lr, alpha, eps, momentum):
-    """TF1 RMSProp written out element by element in float64 (DESIGN section 2)."""
+    """TF1 RMSProp written out element by element in float64 (docs/design.md section 2)."""
     out = []
     for pi, gi, si, mi in zip(p.tolist(), g.tolist(), ms.tolist(), mom.tolist()):
         si = alpha * si + (1 - alpha) * gi * gi

@@ -1,4 +1,4 @@
-"""lk.LocoProp against DESIGN.md section 2 written out by hand, plus its model handling,
+"""lk.LocoProp against docs/design.md section 2 written out by hand, plus its model handling,
 checkpoints, launch counts and errors.
 
 The oracle ``plain_locoprop`` is deliberately naive and shares no code with the trainer: a
@@ -48,7 +48,7 @@ def batches(n, batch=6, seed=1, dtype=torch.float64):
 
 
 def plain_locoprop(weights, biases, xs, h):
-    """DESIGN.md section 2 by hand (float64): returns the final [W_l], [b_l] and the losses."""
+    """docs/design.md section 2 by hand (float64): returns the final [W_l], [b_l] and the losses."""
     W = [w.detach().clone() for w in weights]
     b = [v.detach().clone() for v in biases]
     fs = [torch.tanh, lambda z: z, torch.sigmoid]
@@ -130,7 +130,7 @@ def test_trainer_equals_plain_loop(case):
 
 
 def test_first_inner_step_follows_gamma_times_backprop_gradient():
-    """At W = W0 the local gradient of every layer is gamma x dL/dW (DESIGN.md section 2)."""
+    """At W = W0 the local gradient of every layer is gamma x dL/dW (docs/design.md section 2)."""
     model = make_model()
     x = batches(1)[0]
     loss = bce(model(x), x)

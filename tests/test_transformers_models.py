@@ -1,7 +1,7 @@
 """``lk.optim.LocoProp`` on Hugging Face transformers models (the third round of issues).
 
 Tiny random-init configs, float64, dropout 0, a few tokens / images, seeded; the loss is the
-model's own (``model(..., labels=...).loss``). The spec (DESIGN §9 and the issue):
+model's own (``model(..., labels=...).loss``). The spec (docs/design.md §9 and the issue):
 
 - every ``nn.Linear``, ``transformers.pytorch_utils.Conv1D`` and ``nn.Conv2d`` with a trainable
   weight is a LocoProp layer: listed in ``opt.layers`` with ``loss == "matched"`` and
@@ -300,7 +300,7 @@ def test_three_outer_steps_equal_the_oracle_given_the_packages_choices(name):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_first_local_gradient_is_gamma_grad(name):
-    """DESIGN §9: right after the backward pass (W = W0) the local gradient of every trainable
+    """docs/design.md §9: right after the backward pass (W = W0) the local gradient of every trainable
     parameter is gamma p.grad (Conv1D on GPT-2, silu / gelu layers on Llama / BERT)."""
     model = build(name)
     opt = lk.optim.LocoProp(model, backend="reference", gamma=GAMMA, **OPTIONS)

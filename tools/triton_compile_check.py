@@ -75,7 +75,7 @@ MMA_LINE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.M)
 MMA_TYPE = {"tf32": ".tf32", "bf16": ".bf16"}
 # Shared memory one block may use on sm_90 (227 KB, H100/H200): a launch above it fails.
 SHARED_LIMIT = 232448
-# The deep autoencoder's layers (DESIGN section 2): the grouped kernels' real table.
+# The deep autoencoder's layers (docs/design.md section 2): the grouped kernels' real table.
 AUTOENCODER = autoencoder.layer_sizes()
 AUTOENCODER_ACTS = autoencoder.layer_activations(len(AUTOENCODER) - 1)
 

@@ -2,7 +2,7 @@
 
 Three backends implement one interface (``base.Backend``): ``reference`` (plain PyTorch, the
 oracle), ``triton`` (fused Triton kernels) and ``cpp`` (``locoprop_kernels._C``, C++/OpenMP and
-CUDA C++). Selection (DESIGN.md section 4): ``backend=`` wins, then ``LOCOPROP_BACKEND``, then
+CUDA C++). Selection (docs/design.md section 4): ``backend=`` wins, then ``LOCOPROP_BACKEND``, then
 auto: CUDA tensors -> triton, CPU tensors -> cpp when the extension is built, else reference
 (with one warning); auto also skips a backend that does not serve the tensors' dtype (fp64
 runs on the reference). Nothing outside this package compares backend names or loads kernels.

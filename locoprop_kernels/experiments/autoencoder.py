@@ -1,6 +1,6 @@
 """The deep-autoencoder experiment of the LocoProp paper, LocoProp against its peers.
 
-Model (DESIGN.md section 2): 784-1000-500-250-30-250-500-1000-784 (the data's width at both
+Model (docs/design.md section 2): 784-1000-500-250-30-250-500-1000-784 (the data's width at both
 ends), tanh hidden layers, a linear 30-unit code layer, logits out; Glorot-uniform init of every
 W (d_out, d_in) and every b (d,) (limit sqrt(6 / (fan_in + fan_out)), fan_in = fan_out = d for
 a bias). Loss: L = BCEWithLogits(logits, x, sum) / B, i.e. the BCE summed over the pixels and

@@ -1,4 +1,4 @@
-"""Classification with ``lk.optim.LocoProp`` (DESIGN.md section 9) against Adam and SGD.
+"""Classification with ``lk.optim.LocoProp`` (docs/design.md section 9) against Adam and SGD.
 
 Two tasks, each trained from the same initial weights (seeded) and on the same shuffles by
 every optimizer and learning rate of the sweep:

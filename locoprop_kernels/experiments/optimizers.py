@@ -122,7 +122,7 @@ def import_peer(name: str) -> None:
 
 
 def official_lr(base: float, epoch: int, total: int = 100) -> float:
-    """The official outer schedule (DESIGN.md section 2): epoch 0 at lr 0 (the RMSProp
+    """The official outer schedule (docs/design.md section 2): epoch 0 at lr 0 (the RMSProp
     accumulators warm up while the weights stay put), linear warmup over epochs 1-4, then a
     linear decay that reaches 0 after ``total`` epochs."""
     warmup = 5

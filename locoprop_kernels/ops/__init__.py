@@ -1,4 +1,4 @@
-"""The op layer: DESIGN.md section 4's functions as ``torch.library`` custom ops.
+"""The op layer: docs/design.md section 4's functions as ``torch.library`` custom ops.
 
 Each public function packs its arguments and calls a custom op in the ``locoprop`` namespace.
 The op's real implementation validates everything (shapes, dtypes, devices, names, aliasing,
@@ -37,7 +37,7 @@ reference backend (auto-selected; named, the cpp and triton backends refuse it).
 ``local_targets`` takes preact and grad_preact of one dtype (half ones included) and returns
 Y in that dtype, computed in fp32 for half storage.
 
-None of them is differentiable (DESIGN.md section 4: the trainer calls them on detached
+None of them is differentiable (docs/design.md section 4: the trainer calls them on detached
 tensors). The functional ops accept inputs that require grad and return correct values; their
 autograd formula raises a RuntimeError naming the op if a backward pass reaches them. The
 in-place ones (``out=``, ``rmsprop_step_``) cannot be recorded by autograd at all, so with grad

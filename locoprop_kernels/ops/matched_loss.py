@@ -1,6 +1,6 @@
 """The matched-loss gradients of one layer's local LocoProp objective: Linear and Conv2d.
 
-Both are DESIGN.md section 2's gradient (D = f(Z) - Y against X, plus the prox term), the
+Both are docs/design.md section 2's gradient (D = f(Z) - Y against X, plus the prox term), the
 rows being the batch (Linear) or the output positions (Conv2d). They share all but one
 ``_Layer`` each (its geometry, the shapes of x and weight, its backend method): the checks of
 bias, target, scale, prox and ``out=``, the backend call, the outputs and the public path.
@@ -273,7 +273,7 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
 
 # ---------------------------------------------------------------- Conv2d
 #
-# A Conv2d layer (DESIGN.md section 2 with one row per output position): X (N, C_in, H, W),
+# A Conv2d layer (docs/design.md section 2 with one row per output position): X (N, C_in, H, W),
 # W (C_out, C_in/groups, kh, kw), b (C_out,) or None, Z = conv2d(X, W) + b and the targets
 # Y (N, C_out, H_out, W_out). The rows of section 2 are the N * H_out * W_out positions, its
 # columns the C_out channels: f acts on every position's channel vector (softmax over dim 1)
@@ -344,7 +344,7 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
     The layer is ``nn.Conv2d`` (any stride, padding, dilation, groups; depthwise included):
     X (N, C_in, H, W), W (C_out, C_in/groups, kh, kw), b (C_out,) or None, and
-    Z = conv2d(X, W) + b (N, C_out, H_out, W_out). It is DESIGN.md section 2 with one row
+    Z = conv2d(X, W) + b (N, C_out, H_out, W_out). It is docs/design.md section 2 with one row
     per output position (n, h, w) and one column per channel:
 
         targets    Y = f(Z0) - gamma G  (variant M; G = dL/dZ, f over the channels)

@@ -1,4 +1,4 @@
-"""Which modules of a model are LocoProp layers, and the activation f of each (DESIGN §9).
+"""Which modules of a model are LocoProp layers, and the activation f of each (docs/design.md §9).
 
 A LocoProp layer is an affine module whose weight requires grad and whose qualified name
 matches no ``exclude`` pattern (``re.search``):

@@ -1,4 +1,4 @@
-"""``lk.optim.LocoProp``: LocoProp on any model, as a ``torch.optim.Optimizer`` (DESIGN §9).
+"""``lk.optim.LocoProp``: LocoProp on any model, as a ``torch.optim.Optimizer`` (docs/design.md §9).
 
     opt = lk.optim.LocoProp(model, lr=1e-5, output_activation="sigmoid")
     for x, y in loader:
@@ -16,7 +16,7 @@ tensor Z marks the call as used when the backward pass reaches it; calls it neve
 for nothing. ``step()`` clears the records; ``zero_grad()`` clears those whose gradients it
 clears (the calls the backward pass has reached).
 
-The math. Layer l's local objective (DESIGN §2) with targets Y = f(Z0) - gamma G, summed over
+The math. Layer l's local objective (docs/design.md §2) with targets Y = f(Z0) - gamma G, summed over
 its calls, plus gamma R for the uses of its parameters the hooks do not see, has the gradient
 
     s (f(Z) - Y)^T X + s gamma R = s (f(Z) - f(Z0))^T X + s gamma (G^T X + R)
@@ -204,7 +204,7 @@ class _Call:
 class LocoProp(torch.optim.Optimizer):
     """LocoProp for any model, in the standard loop; see the module docstring.
 
-    Options as ``lk.LocoProp`` (DESIGN §2, the official defaults) plus ``activations``
+    Options as ``lk.LocoProp`` (docs/design.md §2, the official defaults) plus ``activations``
     ({layer name: activation}), ``output_activation`` (f of layers whose output is the
     model's output: "sigmoid" for BCE-with-logits, "softmax" for cross-entropy), ``exclude``
     (regex patterns of layer names sent to the linearized loss), ``other_lr`` (lr of
