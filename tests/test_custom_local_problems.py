@@ -1,5 +1,5 @@
 """User-defined local problems in lk.optim.LocoProp: target rules, per-layer eta and a
-regularizer (docs/local_problems.md)."""
+regularizer (docs/models.md ("Custom local problems"))."""
 import copy
 
 import pytest
