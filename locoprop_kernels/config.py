@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import backends
-from .rmsprop_options import RMSpropOptions
+from .rmsprop_options import DEFAULTS, RMSpropOptions
 from .validation import check_choice, check_number, fail_value
 
 
@@ -51,8 +51,9 @@ VARIANTS = tuple(v.value for v in Variant)
 #: units, tf32 on the tensor cores, bf16 operands with fp32 accumulation.
 PRECISIONS = ("ieee", "tf32", "bf16")
 
-#: The official LocoProp code's inner RMSProp (docs/design.md section 2).
-OFFICIAL_RMSPROP = RMSpropOptions(style="tf", alpha=0.9, eps=1e-5, momentum=0.999)
+#: The official LocoProp code's inner RMSProp (docs/design.md section 2): TF1's style with
+#: its defaults.
+OFFICIAL_RMSPROP = DEFAULTS["tf"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .activations import get_activation
+from .rmsprop_options import STYLES
 
 
 def preactivation(x: torch.Tensor, weight: torch.Tensor,
@@ -97,7 +98,7 @@ def rmsprop_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     "torch" matches it to rounding. ``momentum_bufs`` is read only when momentum != 0 and
     ``grad_avgs`` only when centered. ``lr`` is a float or a 0-d tensor.
     """
-    if style not in ("tf", "torch"):
+    if style not in STYLES:
         raise ValueError(f"rmsprop_step_: argument 'style' expected 'tf' or 'torch', got {style!r}")
     for i, (p, g, ms) in enumerate(zip(params, grads, square_avgs)):
         math_dtype = torch.promote_types(p.dtype, torch.float32)

@@ -71,3 +71,10 @@ class RMSpropOptions:
     def initial_square_avg(self) -> float:
         """The value the square averages start from: 1 in TF1's flavour, 0 in torch's."""
         return 1.0 if self.style == "tf" else 0.0
+
+
+#: The one default set per style: torch's (``torch.optim.RMSprop``, ``lk.optim.RMSprop``,
+#: ``RMSpropOptions()``) and the official LocoProp code's TF1 one (``lk.rmsprop_step_`` and
+#: the LocoProp inner loop; docs/design.md section 2). Everything else reads these.
+DEFAULTS = {"torch": RMSpropOptions(),
+            "tf": RMSpropOptions(style="tf", alpha=0.9, eps=1e-5, momentum=0.999)}

@@ -52,3 +52,24 @@ def test_variant_local_activation():
     assert Variant.M.local_activation("tanh") == "tanh"
     assert Variant.S.local_activation("tanh") == "identity"
     assert Variant("S") == "S"
+
+
+def test_one_rmsprop_default_set_per_style():
+    """torch's defaults (lk.optim.RMSprop mirrors torch.optim.RMSprop's signature) and TF1's
+    official ones (lk.rmsprop_step_, both LocoProp APIs) come from rmsprop_options.DEFAULTS."""
+    import inspect
+
+    from locoprop_kernels.config import OFFICIAL_RMSPROP
+    from locoprop_kernels.rmsprop_options import DEFAULTS
+
+    def defaults(fn, names=("alpha", "eps", "momentum", "style")):
+        params = inspect.signature(fn).parameters
+        return {n: params[n].default for n in names}
+
+    torch_opt = defaults(torch.optim.RMSprop.__init__, ("alpha", "eps", "momentum"))
+    assert defaults(lk.optim.RMSprop.__init__) == dict(torch_opt, style="torch")
+    assert {k: getattr(DEFAULTS["torch"], k) for k in torch_opt} == torch_opt
+    tf = {k: getattr(DEFAULTS["tf"], k) for k in ("alpha", "eps", "momentum", "style")}
+    assert defaults(lk.rmsprop_step_) == tf
+    assert defaults(lk.LocoProp.__init__) == tf == defaults(lk.optim.LocoProp.__init__)
+    assert OFFICIAL_RMSPROP is DEFAULTS["tf"] and LocoPropConfig().rmsprop is DEFAULTS["tf"]

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .. import backends
-from ..rmsprop_options import RMSpropOptions
+from ..rmsprop_options import DEFAULTS, RMSpropOptions
 from ..validation import (FLOAT_DTYPES, check_call_types, check_no_overlap, check_number,
                           check_tensor, fail_type, fail_value, is_fake)
 from ._checks import backend_arg, check_backend_dtype, refuse_in_place_autograd
@@ -152,8 +152,9 @@ def _as_list(op: str, arg: str, value) -> list:
 
 def rmsprop_step_(params: TensorOrList, grads: TensorOrList, square_avgs: TensorOrList,
                   momentum_bufs: Optional[TensorOrList] = None, *, lr: Union[float, Tensor],
-                  alpha: float = 0.9, eps: float = 1e-5, momentum: float = 0.999,
-                  style: str = "tf", weight_decay: float = 0.0, centered: bool = False,
+                  alpha: float = DEFAULTS["tf"].alpha, eps: float = DEFAULTS["tf"].eps,
+                  momentum: float = DEFAULTS["tf"].momentum, style: str = "tf",
+                  weight_decay: float = 0.0, centered: bool = False,
                   maximize: bool = False, grad_avgs: Optional[TensorOrList] = None,
                   backend: Optional[str] = None) -> None:
     """One RMSProp step on every tensor, in place; one kernel launch for all of them.
