@@ -40,6 +40,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .ops import rmsprop_step_
+from .ops.rmsprop import rmsprop_step_checked_again_
 from .config import OFFICIAL_RMSPROP
 from .rmsprop_options import RMSpropOptions
 from .validation import fail_value
@@ -174,8 +175,13 @@ class InnerLoop:
                 if self.constant is not None:
                     torch._foreach_add_(self.grad_buffers, self.constant)
             for seg, seg_lrs, kwargs in zip(self.segments, lrs, self._rmsprop_kwargs):
-                rmsprop_step_(seg.params, seg.grads, seg.square_avgs, seg.momentum_bufs,
-                              lr=seg_lrs[t], **kwargs)
+                if t == 0:  # checked once per run: the later iterations repeat this call
+                    rmsprop_step_(seg.params, seg.grads, seg.square_avgs, seg.momentum_bufs,
+                                  lr=seg_lrs[t], **kwargs)
+                else:
+                    rmsprop_step_checked_again_(seg.params, seg.grads, seg.square_avgs,
+                                                seg.momentum_bufs or [], [], seg_lrs[t],
+                                                seg.options, seg.backend)
 
     def run(self) -> None:
         """T inner iterations; with eta, the prox centre is the params at entry."""

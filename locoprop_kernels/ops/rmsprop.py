@@ -103,6 +103,26 @@ def _run(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha,
                      list(grad_avgs), lr_arg, options)
 
 
+def rmsprop_step_checked_again_(params: List[Tensor], grads: List[Tensor],
+                                square_avgs: List[Tensor], momentum_bufs: List[Tensor],
+                                grad_avgs: List[Tensor], lr, options: RMSpropOptions,
+                                backend: Optional[str]) -> None:
+    """One more step with the tensors, options and backend of an ``rmsprop_step_`` call that
+    was checked and ran already: the kernel only, no validation.
+
+    For loops that repeat one checked call on the same tensor objects (LocoProp's inner
+    iterations t >= 1 after t = 0's ``rmsprop_step_``): re-checking 2 x 161 tensors for
+    overlap and dtypes costs milliseconds per iteration, the kernel microseconds. ``lr`` is a
+    float, or a one-element tensor on the parameters' device (read there by a backend that
+    can, else fetched once). Versions are bumped as the op would. Never call it with tensors
+    ``rmsprop_step_`` has not seen: nothing here would catch a mismatch."""
+    be = backends.resolve(_OP, backend, params[0].device, params[0].dtype)
+    if isinstance(lr, Tensor):
+        lr = lr if (lr.device.type != "cpu" and be.reads_lr_from_device) else float(lr.item())
+    be.rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
+    _bump_versions([*params, *square_avgs, *momentum_bufs, *grad_avgs])
+
+
 _WRITTEN = ("params", "square_avgs", "momentum_bufs", "grad_avgs")
 _RMSPROP_STEP = register(
     _OP, (("params", List[Tensor]), ("grads", List[Tensor]), ("square_avgs", List[Tensor]),
