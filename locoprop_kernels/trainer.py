@@ -198,7 +198,6 @@ class LocoProp:
         self.square_avgs = Arena(self.shapes, dtype=state_dtype, device=self.device,
                                  fill=self.rmsprop.initial_square_avg)
         self.momentum_bufs = Arena(self.shapes, dtype=state_dtype, device=self.device)
-        self._no_grads = Arena(self.shapes, dtype=state_dtype, device=self.device)
         self._rebind_model_parameters()
         self.dp.broadcast_(self._state_buffers())
 
@@ -243,7 +242,9 @@ class LocoProp:
         """The local gradients of the last inner iteration of the last step, in the arena
         layout (zeros before the first step)."""
         last = self.optimizer._last_grads
-        return self._no_grads if not last else Arena.over(last[0], self.shapes)
+        if not last:
+            return Arena(self.shapes, dtype=self.square_avgs.buffer.dtype, device=self.device)
+        return Arena.over(last[0], self.shapes)
 
     @property
     def strategy(self) -> Optional[str]:

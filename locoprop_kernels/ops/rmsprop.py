@@ -93,14 +93,19 @@ def _run(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, style, alpha,
     be = backends.resolve(_OP, backend, params[0].device, params[0].dtype)
     for i, p in enumerate(params):
         check_backend_dtype(_OP, be, f"params[{i}]", p)
-    if lr.device.type == "cpu":
-        lr_arg = float(lr)              # a value: no device memory, no sync
-    elif be.reads_lr_from_device:
-        lr_arg = lr                     # read by the kernel: CUDA-graph safe, no sync
-    else:
-        lr_arg = float(lr.item())       # this backend takes a host value: one sync
     be.rmsprop_step_(list(params), list(grads), list(square_avgs), list(momentum_bufs),
-                     list(grad_avgs), lr_arg, options)
+                     list(grad_avgs), _lr_arg(be, lr), options)
+
+
+def _lr_arg(be, lr):
+    """The lr as ``be`` takes it: a float stays; a CPU tensor becomes a value (no device
+    memory, no sync); a device tensor stays for a backend that reads it there (CUDA-graph
+    safe, no sync), else it is fetched once (one sync)."""
+    if not isinstance(lr, Tensor):
+        return lr
+    if lr.device.type == "cpu":
+        return float(lr)
+    return lr if be.reads_lr_from_device else float(lr.item())
 
 
 def rmsprop_step_checked_again_(params: List[Tensor], grads: List[Tensor],
@@ -117,9 +122,8 @@ def rmsprop_step_checked_again_(params: List[Tensor], grads: List[Tensor],
     can, else fetched once). Versions are bumped as the op would. Never call it with tensors
     ``rmsprop_step_`` has not seen: nothing here would catch a mismatch."""
     be = backends.resolve(_OP, backend, params[0].device, params[0].dtype)
-    if isinstance(lr, Tensor):
-        lr = lr if (lr.device.type != "cpu" and be.reads_lr_from_device) else float(lr.item())
-    be.rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
+    be.rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, _lr_arg(be, lr),
+                     options)
     _bump_versions([*params, *square_avgs, *momentum_bufs, *grad_avgs])
 
 

@@ -752,12 +752,10 @@ class LocoProp(torch.optim.Optimizer):
 
     def _run_grouped(self, loop: GroupedLoop, params: list, problems: list,
                      constant: "_Flat") -> None:
-        g0 = self.param_groups[0]
-        options = RMSpropOptions.from_group(g0)
-        states = [self.state[p] for p in params]
+        states = [self.state[p] for p in params]  # made by _grouped_loop
         loop.run(problems, params, [st["square_avg"] for st in states],
-                 [st["momentum_buffer"] for st in states] if options.has_momentum else None,
-                 [constant[p] for p in params], float(g0["lr"]))
+                 [st["momentum_buffer"] for st in states] if loop.options.has_momentum
+                 else None, [constant[p] for p in params], float(self.param_groups[0]["lr"]))
         self._last_grads = loop.loop.grad_buffers
 
     def _skip(self, what: str) -> None:
