@@ -71,7 +71,9 @@ class InnerLoop:
 
     ``grads``: the flat gradient buffers every segment's ``grads`` view; ``constant``: C in the
     same layout (None: C = 0, no t = 0 skip); ``prox_centre``: (p0 copies, params), copied at every
-    ``run()`` (with ``eta``); ``dp``: ``distributed.DataParallel``.
+    ``run()`` (with ``eta``); ``dp``: ``distributed.DataParallel``. ``checked``: the segments'
+    tensors (the same objects) went through a checked ``rmsprop_step_`` already, in an earlier
+    loop (``lk.optim.LocoProp``'s cached per-layer layout): no iteration checks them again.
     """
 
     def __init__(self, matched_loss_grads_: Callable[[Optional[float]], None],
@@ -79,7 +81,7 @@ class InnerLoop:
                  inner_steps: int = 10, lr_floor: float = 0.25, eta: Optional[float] = None,
                  prox_centre: Optional[tuple] = None, constant: Optional[Sequence] = None,
                  dp=None, cuda_graph: bool = False,
-                 can_capture_graph: bool = False):
+                 can_capture_graph: bool = False, checked: bool = False):
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             fail_value("InnerLoop", "inner_steps", "an int >= 1", repr(inner_steps))
         if eta is not None and prox_centre is None:
@@ -94,6 +96,7 @@ class InnerLoop:
         self.inner_steps, self.lr_floor, self.eta = inner_steps, float(lr_floor), eta
         self.prox_centre = prox_centre
         self.dp = dp
+        self.checked = checked
         device = self.grad_buffers[0].device
         self._on_device = device.type == "cuda"
         # One row of per-iteration rates per segment, on the device (read by the kernels and by
@@ -175,7 +178,7 @@ class InnerLoop:
                 if self.constant is not None:
                     torch._foreach_add_(self.grad_buffers, self.constant)
             for seg, seg_lrs, kwargs in zip(self.segments, lrs, self._rmsprop_kwargs):
-                if t == 0:  # checked once per run: the later iterations repeat this call
+                if t == 0 and not self.checked:  # checked once: the rest repeat this call
                     rmsprop_step_(seg.params, seg.grads, seg.square_avgs, seg.momentum_bufs,
                                   lr=seg_lrs[t], **kwargs)
                 else:

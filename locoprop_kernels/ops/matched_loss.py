@@ -199,6 +199,38 @@ def _call(layer: _Layer, registered, x, weight, bias, target, activation, geomet
     return gw, (gb if bias is not None else None)
 
 
+def repeatable_matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                 target: Tensor, activation: str, *,
+                                 conv2d: Optional[dict] = None, scale: float = 1.0,
+                                 backend: Optional[str] = None, precision: str = "ieee"):
+    """``(grad_weight, grad_bias, again)``: ``matched_loss_grad`` (or, with ``conv2d`` =
+    its stride/padding/dilation/groups keywords, ``matched_loss_grad_conv2d``) without a prox
+    term, checked and run, and ``again()``, which runs the same call once more into the same
+    two tensors: the backend kernel only, no validation and no dispatcher.
+
+    For loops that repeat one checked call on the same tensor objects whose values change in
+    place (the per-layer inner iterations t >= 2 of ``lk.optim.LocoProp``): for a small layer
+    the checks and the ``torch.library`` dispatch cost more than the kernel. Never change the
+    tensors' shapes, dtypes or devices between calls: nothing in ``again`` would catch it."""
+    layer, registered = (_LINEAR, _LINEAR_OPS) if conv2d is None else (_CONV2D, _CONV2D_OPS)
+    geometry = () if conv2d is None else (conv2d.get("stride", 1), conv2d.get("padding", 0),
+                                          conv2d.get("dilation", 1), conv2d.get("groups", 1))
+    grad_weight, grad_bias = _call(layer, registered, x, weight, bias, target, activation,
+                                   geometry, scale, None, None, None, backend, precision, None)
+    be = backends.resolve(layer.op, backend_arg(layer.op, backend), x.device, weight.dtype,
+                          activation=get_activation(activation))
+    write = getattr(be, layer.backend_method)
+    plain = _plain(layer.check_geometry(layer.op, *geometry))
+    scale = float(scale)
+
+    def again() -> None:
+        with autocast_off(x.device):
+            write(x, weight, bias, target, activation, *plain, scale, None, None, None,
+                  grad_weight, grad_bias, precision)
+
+    return grad_weight, grad_bias, again
+
+
 # ---------------------------------------------------------------- Linear
 
 def _linear_shapes(op, x, weight):

@@ -83,10 +83,9 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import DataParallel
-from ..inner_loop import InnerLoop, RMSpropSegment
+from ..inner_loop import InnerLoop
 from ..activations import get_activation
 from .. import backends
-from ..arena import Arena
 from ..grouped import LayerSpec
 from ..config import LocoPropConfig, Variant
 from ..ops import matched_loss_grad, matched_loss_grad_conv2d
@@ -95,6 +94,7 @@ from ..validation import check_choice, check_number, fail_type, fail_value
 from .detection import Detector
 from .gram import Quadratic, uses_gram
 from .grouped_step import GroupedLoop, flat_view
+from .per_layer_step import Backup, FlatGrads, RepeatedOp, StepLayout
 from .layers import (OP, LayerInfo, conv_geometry, decide_activations, features, find_layers,
                      layer_params, observed, preactivation, stores_in_out)
 from .rmsprop import init_state, state_dtype
@@ -335,6 +335,7 @@ class LocoProp(torch.optim.Optimizer):
         self.grouped, self.cuda_graph = grouped, cuda_graph
         self.strategy = None  # "grouped" or "per-layer (why)" after a step
         self._grouped_cache: dict = {}
+        self._layout: Optional[StepLayout] = None  # the per-layer strategy's, while it fits
         self._last_grads = None
         self._layer_index = {info.name: i for i, info in enumerate(self.layers)}
         self._module_index = {m: j for j, m in enumerate(self._modules)}
@@ -457,6 +458,7 @@ class LocoProp(torch.optim.Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params or ())
         _check_group({**self.defaults, **param_group}, params)
         super().add_param_group(param_group)
+        self._layout = None  # the per-layer strategy's buffers and segments are rebuilt
 
     def __deepcopy__(self, memo):
         raise TypeError(
@@ -495,25 +497,39 @@ class LocoProp(torch.optim.Optimizer):
             self._clear_records()
         return loss
 
-    def _prepare(self):
-        """(params with a gradient, layer problems, s gamma p.grad in a flat buffer, global
-        under data parallel)."""
+    def _params_with_grad(self) -> list:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _prepare(self, params: list, constant: Optional[FlatGrads] = None):
+        """(layer problems, C = s gamma p.grad in a flat buffer, global under data parallel)
+        for ``params`` (those with a gradient), into ``constant`` when given (the layout's)."""
         g0 = self.param_groups[0]
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("locoprop.optim.LocoProp: sparse gradients are not "
-                                   "supported")
-        constant = _Flat(params)
-        constant.copy_from({p: p.grad for p in params})
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("locoprop.optim.LocoProp: sparse gradients are not supported")
+        if constant is None:
+            constant = FlatGrads(params)
+        if params:
+            torch._foreach_copy_(constant.views, grads)
         if self._dp.active and self._grad_reduction != "none":
             constant.all_reduce_(self._dp, average=self._grad_reduction == "average")
         constant.mul_(g0["scale"] * g0["gamma"])
         problems = self._layer_problems()
         self._add_target_terms(problems, constant)
-        return params, problems, constant
+        return problems, constant
 
-    def _add_target_terms(self, problems: list, constant: "_Flat") -> None:
+    def _step_layout(self, params: list) -> StepLayout:
+        """The layout of this step's parameters with a gradient: the cached one while it
+        fits (``per_layer_step.StepLayout.fits``), else a new one."""
+        groups = self.param_groups
+        with_anchors = groups[0]["eta"] is not None
+        layout = self._layout
+        if layout is None or not layout.fits(params, groups, self.state, with_anchors):
+            layout = self._layout = StepLayout(params, groups, self.state,
+                                               with_anchors=with_anchors)
+        return layout
+
+    def _add_target_terms(self, problems: list, constant: FlatGrads) -> None:
         """A custom target rule Y = rule(Z0, G, f, gamma) of a layer: its local gradient
         s (f(Z) - Y)^T X + s gamma R (R: the uses of W the hooks do not see) is the usual
         s (f(Z) - f(Z0))^T X + s gamma p.grad plus the constant s (f(Z0) - Y - gamma G)^T X,
@@ -538,7 +554,7 @@ class LocoProp(torch.optim.Optimizer):
                 target = target.contiguous(memory_format=torch.channels_last)
             self._add_matched_loss_grad(problem, scale, constant, target=target)
 
-    def _matched_loss_grads(self, problems, grads: "_Flat", params=(), anchors=(),
+    def _matched_loss_grads(self, problems, grads: FlatGrads, params=(), anchors=(),
                             eta: Optional[float] = None) -> None:
         """grads <- sum over every layer use of its matched-loss gradient (this rank's
         records), + (p - p0) / eta for every parameter with eta."""
@@ -550,7 +566,7 @@ class LocoProp(torch.optim.Optimizer):
             for p, p0 in zip(params, anchors):
                 grads[p].add_(p.detach() - p0, alpha=1.0 / eta)
 
-    def _regularization(self, params: list, constant: "_Flat"):
+    def _regularization(self, params: list, constant: FlatGrads):
         """The per-layer prox terms (``eta={layer: eta}``) and the ``regularizer``: None without
         them, else a function adding their gradients at the current parameters, minus the
         regularizer's at p0, to the local gradients of iterations t >= 1; the regularizer's
@@ -576,7 +592,7 @@ class LocoProp(torch.optim.Optimizer):
                     regularized.append((p, p0, g0))
         anchors = {p: p.detach().clone() for p, _ in prox}
 
-        def add(grads: "_Flat") -> None:
+        def add(grads: FlatGrads) -> None:
             for p, inv_eta in prox:
                 grads[p].add_(p.detach() - anchors[p], alpha=inv_eta * share)
             for p, p0, g0 in regularized:
@@ -592,9 +608,10 @@ class LocoProp(torch.optim.Optimizer):
         problems are those of the current parameters (W0); the gradient is taken at W0, or at
         ``at`` = {parameter: value} for the parameters it names (the others at W0; the model
         is left as it was). At W0 every entry is s gamma p.grad."""
-        params, problems, constant = self._prepare()
+        params = self._params_with_grad()
+        problems, constant = self._prepare(params)
         self._take_gram(problems)
-        grads = _Flat(params)
+        grads = FlatGrads(params)
         saved = {p: p.detach().clone() for p in (at or {})}
         try:
             # Through .data: a diagnostic must not bump the version counters that tell the
@@ -606,17 +623,19 @@ class LocoProp(torch.optim.Optimizer):
             for p, value in saved.items():
                 p.data.copy_(value)
         grads.all_reduce_(self._dp)
-        grads.add_(constant)
-        return {p: grads[p].clone() for p in params}
+        return {p: grads[p] + constant[p] for p in params}
 
     def _outer_step(self) -> None:
         """T inner iterations through the shared ``InnerLoop`` (t = 0 is the constant alone),
         as one transaction: if anything raises during them (or, with ``nonfinite="skip"``, the
         update is not finite), the parameters, their state and the step counts are put back
         as they were."""
-        params, problems, constant = self._prepare()
+        params = self._params_with_grad()
         if not params:
+            self._prepare(params)  # its checks, and the records' custom targets
             return
+        layout = self._step_layout(params)
+        problems, constant = self._prepare(params, layout.constant)
         had_records, self._had_records = self._had_records, bool(problems)
         if had_records and not problems:
             warnings.warn(f"locoprop.{OP}.step(): no recorded layer call reached by a backward "
@@ -629,12 +648,13 @@ class LocoProp(torch.optim.Optimizer):
         grouped = self._grouped_loop(params, problems)
         if grouped is None:
             self._take_gram(problems)
-        backup = _Backup(params, self.state)
+        backup = layout.backup
+        backup.save()
         try:
             if grouped is not None:
                 self._run_grouped(grouped, params, problems, constant)
             else:
-                self._run_per_layer(params, problems, constant)
+                self._run_per_layer(layout, params, problems, constant)
         except BaseException:
             backup.restore(self.state)
             raise
@@ -642,17 +662,19 @@ class LocoProp(torch.optim.Optimizer):
             backup.restore(self.state)
             self._skip("local gradients")
             return
+        backup.committed()
         # One outer step: the state's step count, as torch.optim keeps it.
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)
 
-    def _run_per_layer(self, params: list, problems: list, constant: "_Flat") -> None:
+    def _run_per_layer(self, layout: StepLayout, params: list, problems: list,
+                       constant: FlatGrads) -> None:
         """The per-layer strategy: one matched-loss op (or Gram form) per layer per inner
-        iteration, one RMSProp launch per segment."""
+        iteration, one RMSProp launch per segment; buffers and segments from ``layout``."""
         g0 = self.param_groups[0]
         eta = g0["eta"]
-        grads = _Flat(params)
-        anchors = [torch.empty_like(p) for p in params] if eta is not None else None
+        layout.per_layer(self.param_groups, self.state)
+        grads, anchors = layout.grads, layout.anchors
         extra = self._regularization(params, constant)
 
         def matched(local_eta):
@@ -660,12 +682,13 @@ class LocoProp(torch.optim.Optimizer):
             if extra is not None:
                 extra(grads)
 
-        loop = InnerLoop(matched, grads.buffers, self._segments(grads),
+        loop = InnerLoop(matched, grads.buffers, layout.segments(self.param_groups),
                          inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
                          prox_centre=(None if eta is None
-                                      else (anchors, [p.detach() for p in params])),
-                         constant=constant.buffers, dp=self._dp)
+                                      else (anchors, layout.backup.params)),
+                         constant=constant.buffers, dp=self._dp, checked=layout.checked)
         loop.run()
+        layout.checked = True  # the same tensors from now on: t = 0 need not check them again
         # The last inner iteration's local gradients (one flat buffer per dtype): lk.LocoProp's
         # ``grads``.
         self._last_grads = grads.buffers
@@ -751,7 +774,7 @@ class LocoProp(torch.optim.Optimizer):
         return None
 
     def _run_grouped(self, loop: GroupedLoop, params: list, problems: list,
-                     constant: "_Flat") -> None:
+                     constant: FlatGrads) -> None:
         states = [self.state[p] for p in params]  # made by _grouped_loop
         loop.run(problems, params, [st["square_avg"] for st in states],
                  [st["momentum_buffer"] for st in states] if loop.options.has_momentum
@@ -832,13 +855,29 @@ class LocoProp(torch.optim.Optimizer):
     def _add_matched_loss_grad(self, problem: "_Problem", scale: float, grads,
                                target: Optional[Tensor] = None) -> None:
         """grads[W], grads[b] += the layer's matched-loss gradient at the current weights, with
-        the problem's target f(Z0) (or ``target``)."""
+        the problem's target f(Z0) (or ``target``, once). With f(Z0) the op is checked at its
+        first call of the step and repeated after (``RepeatedOp``)."""
         m = problem.layer
         w, b = layer_params(m)
         if problem.quadratic is not None and target is None:
             problem.quadratic.add_grad_(grads, scale)
             return
         in_out = problem.conv is None and stores_in_out(m)
+        if target is None:
+            op = problem.repeated
+            if op is None:
+                g0 = self.param_groups[0]
+                op = problem.repeated = RepeatedOp(
+                    problem.x, w, b, problem.y, problem.activation, dtype=problem.x.dtype,
+                    in_out=in_out, conv2d=problem.conv, scale=scale, backend=g0["backend"],
+                    precision=g0.get("precision", "ieee"))  # older checkpoints: no precision
+            else:
+                op.again()
+            gw, gb = op.grad_weight, op.grad_bias
+            grads[w].add_(gw.t() if in_out else gw)
+            if b is not None and b in grads:
+                grads[b].add_(gb)
+            return
         # In the records' compute dtype (``_true_record``): a copy only for half parameters.
         dtype = problem.x.dtype
         weight = w.detach().to(dtype)
@@ -855,31 +894,6 @@ class LocoProp(torch.optim.Optimizer):
         grads[w].add_(gw.t() if in_out else gw)
         if b is not None and b in grads:
             grads[b].add_(gb)
-
-    def _segments(self, grads: "_Flat") -> list:
-        """The RMSProp launches of one inner iteration: one per (lr, backend, options,
-        device, dtype) over every parameter with a gradient, in group order (the usual case:
-        one launch for all). Creates the state (torch's format) on first use."""
-        segments: dict = {}
-        for group in self.param_groups:
-            options = RMSpropOptions.from_group(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = init_state(self.state[p], p, options)
-                key = (group["lr"] if not isinstance(group["lr"], Tensor) else id(group["lr"]),
-                       group["backend"], options, p.device, p.dtype)
-                seg = segments.get(key)
-                if seg is None:
-                    seg = segments[key] = RMSpropSegment(
-                        [], [], [], [] if options.has_momentum else None, options,
-                        group["lr"], group["backend"])
-                seg.params.append(p)
-                seg.grads.append(grads[p])
-                seg.square_avgs.append(st["square_avg"])
-                if options.has_momentum:
-                    seg.momentum_bufs.append(st["momentum_buffer"])
-        return list(segments.values())
 
     # ------------------------------------------------------------------ state
 
@@ -918,9 +932,11 @@ class LocoProp(torch.optim.Optimizer):
                     fail_value(OP, f"state_dict['state'][{key}]['square_avg']",
                                "non-negative square averages", "negative entries")
         super().load_state_dict(state_dict)
+        self._layout = None  # new state tensors: the per-layer layout is rebuilt
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._layout = None
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -931,7 +947,7 @@ class _Problem:
     local activation and, for a Conv2d, its geometry (``layers.conv_geometry``); Z0 and, for a
     layer with a custom target rule, G = dL/dZ of its calls, stacked the same way."""
 
-    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g", "quadratic")
+    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g", "quadratic", "repeated")
 
     def __init__(self, layer: nn.Module, x: Tensor, y: Tensor, activation: str,
                  conv: Optional[dict] = None, z0: Optional[Tensor] = None,
@@ -939,6 +955,7 @@ class _Problem:
         self.layer, self.x, self.y, self.activation, self.conv = layer, x, y, activation, conv
         self.z0, self.g = z0, g
         self.quadratic: Optional[Quadratic] = None  # the Gram form, where it is taken
+        self.repeated: Optional[RepeatedOp] = None  # its matched-loss op, once checked
 
 
 def _per_layer(op: str, arg: str, value, names: dict, check, expected: str) -> dict:
@@ -1002,36 +1019,6 @@ def _all_finite(tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-class _Backup:
-    """Copies of what a step writes (parameters; their state, or its absence), to put back
-    if the step fails: a step is applied whole or not at all."""
-
-    def __init__(self, params: list, state):
-        self.params = [(p, p.detach().clone()) for p in params]
-        self.state = {p: {k: (v.clone() if isinstance(v, Tensor) else v)
-                          for k, v in state[p].items()} if p in state else None
-                      for p in params}
-
-    def restore(self, state) -> None:
-        with torch.no_grad():
-            for p, value in self.params:
-                p.copy_(value)
-        for p, saved in self.state.items():
-            if saved is None:
-                state.pop(p, None)
-                continue
-            current = state[p]
-            for k in list(current):
-                if k not in saved:
-                    del current[k]
-            for k, v in saved.items():
-                if isinstance(v, Tensor) and isinstance(current.get(k), Tensor) \
-                        and current[k].shape == v.shape:
-                    current[k].copy_(v)  # in place: tensors others hold stay valid
-                else:
-                    current[k] = v
-
-
 def _devices(module: nn.Module) -> list:
     """The CUDA devices of a module's parameters (whose RNG ``fork_rng`` must save)."""
     return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
@@ -1046,50 +1033,6 @@ def _over_channels(f, z: Tensor) -> Tensor:
     """f (written for a vector on the last dim) applied to the channel vector (dim 1) of every
     position of z (N, C, H, W): the elementwise ones as they are, softmax over dim 1."""
     return f(z.movedim(1, -1)).movedim(-1, 1)
-
-
-class _Flat:
-    """One tensor per parameter (its state dtype), as views of one flat buffer per dtype, so
-    that a data-parallel all-reduce is one call per dtype (one in practice)."""
-
-    def __init__(self, params: list):
-        by_dtype: dict = {}
-        for p in params:
-            by_dtype.setdefault((state_dtype(p), p.device), []).append(p)
-        self.buffers, self._views = [], {}
-        for (dtype, device), ps in by_dtype.items():
-            arena = Arena([p.shape for p in ps], dtype=dtype, device=device, fill=None)
-            self.buffers.append(arena.buffer)
-            self._views.update(zip(ps, arena.views()))
-
-    def __getitem__(self, p: Tensor) -> Tensor:
-        return self._views[p]
-
-    def __contains__(self, p: Tensor) -> bool:
-        return p in self._views
-
-    def copy_from(self, tensors: dict) -> None:
-        for p, view in self._views.items():
-            view.copy_(tensors[p])
-
-    def zero_(self) -> None:
-        for b in self.buffers:
-            b.zero_()
-
-    def mul_(self, value: float) -> None:
-        for b in self.buffers:
-            b.mul_(value)
-
-    def add_(self, other: "_Flat") -> None:
-        for mine, theirs in zip(self.buffers, other.buffers):
-            mine.add_(theirs)
-
-    def all_reduce_(self, dp, *, average: bool = False) -> None:
-        """Sum (or average) over the replicas of ``dp``; nothing without data parallel."""
-        for b in self.buffers:
-            dp.all_reduce_grads_(b)
-            if average and dp.active:
-                b.div_(dp.world_size)
 
 
 __all__ = ["LayerInfo", "LocoProp"]
