@@ -525,8 +525,7 @@ class LocoProp(torch.optim.Optimizer):
         with_anchors = groups[0]["eta"] is not None
         layout = self._layout
         if layout is None or not layout.fits(params, groups, self.state, with_anchors):
-            layout = self._layout = StepLayout(params, groups, self.state,
-                                               with_anchors=with_anchors)
+            layout = self._layout = StepLayout(params, groups, with_anchors=with_anchors)
         return layout
 
     def _add_target_terms(self, problems: list, constant: FlatGrads) -> None:
@@ -648,7 +647,7 @@ class LocoProp(torch.optim.Optimizer):
         grouped = self._grouped_loop(params, problems)
         if grouped is None:
             self._take_gram(problems)
-        backup = layout.backup
+        backup = layout.bind(self.param_groups, self.state)
         backup.save()
         try:
             if grouped is not None:
@@ -685,7 +684,7 @@ class LocoProp(torch.optim.Optimizer):
         loop = InnerLoop(matched, grads.buffers, layout.segments(self.param_groups),
                          inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
                          prox_centre=(None if eta is None
-                                      else (anchors, layout.backup.params)),
+                                      else (anchors, [p.detach() for p in params])),
                          constant=constant.buffers, dp=self._dp, checked=layout.checked)
         loop.run()
         layout.checked = True  # the same tensors from now on: t = 0 need not check them again

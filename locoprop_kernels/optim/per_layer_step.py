@@ -128,31 +128,38 @@ class StepLayout:
 
     ``parts``: one ``RMSpropSegment`` per (param group, backend, options, device, dtype) over
     ``grads``' views; ``segments(groups)`` merges the parts whose current lr and the rest agree
-    (one launch in the usual case). Creating a layout creates the parameters' state (torch's
-    format); a failed first step drops it again (``Backup``)."""
+    (one launch in the usual case). ``bind`` creates the parameters' state (torch's format),
+    once the step's checks have passed; a failed first step drops it again (``Backup``)."""
 
-    def __init__(self, params: list, groups: list, state, *, with_anchors: bool):
+    def __init__(self, params: list, groups: list, *, with_anchors: bool):
         self.params = params
         self.ids = tuple(map(id, params))
         self.shapes = [p.shape for p in params]
         self.constant = FlatGrads(params)
-        absent = [p for p in params if not state.get(p)]
-        with_grad = set(self.ids)
-        self._members = []  # (group index, options, [params with a gradient of it])
-        for gi, group in enumerate(groups):
-            options = RMSpropOptions.from_group(group)
-            members = [p for p in group["params"] if id(p) in with_grad]
-            for p in members:
-                init_state(state[p], p, options)
-            self._members.append((gi, options, members))
         self.options = [(RMSpropOptions.from_group(g), g["backend"]) for g in groups]
-        self.backup = Backup(params, state, absent)
         self.with_anchors = with_anchors
+        self.backup: Optional[Backup] = None
+        self._members: list = []  # (group index, options, [params with a gradient of it])
         self.grads: Optional[FlatGrads] = None
         self.anchors: Optional[list] = None
         self.parts: list = []
         self.part_group: list = []  # the group index of each part
         self.checked = False  # a run of the segments' rmsprop_step_ was checked
+
+    def bind(self, groups: list, state) -> Backup:
+        """The parameters' state, created where missing, and the backup of the step (both
+        once per layout)."""
+        if self.backup is None:
+            absent = [p for p in self.params if not state.get(p)]
+            with_grad = set(self.ids)
+            for gi, group in enumerate(groups):
+                options = RMSpropOptions.from_group(group)
+                members = [p for p in group["params"] if id(p) in with_grad]
+                for p in members:
+                    init_state(state[p], p, options)
+                self._members.append((gi, options, members))
+            self.backup = Backup(self.params, state, absent)
+        return self.backup
 
     def per_layer(self, groups: list, state) -> "StepLayout":
         """Build the per-layer strategy's gradient buffers, prox centre and segments (once)."""
@@ -189,7 +196,7 @@ class StepLayout:
                 and len(groups) == len(self.options)
                 and all(o == (RMSpropOptions.from_group(g), g["backend"])
                         for o, g in zip(self.options, groups))
-                and self.backup.matches(state))
+                and self.backup is not None and self.backup.matches(state))
 
     def segments(self, groups: list) -> list:
         """The RMSProp launches of one inner iteration with the groups' current lrs: parts
