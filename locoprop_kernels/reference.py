@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .activations import get_activation
+from .config import VARIANTS, Variant
 from .rmsprop_options import STYLES
 
 
@@ -72,11 +73,11 @@ def local_targets(preact, grad_preact, activation: str, gamma: float, *, variant
     variant "M": Y = f(Z) - gamma * G  (a post-activation target, matched loss of f)
     variant "S": Y = Z - gamma * G     (a pre-activation target; the layer then uses identity)
     """
-    if variant == "M":
-        return get_activation(activation).f(preact) - gamma * grad_preact
-    if variant == "S":
-        return preact - gamma * grad_preact
-    raise ValueError(f"local_targets: argument 'variant' expected 'M' or 'S', got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"local_targets: argument 'variant' expected one of {VARIANTS}, got "
+                         f"{variant!r}")
+    f = get_activation(Variant(variant).local_activation(activation)).f  # S: identity
+    return f(preact) - gamma * grad_preact
 
 
 def rmsprop_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
