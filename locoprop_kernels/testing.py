@@ -15,14 +15,19 @@ from . import backends
 
 
 class LaunchCount:
-    """Launches per backend since the block started; read live or after the block."""
+    """Launches per backend inside the block: read live inside it, or after it (then the
+    count is frozen at the block's exit: later launches do not count)."""
 
     def __init__(self):
         self._start = backends.launch_counts()
+        self._end = None  # the counts at the block's exit
+
+    def _stop(self) -> None:
+        self._end = backends.launch_counts()
 
     def __getitem__(self, name: str) -> int:
         backends.check_name("count_launches", name)
-        now = backends.launch_counts()
+        now = self._end if self._end is not None else backends.launch_counts()
         return now.get(name, 0) - self._start.get(name, 0)
 
     def __getattr__(self, name: str) -> int:
@@ -38,4 +43,8 @@ class LaunchCount:
 
 @contextlib.contextmanager
 def count_launches():
-    yield LaunchCount()
+    count = LaunchCount()
+    try:
+        yield count
+    finally:
+        count._stop()

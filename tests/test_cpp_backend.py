@@ -397,3 +397,13 @@ def test_cuda_rmsprop_one_launch(style):
     reference.rmsprop_step_(ref[0], grads, ref[1], ref[2], **kw)
     for got, want in zip(params + ms + bufs, ref[0] + ref[1] + ref[2]):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_count_launches_stops_counting_when_the_block_exits():
+    p, g, s = torch.zeros(4), torch.ones(4), torch.ones(4)
+    with lk.testing.count_launches() as n:
+        lk.rmsprop_step_([p], [g], [s], lr=1e-3, momentum=0.0, backend="cpp")
+        inside = n.cpp
+    assert inside >= 1 and n.cpp == inside
+    lk.rmsprop_step_([p], [g], [s], lr=1e-3, momentum=0.0, backend="cpp")  # after the block: not counted
+    assert n.cpp == inside and n.total == inside
