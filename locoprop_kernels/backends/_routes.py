@@ -162,25 +162,33 @@ class RouteChooser:
         self.timer = timer
         self._decided: Dict[RouteKey, RouteDecision] = {}
 
-    def choose(self, key: RouteKey, runs: Mapping[str, Callable[[], None]],
-               device: torch.device) -> str:
-        """The route for a call of ``key``; ``runs`` holds a call of each route available
-        to it (both, or "fused" alone), which the first call of a key may time."""
+    def choose(self, x: torch.Tensor, weight: torch.Tensor, activation: str, precision: str,
+               prox: bool, runs: Mapping[str, Callable[[], None]]) -> str:
+        """The route for a call on x (B, d_in) and weight (d_out, d_in) (``RouteKey``'s other
+        fields as given); ``runs`` holds a call of each route available to it (both, or
+        "fused" alone), which the first call of a key may time."""
+        # The cache is keyed by the raw fields (hashing torch dtypes and devices is cheap);
+        # the RouteKey of names is made once per decision, for the report.
+        raw = (x.shape[0], x.shape[1], weight.shape[0], activation, x.dtype, weight.dtype,
+               precision, prox, x.device)
+        decision = self._decided.get(raw)
         if len(runs) == 1:
-            (only,) = runs
-            self._decided.setdefault(key, RouteDecision(
-                key, only, f"only route ({key.activation.replace('registered ', '')} "
-                           f"is a registered activation)"))
-            return only
+            if decision is None:
+                (only,) = runs
+                name = activation.replace("registered ", "")
+                self._decided[raw] = decision = RouteDecision(
+                    RouteKey.of(x, weight, activation, precision, prox), only,
+                    f"only route ({name} is a registered activation)")
+            return decision.route
         forced = forced_route()
         if forced is not None:
             return forced
-        decision = self._decided.get(key)
         if decision is None:
-            decision = self._decide(key, runs, device)
+            decision = self._decide(RouteKey.of(x, weight, activation, precision, prox), runs,
+                                    x.device)
             if decision is None:
                 return "fused"
-            self._decided[key] = decision
+            self._decided[raw] = decision
         return decision.route
 
     def _decide(self, key, runs, device) -> Optional[RouteDecision]:

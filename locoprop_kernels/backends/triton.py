@@ -3,6 +3,9 @@
 CUDA tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, the
 tests). fp32/fp16/bf16 storage, fp32 accumulation and optimizer state. The kernels take
 contiguous tensors: anything else goes through a contiguous copy written back afterwards.
+A Linear layer's matched-loss gradient takes one of two routes per shape, the faster as timed
+once on CUDA (``_routes.py``): the two fused Triton GEMM kernels, or torch's GEMMs (cuBLAS)
+between the Conv2d path's delta and finish passes.
 Every kernel loads each tensor in its own storage dtype and converts it to fp32 in registers,
 and stores in the destination's dtype, so mixed precision (half x and target, fp32 weight,
 bias and outputs) needs no copy here: only the kernel specialisation differs.
@@ -159,13 +162,13 @@ class TritonBackend(Backend):
         user_f = None if row.builtin else row.triton_f
         x, weight, bias, target = c(x), c(weight), c(bias), c(target)
         has_prox = eta is not None
-        anchor_weight, anchor_bias = (c(anchor_weight), c(anchor_bias)) if has_prox else (None,
-                                                                                        None)
+        if not has_prox:
+            anchor_weight = anchor_bias = None
+        anchor_weight, anchor_bias = c(anchor_weight), c(anchor_bias)
         if user_f is not None:
             kind = f"registered {row.name}"
         else:
             kind = "softmax" if row.code == _SOFTMAX_CODE else "elementwise"
-        key = _routes.RouteKey.of(x, weight, kind, precision, has_prox)
 
         def fill(gw, gb):
             runs = {"fused": lambda: self.kernels.matched_loss_grad_into(
@@ -178,7 +181,7 @@ class TritonBackend(Backend):
             # A key's first call on CUDA may time both routes: those launches are the
             # chooser's (reported in routes()), not this call's, so launches() leaves them out.
             launches = self.kernels.LAUNCHES["triton"]
-            route = _routes.CHOOSER.choose(key, runs, x.device)
+            route = _routes.CHOOSER.choose(x, weight, kind, precision, has_prox, runs)
             self.kernels.LAUNCHES["triton"] = launches
             runs[route]()
 
