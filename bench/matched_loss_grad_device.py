@@ -12,7 +12,8 @@ and ours), "bf16" (bf16 tensors; ours: bf16 operands, fp32 accumulation, epilogu
   gemm   the same on the "gemm" route (torch.mm at the precision + our delta and finish passes)
   auto   the same as users get it: the route the backend chose for this key by timing both on
          the first call (backends/_routes.py; that call is the warm-up, not timed here); the
-         chooser's own medians are reported next to ours
+         chooser's own medians are reported next to ours. Element-wise activations share a
+         key, so relu takes the route tanh's first call chose (and shows tanh's medians)
   eager  Z = X W^T + b; D = f(Z) - Y; grad_W = D^T X; grad_b = sum_n D  (torch, same dtype)
 timed interleaved (one call of each per round, CUDA events), medians and spread (max - min
 over the rounds) in ms, and the ratios to eager. Each route's result is also checked against

@@ -266,7 +266,9 @@ def test_report_lists_every_decision(monkeypatch):
     assert row == [f"| 9 | 6 | 4 | elementwise | float32 | float32 | tf32 | yes | {x.device} "
                    f"| 0.2500 | 0.1250 | gemm | timed |"]
     with backends.using_route("fused"):
-        assert "forced: fused" in backends.routes_report()
+        assert "forced to fused by set_route" in backends.routes_report()
+    monkeypatch.setenv(_routes.ENV, "gemm")
+    assert f"forced to gemm by {_routes.ENV}" in backends.routes_report()
 
 
 def test_a_registered_activation_has_only_the_fused_route(ran):

@@ -231,9 +231,9 @@ def clear_routes() -> None:
 def routes_report() -> str:
     """``routes()`` as a markdown table, under a line saying whether a route is forced."""
     forced = forced_route()
-    lines = [f"Linear matched-loss routes of the triton backend; "
-             f"{'forced: ' + forced if forced else 'chosen per key'} "
-             f"(set_route, {ENV})", "",
+    by = "set_route" if _override else ENV
+    lines = [f"Linear matched-loss routes of the triton backend: "
+             f"{f'forced to {forced} by {by}' if forced else 'chosen per key'}", "",
              "| B | d_in | d_out | f | x | weight | precision | prox | device "
              "| fused ms | gemm ms | route | how |",
              "|---:|---:|---:|---|---|---|---|---|---|---:|---:|---|---|"]

@@ -79,11 +79,15 @@ def _native_bf16_mm(device: torch.device) -> bool:
     rate. Probed once per device."""
     if device.type != "cuda":
         return False
-    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    # The route's two layouts: X W^T (a transposed right operand), D^T X (a transposed left).
+    x = torch.ones(16, 32, dtype=torch.bfloat16, device=device)
+    w = torch.ones(24, 32, dtype=torch.bfloat16, device=device)
     try:
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        z = torch.mm(x, w.T, out_dtype=torch.float32)
+        g = torch.mm(z.to(torch.bfloat16).T, x, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
+    return z.dtype == g.dtype == torch.float32 and g.shape == (24, 32)
 
 
 def _gemm_operand(t, precision: str, native_bf16: bool):
