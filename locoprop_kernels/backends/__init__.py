@@ -6,6 +6,10 @@ CUDA C++). Selection (docs/design.md section 4): ``backend=`` wins, then ``LOCOP
 auto: CUDA tensors -> triton, CPU tensors -> cpp when the extension is built, else reference
 (with one warning); auto also skips a backend that does not serve the tensors' dtype (fp64
 runs on the reference). Nothing outside this package compares backend names or loads kernels.
+
+The triton backend's Linear matched-loss gradient takes one of two routes per shape, chosen
+once by measurement on CUDA (``_routes.py``): ``set_route``/``using_route`` force one,
+``routes()``/``routes_report()`` show what was decided.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ._routes import (RouteDecision, RouteKey, clear_routes, routes, routes_report, set_route,
+                      using_route)
 from .base import Backend
 
 NAMES = ("reference", "triton", "cpp")
@@ -115,4 +121,6 @@ def launch_counts() -> dict:
     return {name: be.launches() for name, be in _INSTANCES.items()}
 
 
-__all__ = ["Backend", "NAMES", "check_name", "cpp_available", "launch_counts", "resolve"]
+__all__ = ["Backend", "NAMES", "RouteDecision", "RouteKey", "check_name", "clear_routes",
+           "cpp_available", "launch_counts", "resolve", "routes", "routes_report", "set_route",
+           "using_route"]

@@ -3,12 +3,17 @@
 CUDA tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, the
 tests). fp32/fp16/bf16 storage, fp32 accumulation and optimizer state. The kernels take
 contiguous tensors: anything else goes through a contiguous copy written back afterwards.
+A Linear layer's matched-loss gradient takes one of two routes per shape, the faster as timed
+once on CUDA (``_routes.py``): the two fused Triton GEMM kernels, or torch's GEMMs (cuBLAS)
+between the Conv2d path's delta and finish passes.
 Every kernel loads each tensor in its own storage dtype and converts it to fp32 in registers,
 and stores in the destination's dtype, so mixed precision (half x and target, fp32 weight,
 bias and outputs) needs no copy here: only the kernel specialisation differs.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
 
@@ -16,7 +21,10 @@ import torch
 
 from ..activations import get_activation
 from . import _conv as conv
+from . import _routes
 from .base import Backend
+
+_SOFTMAX_CODE = get_activation("softmax").code
 
 
 def _contiguous_out(out, fill):
@@ -45,6 +53,57 @@ def _conv_mode(precision: str) -> str:
     """cuDNN's math mode for ``precision``: bf16-valued operands are exact in tf32, so "bf16"
     runs on cuDNN's tf32 tensor-core path at no accuracy cost."""
     return "tf32" if precision == "bf16" else precision
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str, device: torch.device):
+    """torch's fp32 matmul on CUDA in IEEE fp32 ("ieee": cuBLAS's TF32 off for the block) or
+    TF32 ("tf32"), as ``_conv.conv_precision`` does for cuDNN. Nothing to do on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16_mm(device: torch.device) -> bool:
+    """Whether torch.mm multiplies bf16 matrices into an fp32 result on ``device``
+    (``out_dtype=torch.float32``: bf16 tensor cores, fp32 accumulation, Z never rounded to
+    bf16). CUDA builds of recent torch have it; elsewhere the "bf16" GEMMs run on
+    bf16-rounded fp32 operands (``_conv_operand``), the same products at half the tensor-core
+    rate. Probed once per device."""
+    if device.type != "cuda":
+        return False
+    # The route's two layouts: X W^T (a transposed right operand), D^T X (a transposed left).
+    x = torch.ones(16, 32, dtype=torch.bfloat16, device=device)
+    w = torch.ones(24, 32, dtype=torch.bfloat16, device=device)
+    try:
+        z = torch.mm(x, w.T, out_dtype=torch.float32)
+        g = torch.mm(z.to(torch.bfloat16).T, x, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return z.dtype == g.dtype == torch.float32 and g.shape == (24, 32)
+
+
+def _gemm_operand(t, precision: str, native_bf16: bool):
+    """t as an operand of ``_gemm``: bf16 for the native bf16 GEMM, else ``_conv_operand``'s
+    fp32 (bf16-rounded values for "bf16")."""
+    return t.to(torch.bfloat16) if native_bf16 else _conv_operand(t, precision)
+
+
+def _gemm(a, b, precision: str, native_bf16: bool):
+    """a @ b as a contiguous fp32 matrix at ``precision``, fp32 accumulation: native bf16
+    operands (``_native_bf16_mm``), or fp32 operands in IEEE fp32 or TF32 (bf16-valued ones
+    are exact in TF32: ``_conv_mode``). The kernels after it index it row-major."""
+    if native_bf16:
+        return torch.mm(a, b, out_dtype=torch.float32).contiguous()
+    with _matmul_precision(_conv_mode(precision), a.device):
+        return torch.mm(a, b).contiguous()
 
 
 class TritonBackend(Backend):
@@ -98,16 +157,61 @@ class TritonBackend(Backend):
 
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
                                anchor_bias, eta, out_weight, out_bias, precision):
+        """One of two routes per shape (``_routes.py``): the two fused Triton GEMM kernels
+        ("fused"), or torch's GEMMs with our epilogue and finish passes around them
+        ("gemm", ``_gemm_route``). A registered activation's ``triton_f`` runs only in the
+        fused kernel."""
         c = _contiguous
         row = get_activation(activation)
         user_f = None if row.builtin else row.triton_f
+        x, weight, bias, target = c(x), c(weight), c(bias), c(target)
+        has_prox = eta is not None
+        if not has_prox:
+            anchor_weight = anchor_bias = None
+        anchor_weight, anchor_bias = c(anchor_weight), c(anchor_bias)
+        if user_f is not None:
+            kind = f"registered {row.name}"
+        else:
+            kind = "softmax" if row.code == _SOFTMAX_CODE else "elementwise"
 
-        def fill_weight(gw):
-            _contiguous_out(out_bias, lambda gb: self.kernels.matched_loss_grad_into(
-                c(x), c(weight), c(bias), c(target), row.code, scale, c(anchor_weight),
-                c(anchor_bias), eta, gw, gb, precision=precision, user_f=user_f))
+        def fill(gw, gb):
+            runs = {"fused": lambda: self.kernels.matched_loss_grad_into(
+                x, weight, bias, target, row.code, scale, anchor_weight, anchor_bias, eta, gw,
+                gb, precision=precision, user_f=user_f)}
+            if user_f is None:
+                runs["gemm"] = lambda: self._gemm_route(
+                    x, weight, bias, target, row.code, scale, anchor_weight, anchor_bias, eta,
+                    gw, gb, precision)
+            # A key's first call on CUDA may time both routes: those launches are the
+            # chooser's (reported in routes()), not this call's, so launches() leaves them out.
+            launches = self.kernels.LAUNCHES["triton"]
+            route = _routes.CHOOSER.choose(x, weight, kind, precision, has_prox, runs)
+            self.kernels.LAUNCHES["triton"] = launches
+            runs[route]()
 
-        _contiguous_out(out_weight, fill_weight)
+        _contiguous_out(out_weight, lambda gw: _contiguous_out(out_bias, lambda gb: fill(gw, gb)))
+
+    def _gemm_route(self, x, weight, bias, target, code, scale, anchor_weight, anchor_bias,
+                    eta, out_weight, out_bias, precision):
+        """The "gemm" route on contiguous tensors (the cpp CUDA backend's shape):
+
+            Z = X W^T                     torch.mm at ``precision`` (``_gemm``), fp32 (B, d_out)
+            Z <- f(Z + b) - Y = D         ``delta_rows_``, in place (softmax rows included)
+            G = D^T X                     torch.mm at ``precision``, fp32 (d_out, d_in)
+            grad_W = scale G [+ (W - W0)/eta], grad_b = scale sum_n D [+ (b - b0)/eta]
+                                          ``finish_into``, one launch
+
+        Two Triton launches, as the fused route, plus two library GEMMs."""
+        kernels = self.conv_kernels
+        native = _native_bf16_mm(x.device) if precision == "bf16" else False
+        x_op = _gemm_operand(x, precision, native)
+        delta = _gemm(x_op, _gemm_operand(weight, precision, native).T, precision, native)
+        kernels.delta_rows_(delta, bias, target, code)
+        grad_w32 = _gemm(_gemm_operand(delta, precision, native).T, x_op, precision, native)
+        has_prox = eta is not None
+        kernels.finish_into(grad_w32, delta, weight if has_prox else None, anchor_weight,
+                            bias if has_prox else None, anchor_bias, scale, eta, out_weight,
+                            out_bias)
 
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
