@@ -89,20 +89,19 @@ def _add_prox(grad, p_ptr, p0_ptr, offs, mask, inv_eta):
 
 
 @triton.jit
-def _dtx_tile(x_ptr, d_ptr, outs, ins, row_lo, row_hi, N, K,
-              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """(D^T X)[outs, ins] and sum_n D[n, outs] over the rows n in [row_lo, row_hi), both fp32,
-    in a fixed order (row blocks of BLOCK_M from row_lo up): deterministic. row_lo is a
-    multiple of BLOCK_M (the split's slices are whole row blocks)."""
+def _dtx_tile(x_ptr, d_ptr, outs, ins, B, N, K, BLOCK_M: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """(D^T X)[outs, ins] and sum_n D[n, outs] over the rows n < B of X (B, K) and D (B, N),
+    both fp32, in a fixed order (row blocks of BLOCK_M from row 0 up): deterministic."""
     acc = tl.zeros((outs.shape[0], ins.shape[0]), dtype=tl.float32)
     acc_b = tl.zeros((outs.shape[0],), dtype=tl.float32)
-    for m0 in range(row_lo, row_hi, BLOCK_M):
+    for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         # D^T tile (BLOCK_N, BLOCK_M) read straight from D's (B, d_out) layout.
         d_t = tl.load(d_ptr + rows[None, :] * N + outs[:, None],
-                      mask=(rows[None, :] < row_hi) & (outs[:, None] < N), other=0.0)
+                      mask=(rows[None, :] < B) & (outs[:, None] < N), other=0.0)
         x = tl.load(x_ptr + rows[:, None] * K + ins[None, :],
-                    mask=(rows[:, None] < row_hi) & (ins[None, :] < K), other=0.0)
+                    mask=(rows[:, None] < B) & (ins[None, :] < K), other=0.0)
         acc = dot(d_t, x.to(tl.float32), acc, PRECISION)
         acc_b += tl.sum(d_t, axis=1)  # a row sum of a tile in registers: free next to the dot
     return acc, acc_b
@@ -144,7 +143,7 @@ def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr
     [+ (b - b0)/eta]."""
     outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc, acc_b = _dtx_tile(x_ptr, d_ptr, outs, ins, 0, B, N, K, BLOCK_M, PRECISION)
+    acc, acc_b = _dtx_tile(x_ptr, d_ptr, outs, ins, B, N, K, BLOCK_M, PRECISION)
     _finish_tile(acc, acc_b, outs, ins, pid_k, N, K, scale, inv_eta, has_bias,
                  w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr, HAS_PROX)
 
@@ -161,9 +160,12 @@ def weight_grad_partial_block(x_ptr, d_ptr, pw_ptr, pb_ptr, pid_n, pid_k, pid_s,
     (the caller adds s times the slice stride). Each element has one writer: no atomics."""
     outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_lo = pid_s * rows_per_slice
-    row_hi = tl.minimum(row_lo + rows_per_slice, B)
-    acc, acc_b = _dtx_tile(x_ptr, d_ptr, outs, ins, row_lo, row_hi, N, K, BLOCK_M, PRECISION)
+    row_lo = pid_s.to(tl.int64) * rows_per_slice
+    # The slice as a batch of its own (X and D row-major: shifting the base pointers by
+    # row_lo rows): the unsplit kernel's loop, over slice_rows rows.
+    slice_rows = tl.minimum(row_lo + rows_per_slice, B) - row_lo
+    acc, acc_b = _dtx_tile(x_ptr + row_lo * K, d_ptr + row_lo * N, outs, ins, slice_rows, N,
+                           K, BLOCK_M, PRECISION)
     tl.store(pw_ptr + outs[:, None] * K + ins[None, :], acc,
              mask=(outs[:, None] < N) & (ins[None, :] < K))
     tl.store(pb_ptr + outs, acc_b, mask=_bias_mask(outs, N, pid_k, has_bias))
