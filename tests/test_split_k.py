@@ -246,8 +246,8 @@ def test_grouped_plan_splits_once_with_its_scratch(n_slices):
     pass-1 tiles one per (tile, slice), longest first."""
     p, group = _plan(n_slices)
     assert p.n_slices == n_slices
-    n_tiles = sum(-(-l.d_out // p.grad_blocks["BLOCK_N"]) * -(-l.d_in // p.grad_blocks["BLOCK_K"])
-                  for l in RAGGED)
+    bn, bk = p.grad_blocks["BLOCK_N"], p.grad_blocks["BLOCK_K"]
+    n_tiles = sum(-(-l.d_out // bn) * -(-l.d_in // bk) for l in RAGGED)
     assert p.grad_tiles.shape == (n_tiles * n_slices, grouped.TILE_FIELDS.value)
     if n_slices == 1:
         assert p.partials is None and p.sum_tiles is None

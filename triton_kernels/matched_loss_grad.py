@@ -236,8 +236,8 @@ def _weight_grad_partial_kernel(x_ptr, d_ptr, part_ptr, B, rows_per_slice, N, K,
 
 
 @triton.jit
-def _weight_grad_sum_kernel(part_ptr, slice_stride, bias_off, n_slices, w_ptr, w0_ptr, b_ptr, b0_ptr,
-                            gw_ptr, gb_ptr, N, K, scale, inv_eta, HAS_BIAS: tl.constexpr,
+def _weight_grad_sum_kernel(part_ptr, slice_stride, bias_off, n_slices, w_ptr, w0_ptr, b_ptr,
+                            b0_ptr, gw_ptr, gb_ptr, N, K, scale, inv_eta, HAS_BIAS: tl.constexpr,
                             HAS_PROX: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
     """Split stage 2, pass 2, one layer. Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)); the
