@@ -84,8 +84,9 @@ _FORCED: dict = {}
 @contextlib.contextmanager
 def forced(kernel: str, **fields):
     """Within the block, every ``lookup`` of ``kernel`` returns its table row with ``fields``
-    (Config field names) replaced. For the tests (a small tile or a given split on a small
-    shape) and the tuner only; the launchers never call it. Not thread-safe."""
+    (Config field names) replaced. For the tests only (a small tile or a given split on a
+    small shape; the tuner sets whole table rows instead); the launchers never call it. Not
+    thread-safe."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
     unknown = set(fields) - set(Config.__dataclass_fields__)
