@@ -59,7 +59,7 @@ triton.__version__, torch.cuda.get_device_name())'; which nvcc cmake ninja; \
 $PY -m pybind11 --version; $PY -m pytest --version; $PY -c 'import hypothesis'"
 
 # Issue 17: the tuning step (every spill-free launch config of the per-op rows timed at the
-# issue's shapes, interleaved; the fastest written into triton_kernels/config_table.py with
+# issue's shapes, interleaved, stage 2's at every split cap of triton_tune.SPLIT_K_CAPS too; the fastest written into triton_kernels/config_table.py with
 # the card and the medians; a JSON copy in $LOGS), then the results step with that table:
 # matched_loss_grad tanh/softmax/relu at 1000x1000 B=1000 and 8192x768->3072, ieee/tf32/bf16,
 # ours vs eager at the same precision, medians and spread, interleaved, errors vs float64.

@@ -6,15 +6,24 @@
 
 Every config row (``configs.py``: kernel / activation class / dtype class / precision / shape
 class) has a list of candidates, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), in order
-of preference. A candidate is admissible only if its representative launch compiles for sm_90
-without spills (``tools/triton_compile_check.py``'s compiler; on a GPU the compiled kernel's
-own ``n_spills``).
+of preference; the stage-2 rows (weight_grad, grouped_weight_grad) add split_k, the cap on the
+slices of the split over B (``configs.split_k_slices``), SPLIT_K_DEFAULT until timed. A
+candidate is admissible only if its representative launches compile for sm_90 without spills
+and within sm_90's shared memory (``tools/triton_compile_check.py``'s compiler; on a GPU the
+compiled kernel's own ``n_spills``). The representative launches are the variants the compile
+check found to be the worst of a row: bias on and off, prox on and off, full and 16-wide
+tiles, stage 2 split and unsplit, and for the grouped rows the ragged table. (Launching only
+the bias-and-prox case once let a 3-stage weight_grad fp32/tf32 through that needs 245760 B
+of shared memory without bias, and a grouped fp32/ieee BLOCK_K 64 that spills on the ragged
+table; both rows were then fixed by hand without resource numbers.)
 - ``--compile-only`` ships the first admissible candidate per row (chosen_by="compile-check",
   with its n_regs / n_spills / shared).
 - ``--time`` times, on the GPU, every admissible candidate of the rows the timed shapes use
   (TIMED_SHAPES, the issue's per-op shapes), interleaved, and ships the fastest as a
   "large" row (chosen_by="timed", the card, every candidate's median and spread in ms); the
-  other rows keep the compile-check choice. It writes the table into the package
+  other rows keep the compile-check choice. The weight_grad rows are timed at every
+  admissible tile candidate times every split cap of SPLIT_K_CAPS (the cap does not change
+  the compiled code, only the grid: no new compile). It writes the table into the package
   (``--write``, the default with --time) and a copy under --out.
 The preference order is a guess until timed: larger tiles first, then more warps, then
 deeper pipelines for the tensor-core precisions (their operands stream through shared memory),
@@ -45,6 +54,12 @@ GEMM_TC = [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 6
 # Row kernels (no dot: BLOCK_K unused); softmax walks whole rows.
 ROWS = [(64, 64, 16, 4, 1), (32, 64, 16, 4, 1), (32, 32, 16, 4, 1), (16, 32, 16, 4, 1)]
 
+#: The split cap shipped untimed, and the caps the timing sweeps (1: never split).
+SPLIT_K_DEFAULT = 8
+SPLIT_K_CAPS = (1, 2, 4, 8, 16)
+#: The kernel families whose rows carry split_k.
+SPLIT_KERNELS = ("weight_grad", "grouped_weight_grad")
+
 PRECISIONS = ("ieee", "tf32", "bf16")
 DTYPES = ("fp32", "half")
 #: The issue's per-op shapes (B, d_in, d_out): the rows the timing step chooses.
@@ -59,9 +74,10 @@ def rows() -> dict:
         gemm = GEMM_IEEE if p == "ieee" else GEMM_TC
         for act in ("softmax", "elementwise"):
             out[configs.key("delta", act, dt, p, "any")] = gemm
-        out[configs.key("weight_grad", "-", dt, p, "any")] = gemm
+        split = [c + (SPLIT_K_DEFAULT,) for c in gemm]
+        out[configs.key("weight_grad", "-", dt, p, "any")] = split
         out[configs.key("grouped_delta", "mixed", dt, p, "any")] = gemm
-        out[configs.key("grouped_weight_grad", "-", dt, p, "any")] = gemm
+        out[configs.key("grouped_weight_grad", "-", dt, p, "any")] = split
     for dt, act in itertools.product(DTYPES, ("softmax", "elementwise")):
         out[configs.key("targets", act, dt, "-", "any")] = ROWS
         out[configs.key("conv_delta", act, dt, "-", "any")] = ROWS
@@ -69,8 +85,10 @@ def rows() -> dict:
 
 
 def as_row(candidate, chosen_by: str, **extra) -> dict:
-    bm, bn, bk, w, st = candidate
-    return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
+    """A table row from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k])."""
+    bm, bn, bk, w, st = candidate[:5]
+    split = dict(split_k=candidate[5]) if len(candidate) > 5 else {}
+    return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, **split,
                 chosen_by=chosen_by, **extra)
 
 
@@ -83,39 +101,57 @@ def load_compile_check():
     return module
 
 
-def representative_launch(tc, key: str) -> None:
-    """Launch (through whatever ``launch`` the modules hold) the heaviest case of a row: the
-    softmax or gelu_tanh epilogue, bias and prox on, at shapes that fill the tiles."""
+def representative_launch(tc, key: str, quick: bool = False) -> None:
+    """Launch (through whatever ``launch`` the modules hold) the worst cases of a row: the
+    softmax or gelu_tanh epilogue; bias on without prox and off with prox (the shared
+    memory differs); full tiles with stage 2 split (B = 1000) and unsplit (B = 128) and the
+    16-wide tiles of a tiny layer; the grouped kernels on the autoencoder's table (B = 1000
+    and 128), the ragged one and a narrow one at B = 4096 (split at every precision).
+    ``quick`` (the timing step, where compiles eat the device's minutes): per-op only the
+    split case with bias and the unsplit one with prox (``make triton-check`` still checks
+    the shipped table in full)."""
     import torch
     from locoprop_kernels.activations import ACTIVATIONS
     kernel, act, dt, precision, _ = key.split("/")
     dtype = torch.float32 if dt == "fp32" else torch.bfloat16
     f = ACTIVATIONS["softmax" if act == "softmax" else "gelu_tanh"]
     if kernel in ("delta", "weight_grad"):
-        tc._matched_loss_grad(*tc._layer(1000, 1000, 1000, dtype, True), f, True, precision)
+        cases = [((1000, 1000, 1000), True, False), ((128, 1000, 1000), False, True)]
+        if not quick:
+            cases += [((1000, 1000, 1000), False, True), ((128, 1000, 1000), True, False),
+                      ((5, 3, 7), True, True)]
+        for shape, has_bias, has_prox in cases:
+            tc._matched_loss_grad(*tc._layer(*shape, dtype, has_bias), f, has_prox, precision)
     elif kernel == "targets":
         y = torch.empty(1000, 1000, dtype=dtype)
         tc.local_targets.local_targets_into(y, y, f.code, 10.0, "M", torch.empty_like(y))
     elif kernel == "conv_delta":
-        tc.conv.delta_rows_(torch.empty(4096, 256), torch.empty(256, dtype=dtype),
-                            torch.empty(4096, 256, dtype=dtype), f.code)
-    else:  # the grouped kernels, on the autoencoder's table, prox on
+        for has_bias in (True, False):
+            tc.conv.delta_rows_(torch.empty(4096, 256),
+                                torch.empty(256, dtype=dtype) if has_bias else None,
+                                torch.empty(4096, 256, dtype=dtype), f.code)
+    else:  # the grouped kernels
         from locoprop_kernels.grouped import LayerGroup, LayerSpec
-        sizes, acts = tc.AUTOENCODER, tc.AUTOENCODER_ACTS
-        group = LayerGroup([LayerSpec(i, o, a) for i, o, a in zip(sizes, sizes[1:], acts)],
-                           1000, device="cpu", dtype=dtype, backend="reference")
-        plan = tc.grouped.plan(1000, group.layer_table(), "cpu", dtype=dtype,
-                               precision=precision)
-        params = torch.empty(group.num_params, dtype=dtype)
-        tc.grouped.grouped_matched_loss_grad_(
-            plan, group.inputs.buffer, params, group.targets.buffer,
-            torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
-            anchors=params, eta=0.5)
+        tables = [(tc.AUTOENCODER, tc.AUTOENCODER_ACTS, 1000),
+                  (tc.AUTOENCODER, tc.AUTOENCODER_ACTS, 128),
+                  ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"], 3),
+                  ([64, 48, 64], ["softmax", "tanh"], 4096)]
+        for (sizes, acts, batch), has_prox in itertools.product(tables, (False, True)):
+            group = LayerGroup([LayerSpec(i, o, a) for i, o, a in zip(sizes, sizes[1:], acts)],
+                               batch, device="cpu", dtype=dtype, backend="reference")
+            plan = tc.grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype,
+                                   precision=precision)
+            params = torch.empty(group.num_params, dtype=dtype)
+            tc.grouped.grouped_matched_loss_grad_(
+                plan, group.inputs.buffer, params, group.targets.buffer,
+                torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
+                anchors=params if has_prox else None, eta=0.5 if has_prox else None)
 
 
-def admissible(tc, key: str, cand) -> dict | None:
-    """Compile ``key``'s representative launch with ``cand`` for sm_90 (this machine's
-    Triton): its worst n_regs / n_spills / shared when it compiles spill-free, else None."""
+def admissible(tc, key: str, cand, quick: bool = False) -> dict | None:
+    """Compile ``key``'s representative launches (``quick``: the timing step's subset) with
+    ``cand`` for sm_90 (this machine's Triton): the worst n_regs / n_spills / shared when all
+    compile spill-free within sm_90's shared memory, else None."""
     from locoprop_kernels.triton_kernels import config_table, configs
     compiler = tc.Compiler(tc.GPUTarget("cuda", 90, 32))
     modules = (tc.matched_loss_grad, tc.local_targets, tc.grouped, tc.conv)
@@ -125,7 +161,7 @@ def admissible(tc, key: str, cand) -> dict | None:
         for m in modules:
             m.launch = compiler
         configs.lookup = compiler.lookup
-        representative_launch(tc, key)
+        representative_launch(tc, key, quick)
     finally:
         for m, launch in zip(modules, saved):
             m.launch = launch
@@ -192,7 +228,9 @@ def time_rows(table: dict, candidates: dict, reps: int, budget_s: float) -> dict
             key_any = configs.key(kernel, act if kernel == "delta" else "-", dt, precision,
                                   "any")
             tc = load_compile_check()
-            fits = [c for c in candidates[key_any] if admissible(tc, key_any, c)]
+            fits = [c for c in candidates[key_any] if admissible(tc, key_any, c, quick=True)]
+            if kernel in SPLIT_KERNELS:  # the cap changes the grid only: same compiled code
+                fits = [c[:5] + (cap,) for c in fits for cap in SPLIT_K_CAPS]
             medians = {c: [] for c in fits}
             for B, K, N in TIMED_SHAPES:
                 g = torch.Generator(device="cuda").manual_seed(0)

@@ -8,8 +8,9 @@ compiles them: a kernel that the GPU compiler rejects (a dot with a tile edge un
 mix the interpreter tolerates, a constexpr misuse) would pass CI and break on the first GPU.
 This script drives the real launchers (``triton_kernels/*.py``) over the cases the package
 uses -- every activation, dtype (and mixed precision: half x and target, fp32 parameters),
-bias/prox setting, dot precision ("ieee", "tf32", "bf16"), both tile regimes, the grouped
-kernels on the autoencoder's layer table and a ragged one, the Conv2d delta and finish
+bias/prox setting, dot precision ("ieee", "tf32", "bf16"), both tile regimes, stage 2 both
+unsplit and split over B (pass 1 and pass 2), the grouped kernels on the autoencoder's layer
+table, a ragged one and a narrow one at a long batch, the Conv2d delta and finish
 kernels, RMSProp flat and table forms with lr as a value and as a device pointer and with
 torch's options (centered, maximize, weight decay) -- but replaces the launch with
 ``triton.compile`` for the target (sm_90 by default) on the signature, constexprs and launch
@@ -61,11 +62,17 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 # The kernels that hold a dot (conv_matched_loss_grad's _delta_kernel has none: it is told
 # apart by its module).
 DOT_KERNELS = {("matched_loss_grad", "_delta_kernel"), ("matched_loss_grad", "_weight_grad_kernel"),
+               ("matched_loss_grad", "_weight_grad_partial_kernel"),
                ("grouped_matched_loss_grad", "_grouped_delta_kernel"),
-               ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel")}
-# The kernel family (configs.KERNELS) of each (module, kernel) the config table serves.
+               ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel"),
+               ("grouped_matched_loss_grad", "_grouped_weight_grad_partial_kernel")}
+# The kernel family (configs.KERNELS) of each (module, kernel) the config table serves; pass 2
+# of a split stage 2 (the _sum kernels) has fixed tiles (matched_loss_grad.SUM_*) and no row.
 FAMILY = {("matched_loss_grad", "_delta_kernel"): "delta",
           ("matched_loss_grad", "_weight_grad_kernel"): "weight_grad",
+          ("matched_loss_grad", "_weight_grad_partial_kernel"): "weight_grad",
+          ("grouped_matched_loss_grad", "_grouped_weight_grad_partial_kernel"):
+              "grouped_weight_grad",
           ("grouped_matched_loss_grad", "_grouped_delta_kernel"): "grouped_delta",
           ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel"): "grouped_weight_grad",
           ("local_targets", "_targets_kernel"): "targets",
@@ -259,11 +266,14 @@ def _matched_loss_grad(x, w, b, y, act, has_prox, precision):
 
 
 def per_layer_cases(compiler: Compiler) -> None:
-    """matched_loss_grad (2 kernels) and local_targets through their launchers: every
-    activation at every (dtype, precision) config row at full tiles; bias off, prox on/off
-    and the 16-wide tiles of tiny layers on the extreme activations."""
-    # (B, d_in, d_out): the configs' full tiles (edges up to 128) and the 16-wide minimum.
-    full, tiny = (1000, 1000, 1000), (5, 3, 7)
+    """matched_loss_grad (2 kernels, stage 2 split: 3) and local_targets through their
+    launchers: every activation at every (dtype, precision) config row at full tiles; bias
+    off, prox on/off and the 16-wide tiles of tiny layers on the extreme activations; the
+    unsplit stage 2 at full tiles (a batch of 2 row blocks) beside the split one."""
+    # (B, d_in, d_out): the configs' full tiles (edges up to 128) with stage 2 split over B
+    # (configs.split_k_slices: 1000 rows, <= 64 tiles on the assumed 132 SMs), the same
+    # unsplit (128 rows: S = 1 at B <= 2 BLOCK_M), and the 16-wide minimum.
+    full, short, tiny = (1000, 1000, 1000), (128, 1000, 1000), (5, 3, 7)
     for dtype, precision, act in itertools.product(
             [torch.float32, torch.bfloat16, torch.float16], PRECISIONS, ACTIVATIONS.values()):
         extreme = act.name in EXTREME_ACTS
@@ -272,6 +282,7 @@ def per_layer_cases(compiler: Compiler) -> None:
         compiler.context = f"{dtype} {act.name}"
         for has_bias, has_prox in [(True, False)] + ([(False, True)] if extreme else []):
             _matched_loss_grad(*_layer(*full, dtype, has_bias), act, has_prox, precision)
+            _matched_loss_grad(*_layer(*short, dtype, has_bias), act, has_prox, precision)
         if extreme and dtype == torch.float32:
             compiler.context = f"{dtype} {act.name} tiny"
             _matched_loss_grad(*_layer(*tiny, dtype, True), act, True, precision)
@@ -287,32 +298,37 @@ def per_layer_cases(compiler: Compiler) -> None:
     for low, act_name, precision in itertools.product(
             [torch.bfloat16, torch.float16], EXTREME_ACTS, PRECISIONS):
         compiler.context = f"{low} operands, fp32 params {act_name}"
-        _matched_loss_grad(*_layer(*full, low, True, torch.float32), ACTIVATIONS[act_name],
-                           True, precision)
+        for shape in (full, short):
+            _matched_loss_grad(*_layer(*shape, low, True, torch.float32),
+                               ACTIVATIONS[act_name], True, precision)
 
 
 def grouped_cases(compiler: Compiler) -> None:
-    """The grouped kernels on the autoencoder's 8 layers (and a ragged table with softmax and
-    leaky_relu; the code is run-time data there, so every activation is in each variant)."""
-    tables = {"autoencoder": (AUTOENCODER, AUTOENCODER_ACTS),
-              "ragged": ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"])}
-    for (name, (sizes, acts)), dtype, has_prox, precision in itertools.product(
+    """The grouped kernels on the autoencoder's 8 layers at B = 1000 (stage 2 split for the
+    128-wide tensor-core tiles, unsplit for "ieee") and B = 128 (unsplit), a ragged table with
+    softmax and leaky_relu, and a narrow table at B = 4096 (split at every precision); the
+    code is run-time data there, so every activation is in each variant."""
+    tables = {"autoencoder": (AUTOENCODER, AUTOENCODER_ACTS, (1000, 128)),
+              "ragged": ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"], (3,)),
+              "narrow": ([64, 48, 64], ["softmax", "tanh"], (4096,))}
+    for (name, (sizes, acts, batches)), dtype, has_prox, precision in itertools.product(
             tables.items(), [torch.float32, torch.bfloat16], [False, True], PRECISIONS):
         if name == "ragged" and (has_prox or dtype != torch.float32):
             continue  # the same kernels at smaller tiles: once
-        batch = 1000 if name == "autoencoder" else 3
-        # The trainer's layout (LayerGroup's arenas and layer rows), planned as the triton
-        # backend plans it; the reference backend only stands in for building the group.
-        group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
-                            in zip(sizes, sizes[1:], acts)], batch, device="cpu", dtype=dtype,
-                           backend="reference")
-        plan = grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype, precision=precision)
-        params = torch.empty(group.num_params, dtype=dtype)
-        compiler.context = f"{dtype} {name}"
-        grouped.grouped_matched_loss_grad_(
-            plan, group.inputs.buffer, params, group.targets.buffer,
-            torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
-            anchors=params if has_prox else None, eta=0.5 if has_prox else None)
+        for batch in batches:
+            # The trainer's layout (LayerGroup's arenas and layer rows), planned as the triton
+            # backend plans it; the reference backend only stands in for building the group.
+            group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
+                                in zip(sizes, sizes[1:], acts)], batch, device="cpu",
+                               dtype=dtype, backend="reference")
+            plan = grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype,
+                                precision=precision)
+            params = torch.empty(group.num_params, dtype=dtype)
+            compiler.context = f"{dtype} {name} B={batch} S={plan.n_slices}"
+            grouped.grouped_matched_loss_grad_(
+                plan, group.inputs.buffer, params, group.targets.buffer,
+                torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
+                anchors=params if has_prox else None, eta=0.5 if has_prox else None)
 
 
 def conv_cases(compiler: Compiler) -> None:

@@ -5,7 +5,7 @@ rerunning ``make triton-check``."""
 #: The card whose timings chose the rows marked chosen_by='timed' (None: none).
 CARD = None
 #: How this table was made.
-NOTE = "compile check only (no GPU): the first spill-free candidate per row of bench/triton_tune.py's preference order; not timed"
+NOTE = "compile check only (no GPU): the first spill-free candidate per row of bench/triton_tune.py's preference order; not timed. Stage-2 rows: split_k=8 by rule (configs.split_k_slices), untimed; their n_regs/n_spills/shared are make triton-check's worst variant (unsplit, split pass 1)"
 
 TABLE = {
     'conv_delta/elementwise/fp32/-/any': dict(block_m=64, block_n=64, block_k=16, num_warps=4, num_stages=1, chosen_by='compile-check', n_regs=191, n_spills=0, shared=0),
@@ -30,20 +30,20 @@ TABLE = {
     'grouped_delta/mixed/half/bf16/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=255, n_spills=0, shared=16384),
     'grouped_delta/mixed/half/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, chosen_by='compile-check', n_regs=254, n_spills=0, shared=32768),
     'grouped_delta/mixed/half/tf32/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=240, n_spills=0, shared=16384),
-    'grouped_weight_grad/-/fp32/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=149, n_spills=0, shared=172032),
-    'grouped_weight_grad/-/fp32/ieee/any': dict(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=1, chosen_by='compile-check'),
-    'grouped_weight_grad/-/fp32/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=149, n_spills=0, shared=180224),
-    'grouped_weight_grad/-/half/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=194, n_spills=0, shared=139264),
-    'grouped_weight_grad/-/half/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, chosen_by='compile-check', n_regs=104, n_spills=0, shared=32768),
-    'grouped_weight_grad/-/half/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=117, n_spills=0, shared=147456),
+    'grouped_weight_grad/-/fp32/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=149, n_spills=0, shared=172032),
+    'grouped_weight_grad/-/fp32/ieee/any': dict(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=1, split_k=8, chosen_by='compile-check', n_regs=73, n_spills=0, shared=24576),
+    'grouped_weight_grad/-/fp32/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=182, n_spills=0, shared=180224),
+    'grouped_weight_grad/-/half/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=194, n_spills=0, shared=139264),
+    'grouped_weight_grad/-/half/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, split_k=8, chosen_by='compile-check', n_regs=104, n_spills=0, shared=32768),
+    'grouped_weight_grad/-/half/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=125, n_spills=0, shared=147456),
     'targets/elementwise/fp32/-/any': dict(block_m=64, block_n=64, block_k=16, num_warps=4, num_stages=1, chosen_by='compile-check', n_regs=192, n_spills=0, shared=0),
     'targets/elementwise/half/-/any': dict(block_m=64, block_n=64, block_k=16, num_warps=4, num_stages=1, chosen_by='compile-check', n_regs=183, n_spills=0, shared=0),
     'targets/softmax/fp32/-/any': dict(block_m=32, block_n=64, block_k=16, num_warps=4, num_stages=1, chosen_by='compile-check', n_regs=247, n_spills=0, shared=256),
     'targets/softmax/half/-/any': dict(block_m=32, block_n=64, block_k=16, num_warps=4, num_stages=1, chosen_by='compile-check', n_regs=247, n_spills=0, shared=256),
-    'weight_grad/-/fp32/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=116, n_spills=0, shared=172032),
-    'weight_grad/-/fp32/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, chosen_by='compile-check', n_regs=98, n_spills=0, shared=32768),
-    'weight_grad/-/fp32/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2, chosen_by='compile-check'),
-    'weight_grad/-/half/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=114, n_spills=0, shared=139264),
-    'weight_grad/-/half/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, chosen_by='compile-check', n_regs=92, n_spills=0, shared=32768),
-    'weight_grad/-/half/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, chosen_by='compile-check', n_regs=114, n_spills=0, shared=147456),
+    'weight_grad/-/fp32/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=128, n_spills=0, shared=172032),
+    'weight_grad/-/fp32/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, split_k=8, chosen_by='compile-check', n_regs=92, n_spills=0, shared=32768),
+    'weight_grad/-/fp32/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2, split_k=8, chosen_by='compile-check', n_regs=151, n_spills=0, shared=163840),
+    'weight_grad/-/half/bf16/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=149, n_spills=0, shared=139264),
+    'weight_grad/-/half/ieee/any': dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=1, split_k=8, chosen_by='compile-check', n_regs=100, n_spills=0, shared=32768),
+    'weight_grad/-/half/tf32/any': dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, split_k=8, chosen_by='compile-check', n_regs=184, n_spills=0, shared=212992),
 }

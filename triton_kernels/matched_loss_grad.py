@@ -7,13 +7,19 @@
 Stage 1 is a GEMM whose epilogue applies f and subtracts the target. Softmax needs the whole
 row, so for it one program owns BLOCK_M rows across all of d_out: pass 1 computes the Z tiles,
 parks them in D and folds them into an online (max, sum); pass 2 turns them into
-softmax - Y in place. Stage 2 reduces over the batch inside each program (a loop over B, no
-atomics: bit-for-bit deterministic), adds the bias gradient and the prox term in its epilogue
-and writes straight into the destination (which may be a view into an arena).
+softmax - Y in place. Stage 2 reduces over the batch with no atomics, in a fixed order:
+bit-for-bit deterministic. When its output tiles alone fill the card it is one launch, each
+program looping over all B rows, adding the bias gradient and the prox term in its epilogue
+and writing straight into the destination (which may be a view into an arena). Otherwise
+(``configs.split_k_slices``) it is a split-K over B in two launches: pass 1, program
+(tile, s), reduces slice s of the rows into fp32 partials (S, d_out, d_in) and (S, d_out);
+pass 2 sums them in the order s = 0..S-1 and applies the same epilogue.
 Inputs are loaded in their storage dtype and upcast to fp32 in registers; ``precision``
 ("ieee", "tf32", "bf16", ``_common.dot``) says what the tensor cores or FMA units are given.
 Tile edges, warps and pipeline stages come from the config table (``configs.py``).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -83,17 +89,12 @@ def _add_prox(grad, p_ptr, p0_ptr, offs, mask, inv_eta):
 
 
 @triton.jit
-def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
-                      pid_n, pid_k, B, N, K, scale, inv_eta, has_bias,
-                      HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """grad_W tile (BLOCK_N, BLOCK_K) at (pid_n, pid_k) = scale * D^T X [+ (W - W0)/eta],
-    reduced over all B rows here (a fixed-order loop: deterministic); the pid_k == 0 tile
-    also writes grad_b = scale * sum_n D_n [+ (b - b0)/eta]."""
-    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+def _dtx_tile(x_ptr, d_ptr, outs, ins, B, N, K, BLOCK_M: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """(D^T X)[outs, ins] and sum_n D[n, outs] over the rows n < B of X (B, K) and D (B, N),
+    both fp32, in a fixed order (row blocks of BLOCK_M from row 0 up): deterministic."""
+    acc = tl.zeros((outs.shape[0], ins.shape[0]), dtype=tl.float32)
+    acc_b = tl.zeros((outs.shape[0],), dtype=tl.float32)
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         # D^T tile (BLOCK_N, BLOCK_M) read straight from D's (B, d_out) layout.
@@ -103,18 +104,98 @@ def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr
                     mask=(rows[:, None] < B) & (ins[None, :] < K), other=0.0)
         acc = dot(d_t, x.to(tl.float32), acc, PRECISION)
         acc_b += tl.sum(d_t, axis=1)  # a row sum of a tile in registers: free next to the dot
+    return acc, acc_b
+
+
+@triton.jit
+def _bias_mask(outs, N, pid_k, has_bias):
+    """The bias entries a (pid_n, pid_k) tile owns: those of the pid_k == 0 tiles, if any."""
+    return ((outs < N) & (tl.full(outs.shape, pid_k, tl.int32) == 0)
+            & (tl.full(outs.shape, has_bias, tl.int32) != 0))
+
+
+@triton.jit
+def _finish_tile(acc, acc_b, outs, ins, pid_k, N, K, scale, inv_eta, has_bias,
+                 w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr, HAS_PROX: tl.constexpr):
+    """Store grad_W[outs, ins] = scale * acc [+ (W - W0)/eta] and, from the pid_k == 0 tile,
+    grad_b[outs] = scale * acc_b [+ (b - b0)/eta], in the destinations' dtypes."""
     w_offs = outs[:, None] * K + ins[None, :]
     w_ok = (outs[:, None] < N) & (ins[None, :] < K)
     grad = acc * scale
     if HAS_PROX:
         grad = _add_prox(grad, w_ptr, w0_ptr, w_offs, w_ok, inv_eta)
     tl.store(gw_ptr + w_offs, grad.to(gw_ptr.dtype.element_ty), mask=w_ok)
-    b_ok = ((outs < N) & (tl.full((BLOCK_N,), pid_k, tl.int32) == 0)
-            & (tl.full((BLOCK_N,), has_bias, tl.int32) != 0))
+    b_ok = _bias_mask(outs, N, pid_k, has_bias)
     grad_b = acc_b * scale
     if HAS_PROX:
         grad_b = _add_prox(grad_b, b_ptr, b0_ptr, outs, b_ok, inv_eta)
     tl.store(gb_ptr + outs, grad_b.to(gb_ptr.dtype.element_ty), mask=b_ok)
+
+
+@triton.jit
+def weight_grad_block(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr,
+                      pid_n, pid_k, B, N, K, scale, inv_eta, has_bias,
+                      HAS_PROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Unsplit stage 2 (S = 1): grad_W tile (BLOCK_N, BLOCK_K) at (pid_n, pid_k)
+    = scale * D^T X [+ (W - W0)/eta], reduced over all B rows here (a fixed-order loop:
+    deterministic); the pid_k == 0 tile also writes grad_b = scale * sum_n D_n
+    [+ (b - b0)/eta]."""
+    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc, acc_b = _dtx_tile(x_ptr, d_ptr, outs, ins, B, N, K, BLOCK_M, PRECISION)
+    _finish_tile(acc, acc_b, outs, ins, pid_k, N, K, scale, inv_eta, has_bias,
+                 w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr, HAS_PROX)
+
+
+@triton.jit
+def weight_grad_partial_block(x_ptr, d_ptr, pw_ptr, pb_ptr, pid_n, pid_k, pid_s, B,
+                              rows_per_slice, N, K, has_bias, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """Split stage 2, pass 1: the unscaled fp32 partials of slice pid_s, rows
+    [pid_s * rows_per_slice, min((pid_s + 1) * rows_per_slice, B)):
+    P_W[s][outs, ins] = (D^T X) over the slice at ``pw_ptr`` ((N, K) row-major), and from
+    the pid_k == 0 tile P_b[s][outs] = sum_n D_n at ``pb_ptr``; the pointers are the slice's
+    (the caller adds s times the slice stride). Each element has one writer: no atomics."""
+    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_lo = pid_s.to(tl.int64) * rows_per_slice
+    # The slice as a batch of its own (X and D row-major: shifting the base pointers by
+    # row_lo rows): the unsplit kernel's loop, over slice_rows rows.
+    slice_rows = tl.minimum(row_lo + rows_per_slice, B) - row_lo
+    acc, acc_b = _dtx_tile(x_ptr + row_lo * K, d_ptr + row_lo * N, outs, ins, slice_rows, N,
+                           K, BLOCK_M, PRECISION)
+    tl.store(pw_ptr + outs[:, None] * K + ins[None, :], acc,
+             mask=(outs[:, None] < N) & (ins[None, :] < K))
+    tl.store(pb_ptr + outs, acc_b, mask=_bias_mask(outs, N, pid_k, has_bias))
+
+
+@triton.jit
+def weight_grad_sum_block(pw_ptr, pb_ptr, slice_stride, n_slices, w_ptr, w0_ptr, b_ptr,
+                          b0_ptr, gw_ptr, gb_ptr, pid_n, pid_k, N, K, scale, inv_eta, has_bias,
+                          HAS_PROX: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """Split stage 2, pass 2, on a (BLOCK_N, BLOCK_K) tile: grad_W = scale * sum_s P_W[s]
+    [+ (W - W0)/eta] and, from the pid_k == 0 tile, grad_b = scale * sum_s P_b[s]
+    [+ (b - b0)/eta], the sums in the fixed order s = 0, 1, ..., n_slices - 1, so the result
+    is the same bits on every run whatever order the programs ran in. Slice s of the
+    partials starts ``s * slice_stride`` elements after ``pw_ptr`` / ``pb_ptr``."""
+    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ins = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_offs = outs[:, None] * K + ins[None, :]
+    w_ok = (outs[:, None] < N) & (ins[None, :] < K)
+    b_ok = _bias_mask(outs, N, pid_k, has_bias)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for _ in range(0, n_slices):
+        acc += tl.load(pw_ptr + w_offs, mask=w_ok, other=0.0)
+        acc_b += tl.load(pb_ptr + outs, mask=b_ok, other=0.0)
+        # Pointer arithmetic is 64-bit: slice s sits s * slice_stride elements in.
+        pw_ptr += slice_stride
+        pb_ptr += slice_stride
+    _finish_tile(acc, acc_b, outs, ins, pid_k, N, K, scale, inv_eta, has_bias,
+                 w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_ptr, HAS_PROX)
 
 
 @triton.jit
@@ -139,6 +220,33 @@ def _weight_grad_kernel(x_ptr, d_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, gw_ptr, gb_p
                       HAS_PROX, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
+@triton.jit
+def _weight_grad_partial_kernel(x_ptr, d_ptr, part_ptr, B, rows_per_slice, N, K, slice_stride,
+                                bias_off, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                PRECISION: tl.constexpr):
+    """Split stage 2, pass 1, one layer. Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K), S); slice
+    s of the partials at part_ptr + s * slice_stride: P_W (N, K), then P_b (N,) at
+    ``bias_off`` = N * K (computed by the launcher: N * K in the kernel could overflow i32)."""
+    pid_s = tl.program_id(2)
+    pw_ptr = part_ptr + pid_s.to(tl.int64) * slice_stride
+    weight_grad_partial_block(x_ptr, d_ptr, pw_ptr, pw_ptr + bias_off, tl.program_id(0),
+                              tl.program_id(1), pid_s, B, rows_per_slice, N, K, HAS_BIAS,
+                              BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _weight_grad_sum_kernel(part_ptr, slice_stride, bias_off, n_slices, w_ptr, w0_ptr, b_ptr,
+                            b0_ptr, gw_ptr, gb_ptr, N, K, scale, inv_eta, HAS_BIAS: tl.constexpr,
+                            HAS_PROX: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """Split stage 2, pass 2, one layer. Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)); the
+    partials as ``_weight_grad_partial_kernel`` wrote them."""
+    weight_grad_sum_block(part_ptr, part_ptr + bias_off, slice_stride, n_slices, w_ptr, w0_ptr,
+                          b_ptr, b0_ptr, gw_ptr, gb_ptr, tl.program_id(0), tl.program_id(1),
+                          N, K, scale, inv_eta, HAS_BIAS, HAS_PROX, BLOCK_N, BLOCK_K)
+
+
 def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None,
           user_f=None):
     """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out); ``user_f``: a
@@ -157,10 +265,47 @@ def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=No
     return d
 
 
+#: Pass 2 of a split stage 2 (``_weight_grad_sum_kernel``) is element-wise and memory-bound:
+#: tile edges (maxima, shrunk by ``_common.tile``) and warps fixed here, not in the config
+#: table. 128 fp32 columns are 16-byte vectors across a warp; 32 x 128 is 32 values a thread.
+SUM_BLOCK_N = 32
+SUM_BLOCK_K = 128
+SUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class WeightGradSplit:
+    """How stage 2 of one (B, d_out = N, d_in = K) launch is cut: tile edges, the output tile
+    grid, and the split of the reduction over B into ``n_slices`` slices of
+    ``rows_per_slice`` rows (``configs.split_k_slices``; 1 slice: one launch, no partials)."""
+    config: configs.Config
+    block_m: int
+    block_n: int
+    block_k: int
+    tiles: tuple      # (cdiv(N, block_n), cdiv(K, block_k))
+    n_slices: int
+    rows_per_slice: int
+
+
+def weight_grad_split(B: int, N: int, K: int, dtype, precision: str, device
+                      ) -> WeightGradSplit:
+    """Stage 2's cut for this launch: the config table's row, the tile rule, the split rule
+    on ``device``'s multiprocessor count."""
+    cfg = configs.lookup("weight_grad", dtype, precision, shape=(B, N, K))
+    bm, bn, bk = tile(B, cfg.block_m), tile(N, cfg.block_n), tile(K, cfg.block_k)
+    tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+    n_slices, rows = configs.split_k_slices(cfg.split_k, B, bm, tiles[0] * tiles[1],
+                                            configs.sm_count(device))
+    return WeightGradSplit(cfg, bm, bn, bk, tiles, n_slices, rows)
+
+
 def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
                            anchor_weight, anchor_bias, eta, out_weight, out_bias,
                            *, precision: str = "ieee", user_f=None) -> None:
-    """Write the matched-loss gradient into ``out_weight`` (and ``out_bias``): two launches.
+    """Write the matched-loss gradient into ``out_weight`` (and ``out_bias``): two launches,
+    three when stage 2 is split over B (``weight_grad_split``: pass 1 writes S fp32
+    partials, allocated here per call, S * (d_out * d_in + d_out) floats; pass 2 sums them
+    in slice order and finishes).
 
     All tensors must be contiguous; shapes as in the module docstring. ``eta`` None turns
     the prox term off. The outputs may have any float dtype (math is fp32).
@@ -168,15 +313,28 @@ def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
     d = delta(x, weight, bias, target, code, precision=precision, user_f=user_f)
     B, K = x.shape
     N = weight.shape[0]
-    cfg = configs.lookup("weight_grad", x.dtype, precision, shape=(B, N, K))
-    bm, bn, bk = tile(B, cfg.block_m), tile(N, cfg.block_n), tile(K, cfg.block_k)
-    has_prox = eta is not None
-    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
-    launch(_weight_grad_kernel, grid, x, d, weight,
-           anchor_weight if has_prox else weight,
-           bias if bias is not None else weight,
-           anchor_bias if (has_prox and bias is not None) else weight,
-           out_weight, out_bias if bias is not None else out_weight,
-           B, N, K, float(scale), 1.0 / eta if has_prox else 0.0,
-           HAS_BIAS=int(bias is not None), HAS_PROX=has_prox, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-           PRECISION=precision, **cfg.launch_options())
+    cut = weight_grad_split(B, N, K, x.dtype, precision, x.device)
+    has_prox, has_bias = eta is not None, bias is not None
+    blocks = dict(BLOCK_M=cut.block_m, BLOCK_N=cut.block_n, BLOCK_K=cut.block_k,
+                  PRECISION=precision, **cut.config.launch_options())
+    # Stand-ins for absent tensors: never read (the flags mask them), but a pointer is needed.
+    w0 = anchor_weight if has_prox else weight
+    b = bias if has_bias else weight
+    b0 = anchor_bias if (has_prox and has_bias) else weight
+    gb = out_bias if has_bias else out_weight
+    inv_eta = 1.0 / eta if has_prox else 0.0
+    if cut.n_slices == 1:
+        launch(_weight_grad_kernel, cut.tiles, x, d, weight, w0, b, b0, out_weight, gb,
+               B, N, K, float(scale), inv_eta, HAS_BIAS=int(has_bias), HAS_PROX=has_prox,
+               **blocks)
+        return
+    # One slice of the partials: P_W (N, K) then P_b (N,), the layout of one Linear's params.
+    stride = N * K + N
+    partials = torch.empty(cut.n_slices * stride, device=x.device, dtype=torch.float32)
+    launch(_weight_grad_partial_kernel, (*cut.tiles, cut.n_slices), x, d, partials, B,
+           cut.rows_per_slice, N, K, stride, N * K, HAS_BIAS=int(has_bias), **blocks)
+    sbn, sbk = tile(N, SUM_BLOCK_N), tile(K, SUM_BLOCK_K)
+    launch(_weight_grad_sum_kernel, (triton.cdiv(N, sbn), triton.cdiv(K, sbk)), partials,
+           stride, N * K, cut.n_slices, weight, w0, b, b0, out_weight, gb, N, K, float(scale),
+           inv_eta, HAS_BIAS=int(has_bias), HAS_PROX=has_prox, BLOCK_N=sbn, BLOCK_K=sbk,
+           num_warps=SUM_WARPS)
