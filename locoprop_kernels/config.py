@@ -26,33 +26,14 @@ error reads ``locoprop.<op>: argument '<name>' expected ..., got ...``. What onl
 from __future__ import annotations
 
 import dataclasses
-import enum
 from dataclasses import dataclass
 from typing import Optional
 
 from . import backends
+from .choices import PRECISIONS, VARIANTS, Variant
 from .rmsprop_options import DEFAULTS, RMSpropOptions
 from .validation import check_choice, check_number, fail_value
 
-
-class Variant(str, enum.Enum):
-    """LocoProp's two local losses (docs/design.md section 2). A str, so that it compares equal
-    to "M"/"S" and param groups may hold the plain string (torch's state_dict stays loadable
-    with ``weights_only=True``)."""
-
-    M = "M"  # each layer's loss matched to its transfer function f
-    S = "S"  # every local loss quadratic in the pre-activation (f = identity)
-
-    def local_activation(self, activation: str) -> str:
-        """The f of a layer's local loss: its own f under M, identity under S."""
-        return activation if self is Variant.M else "identity"
-
-
-VARIANTS = tuple(v.value for v in Variant)
-
-#: The dot precisions of the matched-loss kernels (the ops' ``precision``): fp32 on the FMA
-#: units, tf32 on the tensor cores, bf16 operands with fp32 accumulation.
-PRECISIONS = ("ieee", "tf32", "bf16")
 
 #: The official LocoProp code's inner RMSProp (docs/design.md section 2): TF1's style with
 #: its defaults.

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .activations import get_activation
-from .config import VARIANTS, Variant
+from .choices import VARIANTS, Variant
 from .rmsprop_options import STYLES
 
 

@@ -15,7 +15,7 @@ from .. import backends
 from ..activations import get_activation
 from ..validation import check_call_types, check_choice, check_matrix, check_number, check_tensor
 from ._checks import backend_arg, check_backend_dtype
-from ..config import VARIANTS
+from ..choices import VARIANTS
 from ._registry import autocast_off, register
 
 Tensor = torch.Tensor

@@ -24,7 +24,7 @@ from ..validation import (check_call_types, check_choice, check_matrix, check_no
                           fail_value)
 from ._checks import (backend_arg, check_backend_dtype, check_int, int_pair,
                       refuse_in_place_autograd)
-from ..config import PRECISIONS
+from ..choices import PRECISIONS
 from ._registry import Params, autocast_off, register
 
 Tensor = torch.Tensor
