@@ -3,7 +3,10 @@
 A layer with f = identity (every layer under variant S; under M a layer without an activation)
 has a quadratic local loss, whose inner gradient needs X only through X^T X and X^T 1: formed
 once per step, they replace the two row-sized GEMMs of every inner iteration with one
-d_out x d_in x d_in GEMM (``Quadratic``), where ``uses_gram`` says that is cheaper.
+d_out x d_in x d_in GEMM, where ``uses_gram`` says that is cheaper. ``add_gram_grad_`` is that
+gradient on plain tensors, the one implementation of both strategies: ``Quadratic`` holds one
+layer's terms on the per-layer strategy, ``GramTerms`` a ``grouped.LayerGroup``'s Gram layers
+in static flat buffers on the grouped one (capturable in its CUDA graph).
 """
 from __future__ import annotations
 
