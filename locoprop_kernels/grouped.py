@@ -8,6 +8,13 @@ layers in flat arenas and asks its backend for a grouped entry
 stage 2 of every layer another. Backends without one run the same math layer by layer through
 ``matched_loss_grad`` (the results are the same; only the launch count differs).
 
+Gram layers (``gram=``, one flag per layer; f = identity only): a quadratic local loss whose
+gradient needs X only through X^T X and X^T 1 (``optim/gram.py``). They are left out of the
+matched-loss launches (``layer_table()`` lists the matched layers only, at their flat offsets);
+``form_gram_`` forms X^T X, X^T 1 and keeps W0, b0 once per outer step, and every
+``matched_loss_grads_`` writes their slots with one d_out x d_in x d_in GEMM each
+(``GramTerms``) instead of two rows-sized ones.
+
 Layout. Parameters of all layers live in one flat buffer in ``nn.Sequential`` order:
 W_0 (d_out, d_in), b_0 (d_out,) if the layer has a bias, W_1, b_1, ...; ``param_shapes``
 gives it. Gradients and prox anchors use the same layout.
@@ -23,6 +30,7 @@ from . import backends
 from .activations import get_activation
 from .arena import Arena, layout_offsets, split_views
 from .ops import matched_loss_grad
+from .optim.gram import GramTerms
 from .validation import check_number, check_tensor, fail_value
 
 OP = "LayerGroup"
@@ -54,11 +62,16 @@ class LayerGroup:
     ``inputs[l]`` (B, d_in_l) and ``targets[l]`` (B, d_out_l) are views the caller fills
     (once per outer step); ``matched_loss_grads_`` then writes every layer's gradient into a
     flat gradient buffer (``param_shapes`` layout). Build once per (layers, batch, device,
-    dtype): the triton backend's tile tables are made here, not per call.
+    dtype, gram flags): the triton backend's tile tables are made here, not per call.
+
+    ``gram``: one flag per layer (default: none), the layers that take the Gram form (their
+    activation must be "identity"). Their ``targets[l]`` are not read; after filling their
+    ``inputs[l]`` and the parameters, call ``form_gram_(params)`` once per outer step.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], batch: int, *, device, dtype=torch.float32,
-                 backend: Optional[str] = None, precision: str = "ieee"):
+                 backend: Optional[str] = None, precision: str = "ieee",
+                 gram: Optional[Sequence[bool]] = None):
         if not layers:
             fail_value(OP, "layers", "at least one LayerSpec", "an empty list")
         for i, layer in enumerate(layers):
@@ -67,6 +80,15 @@ class LayerGroup:
                 fail_value(OP, f"layers[{i}]", "d_in >= 1 and d_out >= 1", layer)
         if not isinstance(batch, int) or batch < 1:
             fail_value(OP, "batch", "an int >= 1", batch)
+        gram = (False,) * len(layers) if gram is None else tuple(gram)
+        if len(gram) != len(layers) or not all(isinstance(g, bool) for g in gram):
+            fail_value(OP, "gram", f"{len(layers)} bools (one per layer)", gram)
+        for i, (layer, g) in enumerate(zip(layers, gram)):
+            if g and layer.activation != "identity":
+                fail_value(OP, f"gram[{i}]", "False for a layer whose activation is not "
+                           "'identity' (only a quadratic local loss has a Gram form)",
+                           f"True with {layer.activation!r}")
+        self.gram = gram
         self.layers = list(layers)
         self.batch = batch
         # "cuda" -> "cuda:0" (the current device): tensors report an index, and the flat
@@ -80,11 +102,23 @@ class LayerGroup:
         self.targets = Arena([(batch, l.d_out) for l in self.layers], dtype=dtype,
                              device=device)
         self.backend = backends.resolve(OP, backend, self.device, dtype)
-        self._grouped = self.backend.grouped_matched_loss_grad(self)
+        rows = self._layer_rows()
+        self._gram = None if not any(gram) else GramTerms(
+            [r for r, g in zip(rows, gram) if g],
+            [x for x, g in zip(self.inputs.views(), gram) if g], batch, dtype=dtype,
+            device=self.device)
+        # No grouped launch when every layer takes the Gram form (nothing left to launch for).
+        self._grouped = None if all(gram) else self.backend.grouped_matched_loss_grad(self)
 
     def layer_table(self) -> list:
-        """One dict per layer: offsets of X_l (``x_off``), W_l, b_l (None without bias) and
-        Y_l (``yd_off``) in their flat buffers, d_in, d_out and the activation code."""
+        """One dict per matched (non-Gram) layer, in order: offsets of X_l (``x_off``), W_l,
+        b_l (None without bias) and Y_l (``yd_off``) in their flat buffers, d_in, d_out and the
+        activation code. What a backend's grouped entry launches for: Gram layers are left
+        out, the others keep their offsets in the full layout."""
+        return [r for r, g in zip(self._layer_rows(), self.gram) if not g]
+
+    def _layer_rows(self) -> list:
+        """``layer_table``'s dict for every layer, Gram layers included."""
         rows, p = [], 0
         offsets = layout_offsets(self.param_shapes)
         for i, layer in enumerate(self.layers):
@@ -102,15 +136,25 @@ class LayerGroup:
         if not t.is_contiguous():
             fail_value(OP, arg, "a contiguous flat buffer", f"strides {t.stride()}")
 
+    def form_gram_(self, params: torch.Tensor) -> None:
+        """Once per outer step, after ``inputs`` and ``params`` (flat) hold the step's values
+        and before the inner loop (outside any CUDA graph): X^T X and X^T 1 of every Gram
+        layer and its W0, b0 (``GramTerms.form_``). Nothing without Gram layers."""
+        self._check_flat("params", params, dtype=self.dtype)
+        if self._gram is not None:
+            self._gram.form_(params)
+
     def matched_loss_grads_(self, params: torch.Tensor, grads: torch.Tensor, *,
                             scale: float = 1.0, anchors: Optional[torch.Tensor] = None,
                             eta: Optional[float] = None) -> None:
         """grads <- every layer's matched-loss gradient at ``params`` (flat buffers):
 
-            grad_W_l = scale * D_l^T X_l [+ (W_l - W0_l)/eta],  D_l = f_l(X_l W_l^T + b_l) - Y_l
-            grad_b_l = scale * sum_n D_l[n] [+ (b_l - b0_l)/eta]
+            grad_W_l = scale * D_l^T X_l [+ (W_l - A_l)/eta],  D_l = f_l(X_l W_l^T + b_l) - Y_l
+            grad_b_l = scale * sum_n D_l[n] [+ (b_l - a_l)/eta]
 
-        with X_l = ``inputs[l]``, Y_l = ``targets[l]``, W0 = ``anchors`` (needed with eta).
+        with X_l = ``inputs[l]``, Y_l = ``targets[l]``, A = ``anchors`` (needed with eta). A
+        Gram layer takes the same gradient for the target Y_l = X_l W0_l^T + b0_l (W0, b0 as at
+        ``form_gram_``) in its Gram form, outside the matched-loss launches.
         """
         self._check_flat("params", params, dtype=self.dtype)
         self._check_flat("grads", grads)
@@ -120,13 +164,23 @@ class LayerGroup:
             self._check_flat("anchors", anchors, dtype=self.dtype)
         if self._grouped is not None:
             self._grouped(params, grads, scale=scale, anchors=anchors, eta=eta)
-            return
+        else:
+            self._matched_layer_by_layer(params, grads, scale, anchors, eta)
+        if self._gram is not None:
+            self._gram.write_grads_(params, grads, scale=scale, anchors=anchors, eta=eta)
+
+    def _matched_layer_by_layer(self, params, grads, scale, anchors, eta) -> None:
+        """The matched layers' gradients, one ``matched_loss_grad`` op each (no grouped
+        entry on this backend)."""
         p_views = split_views(params, self.param_shapes)
         g_views = split_views(grads, self.param_shapes)
         a_views = split_views(anchors, self.param_shapes) if eta is not None else None
         p = 0
         for i, layer in enumerate(self.layers):
             k = 2 if layer.bias else 1
+            if self.gram[i]:
+                p += k
+                continue
             w, b = p_views[p], (p_views[p + 1] if layer.bias else None)
             out = (g_views[p], g_views[p + 1] if layer.bias else None)
             anchor = (a_views[p], a_views[p + 1] if layer.bias else None) if a_views else (None, None)

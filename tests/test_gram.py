@@ -1,7 +1,8 @@
-"""The Gram-matrix inner gradient of quadratic local losses (``optim/locoprop.py``
-``_Quadratic``, ``uses_gram``): exact against the independent float64 oracle and against the
+"""The Gram-matrix inner gradient of quadratic local losses (``optim/gram.py``: ``Quadratic``,
+``GramTerms``, ``uses_gram``): exact against the independent float64 oracle and against the
 matched-loss op path, on identity layers (with and without bias, Conv1D layout, a layer called
-twice, the prox term), variant S on a tanh MLP, and reported in ``opt.layers``."""
+twice, the prox term), variant S on a tanh MLP, reported in ``opt.layers``, and in a
+``LayerGroup`` (the grouped strategy's form; its end-to-end tests: test_optim_grouped.py)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import locoprop_kernels as lk
-from locoprop_kernels import backends
+from locoprop_kernels import backends, reference
+from locoprop_kernels.arena import split_views
+from locoprop_kernels.grouped import LayerGroup, LayerSpec, param_shapes
 from locoprop_kernels.optim.gram import uses_gram
 from locoprop_oracle import oracle_steps
 from test_oracle import max_rel_diff
@@ -193,3 +196,50 @@ def test_auto_rule():
 def test_bad_gram_option():
     with pytest.raises(ValueError, match="gram"):
         lk.optim.LocoProp(nn.Linear(3, 2), gram="yes")
+
+
+@pytest.mark.parametrize("eta", [None, 0.5])
+def test_layer_group_gram_layers_equal_the_matched_loss_op(eta):
+    """``LayerGroup(gram=...)``: a Gram layer's slots of the flat gradient equal the
+    matched-loss op's for the target X W0^T + b0 (W0, b0: the params at ``form_gram_``), with
+    the prox term; the matched layers' slots are the op's as before."""
+    layers = [LayerSpec(5, 7, "identity"), LayerSpec(7, 3, "tanh"),
+              LayerSpec(3, 4, "identity", bias=False)]
+    rows, g = 9, torch.Generator().manual_seed(8)
+    group = LayerGroup(layers, rows, device="cpu", dtype=torch.float64, backend="reference",
+                       gram=(True, False, True))
+    assert [r["d_in"] for r in group.layer_table()] == [7]  # the matched layer only
+    for x, y in zip(group.inputs.views(), group.targets.views()):
+        x.copy_(torch.randn(x.shape, generator=g, dtype=torch.float64))
+        y.copy_(torch.randn(y.shape, generator=g, dtype=torch.float64))
+    start = torch.randn(group.num_params, generator=g, dtype=torch.float64)
+    params = start + 0.1 * torch.randn(group.num_params, generator=g, dtype=torch.float64)
+    anchors = torch.randn(group.num_params, generator=g, dtype=torch.float64)
+    grads = torch.full_like(params, float("nan"))  # every slot must be written
+    with pytest.raises(RuntimeError, match="before form_"):
+        group.matched_loss_grads_(params, grads, scale=0.3, anchors=anchors, eta=eta)
+    group.form_gram_(start)
+    group.matched_loss_grads_(params, grads, scale=0.3, anchors=anchors, eta=eta)
+    shapes = param_shapes(layers)
+    at, w0s, anchor, got = (split_views(t, shapes) for t in (params, start, anchors, grads))
+    k = 0
+    for i, layer in enumerate(layers):
+        w, w0, aw = at[k], w0s[k], anchor[k]
+        b, b0, ab = (at[k + 1], w0s[k + 1], anchor[k + 1]) if layer.bias else (None,) * 3
+        x = group.inputs[i]
+        gram = group.gram[i]
+        target = (x @ w0.t() + (0 if b0 is None else b0)) if gram else group.targets[i]
+        gw, gb = reference.matched_loss_grad(x, w, b, target, layer.activation, scale=0.3,
+                                             eta=eta, anchor_weight=aw, anchor_bias=ab)
+        torch.testing.assert_close(got[k], gw, rtol=1e-12, atol=1e-13)
+        if layer.bias:
+            torch.testing.assert_close(got[k + 1], gb, rtol=1e-12, atol=1e-13)
+        k += 2 if layer.bias else 1
+
+
+def test_layer_group_gram_flags_are_checked():
+    layers = [LayerSpec(3, 2, "identity"), LayerSpec(2, 2, "tanh")]
+    with pytest.raises(ValueError, match=r"gram\[1\]"):
+        LayerGroup(layers, 4, device="cpu", gram=(True, True))
+    with pytest.raises(ValueError, match="'gram'"):
+        LayerGroup(layers, 4, device="cpu", gram=(True,))

@@ -6,7 +6,12 @@ backend can be captured).
 It computes what the per-layer strategy computes (docs/design.md section 9): at t = 0 the
 local gradient is C = s gamma p.grad, at t >= 1 every layer's matched-loss gradient with the
 target f(Z0), plus C, [+ (p - p0)/eta], then one RMSProp step over the flat parameter arena.
-Only the launch count and the layout differ.
+Only the launch count and the layout differ. Layers the per-layer strategy would give the Gram
+form (``gram.uses_gram``, the ``gram=`` option: f = identity, chosen per layer) take it here
+too: the group leaves them out of its matched-loss launches, forms their X^T X, X^T 1 and W0
+once per step (``LayerGroup.form_gram_``, before the loop and outside any CUDA graph), and every
+iteration t >= 1 adds their Gram-form gradient with in-place GEMMs on static buffers (captured
+with the rest of the iteration on the graph path).
 
 When it applies (``plan``, checked at every step from the records): every layer with records
 is an affine layer stored (d_out, d_in) (nn.Linear) with one stacked problem, all problems have
@@ -17,11 +22,11 @@ parallel, no custom target, per-layer prox or regularizer. Anything else runs pe
 reason is kept in ``opt.strategy``.
 
 The arenas, the group (its tile tables) and the loop are cached per (layer sizes and
-activations, rows, device, dtype, options): built on the first step of a shape, reused while it
-lasts. Parameters and RMSProp state live in the model and ``opt.state`` (torch's format); a
-step copies them into the arenas and back, except when they already are consecutive views of
-one buffer in the arena layout (``lk.LocoProp``'s parameter and state arenas): then the step
-runs on that buffer, with no copy.
+activations, Gram flags, rows, device, dtype, options): built on the first step of a shape,
+reused while it lasts. Parameters and RMSProp state live in the model and ``opt.state``
+(torch's format); a step copies them into the arenas and back, except when they already are
+consecutive views of one buffer in the arena layout (``lk.LocoProp``'s parameter and state
+arenas): then the step runs on that buffer, with no copy.
 """
 from __future__ import annotations
 
@@ -57,9 +62,9 @@ class GroupedLoop:
     def __init__(self, specs: List[LayerSpec], rows: int, *, device, dtype, backend,
                  precision: str, options: RMSpropOptions, inner_steps: int, lr: float,
                  lr_floor: float, scale: float, eta: Optional[float], cuda_graph: bool,
-                 buffers: Optional[tuple] = None):
+                 buffers: Optional[tuple] = None, gram: Optional[Sequence[bool]] = None):
         self.group = LayerGroup(specs, rows, device=device, dtype=dtype, backend=backend,
-                                precision=precision)
+                                precision=precision, gram=gram)
         self.shapes = param_shapes(specs)
         n = self.group.num_params
 
@@ -84,13 +89,15 @@ class GroupedLoop:
 
     def run(self, problems, params: List[Tensor], square_avgs: List[Tensor],
             momentum_bufs: Optional[List[Tensor]], constant: List[Tensor], lr: float) -> None:
-        """One outer step's T inner iterations: the problems' X and f(Z0) into the group's
-        arenas, C (``constant``, per parameter) into the constant arena, the parameters and
-        state in (unless they are the arenas), the loop, and the results back."""
+        """One outer step's T inner iterations: the problems' X and f(Z0) (matched layers
+        only: a Gram layer's target is its W0) into the group's arenas, C (``constant``, per
+        parameter) into the constant arena, the parameters and state in (unless they are the
+        arenas), the Gram layers' X^T X, X^T 1 and W0, the loop, and the results back."""
         for view, problem in zip(self.group.inputs.views(), problems):
             view.copy_(problem.x)
-        for view, problem in zip(self.group.targets.views(), problems):
-            view.copy_(problem.y)
+        for view, problem, gram in zip(self.group.targets.views(), problems, self.group.gram):
+            if not gram:
+                view.copy_(problem.y)
         torch._foreach_copy_(split_views(self.constant, self.shapes), constant)
         outside = [] if not self.owned else [(self.params, params),
                                              (self.square_avgs, square_avgs)]
@@ -98,6 +105,7 @@ class GroupedLoop:
             outside.append((self.momentum_bufs, momentum_bufs))
         for flat, tensors in outside:
             torch._foreach_copy_(split_views(flat, self.shapes), [t.detach() for t in tensors])
+        self.group.form_gram_(self.params)  # after the params are in: W0 is this step's start
         if self.loop.lr != lr:
             self.loop.set_lr(lr)
         self.loop.run()

@@ -703,6 +703,7 @@ class LocoProp(torch.optim.Optimizer):
         options = RMSpropOptions.from_group(g0)
         specs = [LayerSpec(pr.x.shape[1], pr.y.shape[1], pr.activation,
                            layer_params(pr.layer)[1] is not None) for pr in problems]
+        gram = tuple(self._take_gram(problems, build=False))  # the per-layer rule, per layer
         first = params[0]
         # lk.LocoProp hands its parameter and state arenas: the step runs on them, no copy.
         states = [self.state[p] for p in params]
@@ -717,7 +718,7 @@ class LocoProp(torch.optim.Optimizer):
             buffers = None
         elif buffers[2] is None:
             buffers = (buffers[0], buffers[1], torch.empty_like(buffers[0]))
-        key = (tuple(specs), problems[0].x.shape[0], first.device, first.dtype, options,
+        key = (tuple(specs), gram, problems[0].x.shape[0], first.device, first.dtype, options,
                g0["inner_steps"], g0["lr_floor"], g0["scale"], g0["eta"], g0["backend"],
                g0.get("precision", "ieee"),
                None if buffers is None else tuple(b.data_ptr() for b in buffers))
@@ -729,10 +730,8 @@ class LocoProp(torch.optim.Optimizer):
                 backend=g0["backend"], precision=g0.get("precision", "ieee"),
                 options=options, inner_steps=g0["inner_steps"], lr=float(g0["lr"]),
                 lr_floor=g0["lr_floor"], scale=g0["scale"], eta=g0["eta"],
-                cuda_graph=self.cuda_graph, buffers=buffers)
+                cuda_graph=self.cuda_graph, buffers=buffers, gram=gram)
         self.strategy = "grouped"
-        for problem in problems:
-            self._set_inner(problem.layer, "matched")
         return loop
 
     def _grouped_refusal(self, params: list, problems: list) -> Optional[str]:
@@ -829,18 +828,23 @@ class LocoProp(torch.optim.Optimizer):
                                          geometry, z0=Z, g=G))
         return problems
 
-    def _take_gram(self, problems: list) -> None:
-        """The per-layer strategy's choice, per problem, of the Gram form (``uses_gram``,
-        ``gram=``), recorded in ``opt.layers[i].inner``."""
+    def _take_gram(self, problems: list, build: bool = True) -> list:
+        """Each problem's choice of the Gram form (``uses_gram``, ``gram=``), one rule for both
+        strategies, recorded in ``opt.layers[i].inner`` and returned (a bool per problem); with
+        ``build`` (the per-layer strategy) its ``Quadratic`` is made (the grouped one keeps its
+        Gram terms in its group)."""
         steps = self.param_groups[0]["inner_steps"]
+        flags = []
         for problem in problems:
             x = problem.x
             gram = (problem.conv is None and problem.activation == "identity"
                     and (self.gram == "always" or (self.gram == "auto" and uses_gram(
                         x.shape[0], x.shape[1], problem.y.shape[1], steps))))
-            if gram:
+            if gram and build:
                 problem.quadratic = Quadratic(problem.layer, x)
             self._set_inner(problem.layer, "gram" if gram else "matched")
+            flags.append(bool(gram))
+        return flags
 
     def _set_inner(self, module: nn.Module, inner: str) -> None:
         """Record in ``opt.layers`` how this step forms the layer's inner gradient."""
