@@ -167,3 +167,29 @@ def test_a_repeated_conv2d_op_equals_a_checked_call(backend):
     want_w, _ = lk.matched_loss_grad_conv2d(x, w, None, y, "relu", scale=1.5, backend=backend,
                                             **geometry)
     assert torch.equal(op.grad_weight, want_w)
+
+
+def test_the_grouped_strategy_keeps_its_views_of_the_layout_and_a_failed_first_step_no_state(
+        monkeypatch):
+    model = _model()
+    opt = lk.optim.LocoProp(model, lr=1e-3, backend="reference", inner_steps=3, grouped=True)
+    calls = []
+    real = lk.optim.locoprop.GroupedLoop.run
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lk.optim.locoprop.GroupedLoop, "run", failing)
+    x, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    assert not opt.state  # the first step created the state; its failure dropped it
+    _steps(model, opt, _batches(2))
+    assert opt.strategy == "grouped"
+    views = opt._layout.grouped
+    _steps(model, opt, _batches(1))
+    assert opt._layout.grouped is views

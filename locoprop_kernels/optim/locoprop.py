@@ -94,10 +94,10 @@ from ..validation import check_choice, check_number, fail_type, fail_value
 from .detection import Detector
 from .gram import Quadratic, uses_gram
 from .grouped_step import GroupedLoop, flat_view
-from .per_layer_step import Backup, FlatGrads, RepeatedOp, StepLayout
+from .per_layer_step import FlatGrads, RepeatedOp, StepLayout
 from .layers import (OP, LayerInfo, conv_geometry, decide_activations, features, find_layers,
                      layer_params, observed, preactivation, stores_in_out)
-from .rmsprop import init_state, state_dtype
+from .rmsprop import state_dtype
 
 #: Forward passes observed for activation detection at most (``Detector``): a layer that no
 #: pass has called by then keeps its construction-time decision.
@@ -644,14 +644,15 @@ class LocoProp(torch.optim.Optimizer):
         if self.nonfinite == "skip" and not _all_finite(constant.buffers):
             self._skip("gradients")
             return
-        grouped = self._grouped_loop(params, problems)
+        # The state (created where missing, now that every check has passed) and the backup.
+        backup = layout.bind(self.param_groups, self.state)
+        grouped = self._grouped_loop(layout, params, problems)
         if grouped is None:
             self._take_gram(problems)
-        backup = layout.bind(self.param_groups, self.state)
         backup.save()
         try:
             if grouped is not None:
-                self._run_grouped(grouped, params, problems, constant)
+                self._run_grouped(grouped, layout, problems)
             else:
                 self._run_per_layer(layout, params, problems, constant)
         except BaseException:
@@ -692,7 +693,8 @@ class LocoProp(torch.optim.Optimizer):
         # ``grads``.
         self._last_grads = grads.buffers
 
-    def _grouped_loop(self, params: list, problems: list) -> Optional[GroupedLoop]:
+    def _grouped_loop(self, layout: StepLayout, params: list,
+                      problems: list) -> Optional[GroupedLoop]:
         """The cached ``GroupedLoop`` for this step's records when the grouped strategy applies
         (``optim/grouped_step.py``), else None; ``self.strategy`` says which and why."""
         reason = self._grouped_refusal(params, problems)
@@ -705,19 +707,7 @@ class LocoProp(torch.optim.Optimizer):
                            layer_params(pr.layer)[1] is not None) for pr in problems]
         gram = tuple(self._take_gram(problems, build=False))  # the per-layer rule, per layer
         first = params[0]
-        # lk.LocoProp hands its parameter and state arenas: the step runs on them, no copy.
-        states = [self.state[p] for p in params]
-        for st, p in zip(states, params):
-            init_state(st, p, options)
-        buffers = (flat_view([p.detach() for p in params]),
-                   flat_view([st["square_avg"] for st in states]),
-                   flat_view([st["momentum_buffer"] for st in states])
-                   if options.has_momentum else None)
-        if buffers[0] is None or buffers[1] is None or (options.has_momentum
-                                                        and buffers[2] is None):
-            buffers = None
-        elif buffers[2] is None:
-            buffers = (buffers[0], buffers[1], torch.empty_like(buffers[0]))
+        buffers = self._grouped_views(layout, params, options).buffers
         key = (tuple(specs), gram, problems[0].x.shape[0], first.device, first.dtype, options,
                g0["inner_steps"], g0["lr_floor"], g0["scale"], g0["eta"], g0["backend"],
                g0.get("precision", "ieee"),
@@ -771,12 +761,32 @@ class LocoProp(torch.optim.Optimizer):
             return "parameters on several devices"
         return None
 
-    def _run_grouped(self, loop: GroupedLoop, params: list, problems: list,
-                     constant: FlatGrads) -> None:
-        states = [self.state[p] for p in params]  # made by _grouped_loop
-        loop.run(problems, params, [st["square_avg"] for st in states],
-                 [st["momentum_buffer"] for st in states] if loop.options.has_momentum
-                 else None, [constant[p] for p in params], float(self.param_groups[0]["lr"]))
+    def _grouped_views(self, layout: StepLayout, params: list,
+                       options: RMSpropOptions) -> "_GroupedViews":
+        """The grouped strategy's per-parameter lists and flat buffers of this layout, made on
+        its first grouped step (the layout is kept only while they stay valid)."""
+        views = layout.grouped
+        if views is None:
+            states = [self.state[p] for p in params]  # made by layout.bind
+            square_avgs = [st["square_avg"] for st in states]
+            momentum_bufs = ([st["momentum_buffer"] for st in states]
+                             if options.has_momentum else None)
+            # lk.LocoProp hands its parameter and state arenas: the step runs on them, no copy.
+            buffers = (flat_view([p.detach() for p in params]), flat_view(square_avgs),
+                       flat_view(momentum_bufs) if momentum_bufs is not None else None)
+            if buffers[0] is None or buffers[1] is None or (momentum_bufs is not None
+                                                            and buffers[2] is None):
+                buffers = None
+            elif buffers[2] is None:
+                buffers = (buffers[0], buffers[1], torch.empty_like(buffers[0]))
+            views = layout.grouped = _GroupedViews(
+                buffers, square_avgs, momentum_bufs, [layout.constant[p] for p in params])
+        return views
+
+    def _run_grouped(self, loop: GroupedLoop, layout: StepLayout, problems: list) -> None:
+        views = layout.grouped  # made by _grouped_loop
+        loop.run(problems, layout.params, views.square_avgs, views.momentum_bufs,
+                 views.constant, float(self.param_groups[0]["lr"]))
         self._last_grads = loop.loop.grad_buffers
 
     def _skip(self, what: str) -> None:
@@ -943,6 +953,18 @@ class LocoProp(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+
+@dataclasses.dataclass
+class _GroupedViews:
+    """What the grouped strategy reads of a ``StepLayout``: the flat parameter / square-average /
+    momentum buffers the parameters and state are consecutive views of (None: they are not, the
+    loop copies), the state lists and C's per-parameter views."""
+
+    buffers: Optional[tuple]
+    square_avgs: list
+    momentum_bufs: Optional[list]
+    constant: list
 
 
 class _Problem:

@@ -22,7 +22,7 @@ kernel).
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -145,6 +145,7 @@ class StepLayout:
         self.parts: list = []
         self.part_group: list = []  # the group index of each part
         self.checked = False  # a run of the segments' rmsprop_step_ was checked
+        self.grouped = None  # the grouped strategy's views of it (optim/locoprop.py), once
 
     def bind(self, groups: list, state) -> Backup:
         """The parameters' state, created where missing, and the backup of the step (both
