@@ -241,19 +241,19 @@ def routes_report() -> str:
     by = "set_route" if _override else ENV
     lines = [f"Linear matched-loss routes of the triton backend: "
              f"{f'forced to {forced} by {by}' if forced else 'chosen per key'}", "",
-             "| B | d_in | d_out | f | x | weight | precision | prox | delta form | device "
+             "| B | d_in | d_out | f | x | weight | precision | prox | device "
              "| fused ms | gemm ms | route | how |",
-             "|---:|---:|---:|---|---|---|---|---|---|---|---:|---:|---|---|"]
+             "|---:|---:|---:|---|---|---|---|---|---|---:|---:|---|---|"]
 
     def ms(v):
         return "-" if v is None else f"{v:.4f}"
     for d in routes():
         k = d.key
-        lines.append(f"| {k.batch} | {k.d_in} | {k.d_out} | {k.activation} | {k.x_dtype} "
+        f = f"{k.activation}{', delta form' if k.anchored else ''}"
+        lines.append(f"| {k.batch} | {k.d_in} | {k.d_out} | {f} | {k.x_dtype} "
                      f"| {k.weight_dtype} | {k.precision} | {'yes' if k.prox else 'no'} "
-                     f"| {'yes' if k.anchored else 'no'} | {k.device} | {ms(d.fused_ms)} "
-                     f"| {ms(d.gemm_ms)} | {d.route} "
+                     f"| {k.device} | {ms(d.fused_ms)} | {ms(d.gemm_ms)} | {d.route} "
                      f"| {d.how} |")
     if not routes():
-        lines.append("| (no key decided yet) ||||||||||||||")
+        lines.append("| (no key decided yet) |||||||||||||")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,9 @@ bias, target, scale, prox and ``out=``, the backend call, the outputs and the pu
     locoprop::matched_loss_grad[_conv2d]       returns [grad_weight, grad_bias]; grad_bias is
                                                empty when bias is None (a Tensor[] holds no None)
     locoprop::matched_loss_grad[_conv2d]_out   writes into out_weight / out_bias (arena slices)
+
+The Linear ops take one more argument, last and defaulting to None: ``anchor_preact`` Z0, the
+delta form of stage 1 (``matched_loss_grad``'s docstring).
 """
 from __future__ import annotations
 
