@@ -328,6 +328,11 @@ def _weight_grad_sum_kernel(part_ptr, slice_stride, bias_off, n_slices, w_ptr, w
                           N, K, scale, inv_eta, HAS_BIAS, HAS_PROX, BLOCK_N, BLOCK_K)
 
 
+#: The delta form's reduction tile depth at most (``delta``), element-wise / softmax: it
+#: loads two weight tiles, and softmax holds a row block's whole pass-1 state besides.
+ANCHORED_MAX_BLOCK_K = {False: 32, True: 16}
+
+
 def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None,
           user_f=None, anchor_preact=None, anchor_weight=None, anchor_bias=None):
     """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out); ``user_f``: a
@@ -351,6 +356,10 @@ def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=No
         return d
     # Stand-ins for an absent bias: never read (HAS_BIAS masks them), but a pointer is needed.
     b, b0 = (bias, anchor_bias) if bias is not None else (weight, weight)
+    # The W0 tile beside W's: the "delta" rows' 64-deep half-dtype softmax tiles spill
+    # (make triton-check, sm_90), 32-deep ones too with half x under fp32 weights;
+    # ANCHORED_MAX_BLOCK_K deep they do not.
+    blocks["BLOCK_K"] = tile(K, min(cfg.block_k, ANCHORED_MAX_BLOCK_K[softmax]))
     launch(_anchored_delta_kernel, grid, x, weight, anchor_weight, anchor_preact, b, b0,
            target, d, B, N, K, **blocks)
     return d
