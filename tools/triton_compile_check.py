@@ -8,7 +8,8 @@ compiles them: a kernel that the GPU compiler rejects (a dot with a tile edge un
 mix the interpreter tolerates, a constexpr misuse) would pass CI and break on the first GPU.
 This script drives the real launchers (``triton_kernels/*.py``) over the cases the package
 uses -- every activation, dtype (and mixed precision: half x and target, fp32 parameters),
-bias/prox setting, dot precision ("ieee", "tf32", "bf16"), both tile regimes, stage 2 both
+bias/prox setting, dot precision ("ieee", "tf32", "bf16"), stage 1's delta form (anchor_preact,
+on the extreme activations), both tile regimes, stage 2 both
 unsplit and split over B (pass 1 and pass 2), the grouped kernels on the autoencoder's layer
 table, a ragged one and a narrow one at a long batch, the Conv2d delta and finish
 kernels, RMSProp flat and table forms with lr as a value and as a device pointer and with
@@ -62,6 +63,7 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 # The kernels that hold a dot (conv_matched_loss_grad's _delta_kernel has none: it is told
 # apart by its module).
 DOT_KERNELS = {("matched_loss_grad", "_delta_kernel"), ("matched_loss_grad", "_weight_grad_kernel"),
+               ("matched_loss_grad", "_anchored_delta_kernel"),
                ("matched_loss_grad", "_weight_grad_partial_kernel"),
                ("grouped_matched_loss_grad", "_grouped_delta_kernel"),
                ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel"),
@@ -69,6 +71,7 @@ DOT_KERNELS = {("matched_loss_grad", "_delta_kernel"), ("matched_loss_grad", "_w
 # The kernel family (configs.KERNELS) of each (module, kernel) the config table serves; pass 2
 # of a split stage 2 (the _sum kernels) has fixed tiles (matched_loss_grad.SUM_*) and no row.
 FAMILY = {("matched_loss_grad", "_delta_kernel"): "delta",
+          ("matched_loss_grad", "_anchored_delta_kernel"): "delta",
           ("matched_loss_grad", "_weight_grad_kernel"): "weight_grad",
           ("matched_loss_grad", "_weight_grad_partial_kernel"): "weight_grad",
           ("grouped_matched_loss_grad", "_grouped_weight_grad_partial_kernel"):
@@ -352,7 +355,32 @@ def conv_cases(compiler: Compiler) -> None:
                          torch.empty_like(w), torch.empty_like(b) if has_bias else None)
 
 
-GROUPS = {"codes": table_codes_match, "per_layer": per_layer_cases, "grouped": grouped_cases,
+def delta_form_cases(compiler: Compiler) -> None:
+    """Stage 1's delta form (``_anchored_delta_kernel``: W and W0 loaded, Z0 and b - b0 added
+    in the epilogue) under the "delta" config rows it shares with ``_delta_kernel``: the
+    extreme activations at every (dtype, precision) row, full and short shapes, bias on and
+    off, and mixed precision (half x and target, fp32 parameters and Z0). Stage 2 is the
+    plain form's (already compiled by per_layer_cases)."""
+    full, short = (1000, 1000, 1000), (128, 1000, 1000)
+    for dtype, precision, act_name in itertools.product(
+            [torch.float32, torch.bfloat16], PRECISIONS, EXTREME_ACTS):
+        compiler.context = f"{dtype} {act_name} delta form"
+        for shape, has_bias in itertools.product((full, short), (True, False)):
+            x, w, b, y = _layer(*shape, dtype, has_bias)
+            matched_loss_grad.delta(x, w, b, y, ACTIVATIONS[act_name].code,
+                                    precision=precision, anchor_preact=torch.empty_like(y),
+                                    anchor_weight=w, anchor_bias=b)
+    for low, act_name, precision in itertools.product(
+            [torch.bfloat16], EXTREME_ACTS, ("tf32", "bf16")):
+        compiler.context = f"{low} operands, fp32 params {act_name} delta form"
+        x, w, b, y = _layer(*full, low, True, torch.float32)
+        matched_loss_grad.delta(x, w, b, y, ACTIVATIONS[act_name].code, precision=precision,
+                                anchor_preact=torch.empty(y.shape), anchor_weight=w,
+                                anchor_bias=b)
+
+
+GROUPS = {"codes": table_codes_match, "per_layer": per_layer_cases,
+          "delta_form": delta_form_cases, "grouped": grouped_cases,
           "conv": conv_cases, "rmsprop": None}  # rmsprop_cases, defined below
 
 

@@ -1,6 +1,7 @@
 """Matched-loss gradient of a Linear+f layer as two fused Triton GEMMs.
 
     stage 1  D = f(X W^T + b) - Y                              (B, d_out), fp32 scratch
+             (delta form: Z = Z0 + X (W - W0)^T + (b - b0) in place of X W^T + b)
     stage 2  grad_W = scale * D^T X [+ (W - W0)/eta]           (d_out, d_in)
              grad_b = scale * sum_n D_n [+ (b - b0)/eta]       (d_out,)
 
@@ -16,6 +17,11 @@ and writing straight into the destination (which may be a view into an arena). O
 pass 2 sums them in the order s = 0..S-1 and applies the same epilogue.
 Inputs are loaded in their storage dtype and upcast to fp32 in registers; ``precision``
 ("ieee", "tf32", "bf16", ``_common.dot``) says what the tensor cores or FMA units are given.
+The delta form of stage 1 (``anchor_preact`` Z0 given: LocoProp's inner iterations, where
+W = W0 + dW with a small dW) is a kernel of its own, ``_anchored_delta_kernel``: it loads W and
+W0, forms dW in fp32, hands dW (not W) to the dot at ``precision`` and adds Z0 and b - b0 in
+fp32 in the epilogue, so the operands' rounding costs the rounding unit of X dW^T, not of
+X W^T (which would swamp X dW^T). Without Z0, ``_delta_kernel`` runs as before.
 Tile edges, warps and pipeline stages come from the config table (``configs.py``).
 """
 from dataclasses import dataclass
@@ -77,6 +83,81 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
             f = USER_F(z)
         else:
             f = apply_elementwise(z, act)
+        tl.store(d_ptr + offs, f - y, mask=ok)
+
+
+@triton.jit
+def _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols, B, N, K,
+                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """Z[rows, cols] = Z0[rows, cols] + X[rows] (W - W0)[cols]^T + (b - b0)[cols] as an fp32
+    (BLOCK_M, BLOCK_N) tile: W - W0 is formed in fp32 (exact to fp32 when W is near W0) and
+    only it and X go through the dot at ``PRECISION``; Z0 and the bias update are added in
+    fp32. Masked entries read 0, so rows past B give finite values (softmax's max)."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                    mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+        # (W - W0)^T tile (BLOCK_K, BLOCK_N) read straight from the (d_out, d_in) layouts.
+        w_offs = cols[None, :] * K + ks[:, None]
+        w_ok = (cols[None, :] < N) & (ks[:, None] < K)
+        w_t = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+        w0_t = tl.load(w0_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+        acc = dot(x.to(tl.float32), w_t - w0_t, acc, PRECISION)
+    ok = (rows[:, None] < B) & (cols[None, :] < N)
+    z = acc + tl.load(z0_ptr + rows[:, None] * N + cols[None, :], mask=ok,
+                      other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        b0 = tl.load(b0_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        z += (b - b0)[None, :]
+    return z
+
+
+@triton.jit
+def _parked_tile(z_ptr, unused_w_ptr, unused_b_ptr, rows, cols, B, N, unused_k, unused_bias,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """The parked fp32 Z tile of a (B, N) row-major buffer (masked entries 0): the tile
+    source of ``_common.softmax_rows`` for Z already formed (the unused arguments are the
+    GEMM source's)."""
+    ok = (rows[:, None] < B) & (cols[None, :] < N)
+    return tl.load(z_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _anchored_delta_kernel(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, y_ptr, d_ptr, B, N, K,
+                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr, USER_F: tl.constexpr = None):
+    """Stage 1 in the delta form for one layer: D = f(Z0 + X (W - W0)^T + (b - b0)) - Y
+    (``_anchored_preact_tile``). Grid as ``_delta_kernel``'s. Softmax: pass 1 parks each
+    program's Z tiles (all of d_out) in D, then ``softmax_rows`` reads them back twice (its
+    online max/sum, then softmax - Y in place): its own tile source takes three pointers, the
+    delta form needs six."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    if ACT == SOFTMAX:
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            z = _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols,
+                                      B, N, K, HAS_BIAS, BLOCK_K, PRECISION)
+            tl.store(d_ptr + rows[:, None] * N + cols[None, :], z,
+                     mask=row_ok[:, None] & (cols[None, :] < N))
+        tl.debug_barrier()  # softmax_rows reads what this program wrote
+        softmax_rows(_parked_tile, d_ptr, d_ptr, d_ptr, 0, d_ptr, y_ptr, d_ptr, 1.0, rows, B, N,
+                     K, False, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = row_ok[:, None] & (cols[None, :] < N)
+        offs = rows[:, None] * N + cols[None, :]
+        z = _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols, B,
+                                  N, K, HAS_BIAS, BLOCK_K, PRECISION)
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if USER_F is not None:
+            f = USER_F(z)
+        else:
+            f = apply_elementwise(z, ACT)
         tl.store(d_ptr + offs, f - y, mask=ok)
 
 
@@ -247,10 +328,18 @@ def _weight_grad_sum_kernel(part_ptr, slice_stride, bias_off, n_slices, w_ptr, w
                           N, K, scale, inv_eta, HAS_BIAS, HAS_PROX, BLOCK_N, BLOCK_K)
 
 
+#: The delta form's reduction tile depth at most (``delta``), element-wise / softmax: it
+#: loads two weight tiles, and softmax holds a row block's whole pass-1 state besides.
+ANCHORED_MAX_BLOCK_K = {False: 32, True: 16}
+
+
 def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=None,
-          user_f=None):
+          user_f=None, anchor_preact=None, anchor_weight=None, anchor_bias=None):
     """Launch stage 1 and return D = f(X W^T + b) - Y as fp32 (B, d_out); ``user_f``: a
-    registered activation's @triton.jit f (then ``code`` is not read)."""
+    registered activation's @triton.jit f (then ``code`` is not read). With ``anchor_preact``
+    Z0 (B, d_out), ``anchor_weight`` W0 and (with a bias) ``anchor_bias`` b0, all
+    contiguous: the delta form, Z = Z0 + X (W - W0)^T + (b - b0)
+    (``_anchored_delta_kernel``)."""
     check_precision(precision)
     B, K = x.shape
     N = weight.shape[0]
@@ -259,9 +348,20 @@ def delta(x, weight, bias, target, code: int, *, precision: str = "ieee", out=No
     cfg = configs.lookup("delta", x.dtype, precision, softmax=softmax, shape=(B, N, K))
     bm, bn, bk = tile(B, cfg.block_m), tile(N, cfg.block_n), tile(K, cfg.block_k)
     grid = (triton.cdiv(B, bm), 1 if softmax else triton.cdiv(N, bn))
-    launch(_delta_kernel, grid, x, weight, bias if bias is not None else x, target, d, B, N, K,
-           HAS_BIAS=int(bias is not None), ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-           PRECISION=precision, USER_F=user_f, **cfg.launch_options())
+    blocks = dict(HAS_BIAS=int(bias is not None), ACT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                  PRECISION=precision, USER_F=user_f, **cfg.launch_options())
+    if anchor_preact is None:
+        launch(_delta_kernel, grid, x, weight, bias if bias is not None else x, target, d, B,
+               N, K, **blocks)
+        return d
+    # Stand-ins for an absent bias: never read (HAS_BIAS masks them), but a pointer is needed.
+    b, b0 = (bias, anchor_bias) if bias is not None else (weight, weight)
+    # The W0 tile beside W's: the "delta" rows' 64-deep half-dtype softmax tiles spill
+    # (make triton-check, sm_90), 32-deep ones too with half x under fp32 weights;
+    # ANCHORED_MAX_BLOCK_K deep they do not.
+    blocks["BLOCK_K"] = tile(K, min(cfg.block_k, ANCHORED_MAX_BLOCK_K[softmax]))
+    launch(_anchored_delta_kernel, grid, x, weight, anchor_weight, anchor_preact, b, b0,
+           target, d, B, N, K, **blocks)
     return d
 
 
@@ -301,16 +401,21 @@ def weight_grad_split(B: int, N: int, K: int, dtype, precision: str, device
 
 def matched_loss_grad_into(x, weight, bias, target, code: int, scale: float,
                            anchor_weight, anchor_bias, eta, out_weight, out_bias,
-                           *, precision: str = "ieee", user_f=None) -> None:
+                           *, precision: str = "ieee", user_f=None,
+                           anchor_preact=None) -> None:
     """Write the matched-loss gradient into ``out_weight`` (and ``out_bias``): two launches,
     three when stage 2 is split over B (``weight_grad_split``: pass 1 writes S fp32
     partials, allocated here per call, S * (d_out * d_in + d_out) floats; pass 2 sums them
     in slice order and finishes).
 
     All tensors must be contiguous; shapes as in the module docstring. ``eta`` None turns
-    the prox term off. The outputs may have any float dtype (math is fp32).
+    the prox term off; ``anchor_preact`` Z0 turns on stage 1's delta form (``delta``), with
+    W0 and b0 from ``anchor_weight`` and ``anchor_bias`` (the prox centre too, with eta).
+    The outputs may have any float dtype (math is fp32).
     """
-    d = delta(x, weight, bias, target, code, precision=precision, user_f=user_f)
+    d = delta(x, weight, bias, target, code, precision=precision, user_f=user_f,
+              anchor_preact=anchor_preact, anchor_weight=anchor_weight,
+              anchor_bias=anchor_bias)
     B, K = x.shape
     N = weight.shape[0]
     cut = weight_grad_split(B, N, K, x.dtype, precision, x.device)

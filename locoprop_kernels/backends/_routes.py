@@ -8,10 +8,14 @@ The two routes compute the same function (docs/design.md section 2) at the same 
              epilogue, G = D^T X by torch.mm, then scale, bias sum and prox by our finish pass
              (triton_kernels/conv_matched_loss_grad.py): the cpp CUDA backend's shape
 
+Both have the delta form of stage 1 (``anchor_preact`` Z0 given: Z = Z0 + X (W - W0)^T +
+(b - b0), only the update on low-precision operands), a key of its own (``anchored``).
+
 Neither wins everywhere: cuBLAS is hard to beat on large square GEMMs, the fused kernels save
 Z's round trip through memory and a launch on small ones. So the route is chosen per key,
 
-    RouteKey = (B, d_in, d_out, activation kind, x dtype, weight dtype, precision, prox, device)
+    RouteKey = (B, d_in, d_out, activation kind, x dtype, weight dtype, precision, prox, device,
+                anchored)
 
 once per process, by measurement (``RouteChooser``):
 
@@ -73,15 +77,17 @@ class RouteKey:
     precision: str
     prox: bool
     device: str
+    #: Stage 1 in the delta form (``anchor_preact`` given): one more GEMM operand to load.
+    anchored: bool = False
 
     @classmethod
     def of(cls, x: torch.Tensor, weight: torch.Tensor, activation: str, precision: str,
-           prox: bool) -> "RouteKey":
+           prox: bool, anchored: bool = False) -> "RouteKey":
         """The key of a call on x (B, d_in) and weight (d_out, d_in)."""
         def name(dtype):
             return str(dtype).replace("torch.", "")
         return cls(x.shape[0], x.shape[1], weight.shape[0], activation, name(x.dtype),
-                   name(weight.dtype), precision, bool(prox), str(x.device))
+                   name(weight.dtype), precision, bool(prox), str(x.device), bool(anchored))
 
 
 @dataclass(frozen=True)
@@ -163,29 +169,30 @@ class RouteChooser:
         self._decided: Dict[RouteKey, RouteDecision] = {}
 
     def choose(self, x: torch.Tensor, weight: torch.Tensor, activation: str, precision: str,
-               prox: bool, runs: Mapping[str, Callable[[], None]]) -> str:
+               prox: bool, runs: Mapping[str, Callable[[], None]],
+               anchored: bool = False) -> str:
         """The route for a call on x (B, d_in) and weight (d_out, d_in) (``RouteKey``'s other
         fields as given); ``runs`` holds a call of each route available to it (both, or
         "fused" alone), which the first call of a key may time."""
         # The cache is keyed by the raw fields (hashing torch dtypes and devices is cheap);
         # the RouteKey of names is made once per decision, for the report.
         raw = (x.shape[0], x.shape[1], weight.shape[0], activation, x.dtype, weight.dtype,
-               precision, prox, x.device)
+               precision, prox, x.device, anchored)
         decision = self._decided.get(raw)
         if len(runs) == 1:
             if decision is None:
                 (only,) = runs
                 name = activation.replace("registered ", "")
                 self._decided[raw] = decision = RouteDecision(
-                    RouteKey.of(x, weight, activation, precision, prox), only,
+                    RouteKey.of(x, weight, activation, precision, prox, anchored), only,
                     f"only route ({name} is a registered activation)")
             return decision.route
         forced = forced_route()
         if forced is not None:
             return forced
         if decision is None:
-            decision = self._decide(RouteKey.of(x, weight, activation, precision, prox), runs,
-                                    x.device)
+            decision = self._decide(RouteKey.of(x, weight, activation, precision, prox,
+                                                anchored), runs, x.device)
             if decision is None:
                 return "fused"
             self._decided[raw] = decision
@@ -242,7 +249,8 @@ def routes_report() -> str:
         return "-" if v is None else f"{v:.4f}"
     for d in routes():
         k = d.key
-        lines.append(f"| {k.batch} | {k.d_in} | {k.d_out} | {k.activation} | {k.x_dtype} "
+        f = f"{k.activation}{', delta form' if k.anchored else ''}"
+        lines.append(f"| {k.batch} | {k.d_in} | {k.d_out} | {f} | {k.x_dtype} "
                      f"| {k.weight_dtype} | {k.precision} | {'yes' if k.prox else 'no'} "
                      f"| {k.device} | {ms(d.fused_ms)} | {ms(d.gemm_ms)} | {d.route} "
                      f"| {d.how} |")

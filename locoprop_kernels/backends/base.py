@@ -4,7 +4,7 @@ A backend writes into caller-given outputs; arguments arrive validated (``valida
 op layer), so a backend only makes the layouts its kernels need:
 
     matched_loss_grad_into(x, weight, bias, target, activation, scale, anchor_weight,
-                           anchor_bias, eta, out_weight, out_bias, precision)
+                           anchor_bias, eta, out_weight, out_bias, precision, anchor_preact=)
     matched_loss_grad_conv2d_into(x, weight, bias, target, activation, stride, padding,
                                   dilation, groups, scale, anchor_weight, anchor_bias, eta,
                                   out_weight, out_bias, precision)
@@ -66,8 +66,13 @@ class Backend(ABC):
 
     @abstractmethod
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
-                               anchor_bias, eta, out_weight, out_bias, precision) -> None:
-        """out_weight, out_bias <- the matched-loss gradient (ops.matched_loss_grad)."""
+                               anchor_bias, eta, out_weight, out_bias, precision,
+                               anchor_preact=None) -> None:
+        """out_weight, out_bias <- the matched-loss gradient (ops.matched_loss_grad). The prox
+        term is on when ``eta`` is given; ``anchor_preact`` Z0 (then anchor_weight W0, and
+        anchor_bias b0 with a bias, are given too, with or without eta) makes stage 1's
+        pre-activation Z = Z0 + X (W - W0)^T + (b - b0), only the update on low-precision
+        operands."""
 
     @abstractmethod
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,

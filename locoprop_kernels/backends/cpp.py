@@ -4,6 +4,7 @@ The GEMMs stay in PyTorch (its BLAS on the CPU, cuBLAS on the GPU); everything a
 one pass of ours over raw pointers (``csrc/``, no torch headers):
 
     matched_loss_grad   Z = X W^T                       torch.mm          (B, d_out) fp32
+                        (or Z0 + X (W - W0)^T, b - b0 for b: torch.addmm, the delta form)
                         Z <- scale (f(Z + b) - Y)       _C, one pass      (D, already scaled)
                         grad_W = D^T X                  torch.mm(out=)    (d_out, d_in)
                         grad_W += (W - W0)/eta; grad_b = sum_n D + (b - b0)/eta   _C, one pass
@@ -193,12 +194,14 @@ class CppBackend(Backend):
     # ------------------------------------------------------------ matched_loss_grad
 
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
-                               anchor_bias, eta, out_weight, out_bias, precision):
+                               anchor_bias, eta, out_weight, out_bias, precision,
+                               anchor_preact=None):
         """grad_W = scale D^T X [+ (W - W0)/eta], grad_b = scale sum_n D [+ (b - b0)/eta]
         with D = f(X W^T + b) - Y, into ``out_weight`` (d_out, d_in) / ``out_bias`` (d_out,).
         Two C++ calls (one when there is nothing to do after the GEMM). ``precision`` is not
         used: the GEMMs are PyTorch's, in fp32 (on CUDA ``torch.backends.cuda.matmul``
-        settings decide whether they use TF32)."""
+        settings decide whether they use TF32). With ``anchor_preact`` Z0 the GEMM is
+        Z0 + X (W - W0)^T (one addmm) and the delta kernel adds b - b0 instead of b."""
         kernels = _Kernels(x.device)
         code = get_activation(activation).code
         storage = weight.dtype  # the parameters' and outputs' dtype; x may be a half one
@@ -210,9 +213,14 @@ class CppBackend(Backend):
         target = _as_dtype(target, storage)
 
         # Stage 1: D (scaled) in place on the GEMM's output.
-        delta = torch.mm(x32, _fp32(weight).T)
-        kernels.matched_loss_delta(delta.data_ptr(), _ptr(bias), target.data_ptr(), dtype, B,
-                                   d_out, code, float(scale))
+        if anchor_preact is None:
+            delta, delta_bias = torch.mm(x32, _fp32(weight).T), bias
+        else:
+            delta = torch.addmm(_fp32(anchor_preact), x32,
+                                (_fp32(weight) - _fp32(anchor_weight)).T).contiguous()
+            delta_bias = None if bias is None else (bias - anchor_bias).contiguous()
+        kernels.matched_loss_delta(delta.data_ptr(), _ptr(delta_bias), target.data_ptr(),
+                                   dtype, B, d_out, code, float(scale))
 
         # Stage 2: the weight GEMM, straight into out_weight when it is fp32 and contiguous.
         has_prox = eta is not None

@@ -156,19 +156,21 @@ class TritonBackend(Backend):
         return run
 
     def matched_loss_grad_into(self, x, weight, bias, target, activation, scale, anchor_weight,
-                               anchor_bias, eta, out_weight, out_bias, precision):
+                               anchor_bias, eta, out_weight, out_bias, precision,
+                               anchor_preact=None):
         """One of two routes per shape (``_routes.py``): the two fused Triton GEMM kernels
         ("fused"), or torch's GEMMs with our epilogue and finish passes around them
         ("gemm", ``_gemm_route``). A registered activation's ``triton_f`` runs only in the
-        fused kernel."""
+        fused kernel. ``anchor_preact`` Z0: stage 1 in the delta form on either route."""
         c = _contiguous
         row = get_activation(activation)
         user_f = None if row.builtin else row.triton_f
         x, weight, bias, target = c(x), c(weight), c(bias), c(target)
-        has_prox = eta is not None
-        if not has_prox:
+        has_prox, anchored = eta is not None, anchor_preact is not None
+        if not has_prox and not anchored:
             anchor_weight = anchor_bias = None
         anchor_weight, anchor_bias = c(anchor_weight), c(anchor_bias)
+        anchor_preact = c(anchor_preact)
         if user_f is not None:
             kind = f"registered {row.name}"
         else:
@@ -177,25 +179,29 @@ class TritonBackend(Backend):
         def fill(gw, gb):
             runs = {"fused": lambda: self.kernels.matched_loss_grad_into(
                 x, weight, bias, target, row.code, scale, anchor_weight, anchor_bias, eta, gw,
-                gb, precision=precision, user_f=user_f)}
+                gb, precision=precision, user_f=user_f, anchor_preact=anchor_preact)}
             if user_f is None:
                 runs["gemm"] = lambda: self._gemm_route(
                     x, weight, bias, target, row.code, scale, anchor_weight, anchor_bias, eta,
-                    gw, gb, precision)
+                    gw, gb, precision, anchor_preact)
             # A key's first call on CUDA may time both routes: those launches are the
             # chooser's (reported in routes()), not this call's, so launches() leaves them out.
             launches = self.kernels.LAUNCHES["triton"]
-            route = _routes.CHOOSER.choose(x, weight, kind, precision, has_prox, runs)
+            route = _routes.CHOOSER.choose(x, weight, kind, precision, has_prox, runs,
+                                           anchored)
             self.kernels.LAUNCHES["triton"] = launches
             runs[route]()
 
         _contiguous_out(out_weight, lambda gw: _contiguous_out(out_bias, lambda gb: fill(gw, gb)))
 
     def _gemm_route(self, x, weight, bias, target, code, scale, anchor_weight, anchor_bias,
-                    eta, out_weight, out_bias, precision):
+                    eta, out_weight, out_bias, precision, anchor_preact=None):
         """The "gemm" route on contiguous tensors (the cpp CUDA backend's shape):
 
             Z = X W^T                     torch.mm at ``precision`` (``_gemm``), fp32 (B, d_out)
+              (= Z0 + X (W - W0)^T        with ``anchor_preact`` Z0: only the update W - W0,
+                                          formed in fp32, is a low-precision operand; Z0 is
+                                          added in fp32, and b - b0 stands in for b below)
             Z <- f(Z + b) - Y = D         ``delta_rows_``, in place (softmax rows included)
             G = D^T X                     torch.mm at ``precision``, fp32 (d_out, d_in)
             grad_W = scale G [+ (W - W0)/eta], grad_b = scale sum_n D [+ (b - b0)/eta]
@@ -205,8 +211,15 @@ class TritonBackend(Backend):
         kernels = self.conv_kernels
         native = _native_bf16_mm(x.device) if precision == "bf16" else False
         x_op = _gemm_operand(x, precision, native)
-        delta = _gemm(x_op, _gemm_operand(weight, precision, native).T, precision, native)
-        kernels.delta_rows_(delta, bias, target, code)
+        if anchor_preact is None:
+            delta = _gemm(x_op, _gemm_operand(weight, precision, native).T, precision, native)
+            delta_bias = bias
+        else:
+            update = weight.float() - anchor_weight.float()
+            delta = _gemm(x_op, _gemm_operand(update, precision, native).T, precision, native)
+            delta += anchor_preact
+            delta_bias = None if bias is None else bias.float() - anchor_bias.float()
+        kernels.delta_rows_(delta, delta_bias, target, code)
         grad_w32 = _gemm(_gemm_operand(delta, precision, native).T, x_op, precision, native)
         has_prox = eta is not None
         kernels.finish_into(grad_w32, delta, weight if has_prox else None, anchor_weight,

@@ -108,14 +108,33 @@ class RegisteredOp:
     impl: Callable
 
 
-def _with_signature(fn: Callable, params: Params, returns) -> Callable:
-    """``fn(*args)``, declared as ``params -> returns``: ``torch.library`` infers the op's
-    schema from that signature as from an annotated function. The schemas have no keyword-only
-    arguments, so the dispatcher passes every argument positionally."""
+def _with_signature(fn: Callable, params: Params, returns, optional: Params = ()) -> Callable:
+    """``fn(*args)``, declared as ``params, optional -> returns``, each of ``optional`` with
+    the default None: ``torch.library`` infers the op's schema from that signature as from an
+    annotated function. The schemas have no keyword-only arguments, so the dispatcher passes
+    every argument positionally (the trailing defaulted ones only when the caller gave them:
+    ``_canonical`` fills them in)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     fn.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t)
-         for n, t in params], return_annotation=returns)
+        [inspect.Parameter(n, kind, annotation=t) for n, t in params]
+        + [inspect.Parameter(n, kind, annotation=t, default=None) for n, t in optional],
+        return_annotation=returns)
     return fn
+
+
+def _canonical(fn: Callable, n_params: int, n_optional: int, n_outs: int) -> Callable:
+    """``g(*schema_args)`` calling ``fn`` with the arguments in the canonical order
+    (params, optional, outs): the optional parameters filled with None where the caller left
+    them out, and moved before the outputs of an ``_out`` op (whose schema has them last, so
+    that positional calls written before they existed still bind)."""
+    if n_optional == 0:
+        return fn
+
+    def g(*args):
+        given = args[n_params + n_outs:]
+        optional = (*given, *([None] * (n_optional - len(given))))
+        return fn(*args[:n_params], *optional, *args[n_params:n_params + n_outs])
+    return g
 
 
 def _checked(check: Callable, run: Optional[Callable]) -> Callable:
@@ -129,11 +148,14 @@ def _checked(check: Callable, run: Optional[Callable]) -> Callable:
 
 def register(name: str, params: Params, *, check: Callable, run: Callable,
              allocate: Optional[Callable] = None, returns=None, outs: Params = (),
-             mutates: Sequence[str] = (),
+             optional: Params = (), mutates: Sequence[str] = (),
              why_not_differentiable: Optional[str] = None) -> RegisteredOp:
     """Registers ``locoprop::<name>`` from its pieces (see the module docstring).
 
     params: the op's parameters (name, type) in schema order.
+    optional: parameters (name, Optional type) added later, defaulting to None: last in both
+        schemas (after ``outs`` in the ``_out`` op's), so that older positional calls bind;
+        check, allocate and run get every argument in the order (params, optional, outs).
     check(*args [, *outs]): raises before any write; runs in the op, the ``_out`` op and both
         fakes (so it must work on fake tensors).
     run(*args, *outputs): writes the result into the outputs, or, for an op without
@@ -159,18 +181,21 @@ def register(name: str, params: Params, *, check: Callable, run: Callable,
             check(*args)
             return allocate(*args)
 
-    impl = _with_signature(implementation, params, returns)
+    n, n_opt = len(params), len(optional)
+    impl = _with_signature(_canonical(implementation, n, n_opt, 0), params, returns, optional)
     op = torch.library.custom_op(f"locoprop::{name}", mutates_args=tuple(mutates))(impl)
-    op.register_fake(_with_signature(fake, params, returns))
+    op.register_fake(_with_signature(_canonical(fake, n, n_opt, 0), params, returns, optional))
     if why_not_differentiable is not None:
         _NOT_DIFFERENTIABLE[name] = why_not_differentiable
         _register_no_derivative(op, name)
 
     out_op = None
     if outs:
-        all_params = [*params, *outs]
+        all_params, n_outs = [*params, *outs], len(outs)
         out_op = torch.library.custom_op(f"locoprop::{name}_out",
                                          mutates_args=[n for n, _ in outs])(
-            _with_signature(_checked(check, run), all_params, None))
-        out_op.register_fake(_with_signature(_checked(check, None), all_params, None))
+            _with_signature(_canonical(_checked(check, run), n, n_opt, n_outs), all_params,
+                            None, optional))
+        out_op.register_fake(_with_signature(
+            _canonical(_checked(check, None), n, n_opt, n_outs), all_params, None, optional))
     return RegisteredOp(op=op, out_op=out_op, impl=impl)

@@ -8,6 +8,9 @@ bias, target, scale, prox and ``out=``, the backend call, the outputs and the pu
     locoprop::matched_loss_grad[_conv2d]       returns [grad_weight, grad_bias]; grad_bias is
                                                empty when bias is None (a Tensor[] holds no None)
     locoprop::matched_loss_grad[_conv2d]_out   writes into out_weight / out_bias (arena slices)
+
+The Linear ops take one more argument, last and defaulting to None: ``anchor_preact`` Z0, the
+delta form of stage 1 (``matched_loss_grad``'s docstring).
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ _OBJECTIVE = (("scale", float), ("anchor_weight", Optional[Tensor]),
               ("anchor_bias", Optional[Tensor]), ("eta", Optional[float]), ("backend", str),
               ("precision", str))
 _OUTS = (("out_weight", Tensor), ("out_bias", Optional[Tensor]))
+#: Parameters added after the schemas were first published: last, defaulting to None
+#: (``_registry.register``'s ``optional``), so that positional calls of the ops still bind.
+_LINEAR_OPTIONAL = (("anchor_preact", Optional[Tensor]),)
 
 
 @dataclass(frozen=True)
@@ -55,14 +61,34 @@ class _Layer:
     backend_method: str
     #: For the error a backward pass raises.
     why_not_differentiable: str
+    #: Its parameters with a default of None, last in the schema (``_LINEAR_OPTIONAL``); the
+    #: ones of ``_OPTIONAL_NAMES`` it lacks are None in ``_split``.
+    optional: Params = ()
+
+
+#: Every optional parameter a layer type may have, in the order ``_split`` returns them.
+_OPTIONAL_NAMES = ("anchor_preact",)
 
 
 def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
-                          precision, out_weight, out_bias):
+                          precision, anchor_preact, out_weight, out_bias):
     """The arguments both matched-loss gradients (Linear, Conv2d) share: scale, precision, the
-    prox term (eta, W0, b0: weight's and bias's shapes) and ``out=`` (no overlap with inputs)."""
+    prox term (eta, W0, b0: weight's and bias's shapes), the anchored pre-activation Z0
+    (target's shape and dtype rule; it needs W0, and b0 with a bias) and ``out=`` (no overlap
+    with inputs)."""
     check_number(op, "scale", scale)
     check_choice(op, "precision", precision, PRECISIONS)
+    if anchor_preact is not None:
+        if anchor_weight is None:
+            fail_value(op, "anchor_weight", "a tensor when anchor_preact is given (the W0 of "
+                       "Z = Z0 + X (W - W0)^T + (b - b0))", None)
+        if bias is not None and anchor_bias is None:
+            fail_value(op, "anchor_bias", "a tensor when anchor_preact is given and bias is "
+                       "not None (the b0 of Z = Z0 + X (W - W0)^T + (b - b0))", None)
+        check_tensor(op, "anchor_preact", anchor_preact, device=x.device)
+        check_operand_dtype(op, "anchor_preact", anchor_preact, "weight", weight.dtype)
+        check_tensor(op, "anchor_preact", anchor_preact, shape=tuple(target.shape),
+                     what=" (target's shape)")
     if eta is not None:
         check_number(op, "eta", eta, low=0.0, low_open=True)
         if anchor_weight is None:
@@ -90,7 +116,8 @@ def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anc
                          what=" (bias's shape)")
         check_no_overlap(op, written=[("out_weight", out_weight), ("out_bias", out_bias)],
                          read=[("x", x), ("weight", weight), ("bias", bias), ("target", target),
-                               ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias)])
+                               ("anchor_weight", anchor_weight), ("anchor_bias", anchor_bias),
+                               ("anchor_preact", anchor_preact)])
 
 
 def _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bias_what,
@@ -107,17 +134,22 @@ def _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bi
 
 
 def _split(layer: _Layer, rest: tuple):
-    """An op's arguments after ``activation`` -> (the geometry, a tuple; scale, anchor_weight,
-    anchor_bias, eta, backend, precision, out_weight, out_bias), the outputs None where the
-    call has none (the functional op's check and fake)."""
-    n = len(layer.geometry)
-    return rest[:n], (*rest[n:], None, None)[:8]
+    """An op's arguments after ``activation``, in ``register``'s canonical order (geometry,
+    objective, optional, outputs) -> (the geometry, a tuple; scale, anchor_weight,
+    anchor_bias, eta, backend, precision, anchor_preact, out_weight, out_bias): the optional
+    parameters the layer type lacks None, the outputs None where the call has none (the
+    functional op's check and fake)."""
+    n, n_opt = len(layer.geometry), len(layer.optional)
+    objective, optional = rest[n:n + len(_OBJECTIVE)], rest[n + len(_OBJECTIVE):][:n_opt]
+    given = dict(zip((name for name, _ in layer.optional), optional))
+    outs = (*rest[n + len(_OBJECTIVE) + n_opt:], None, None)[:2]
+    return rest[:n], (*objective, *(given.get(name) for name in _OPTIONAL_NAMES), *outs)
 
 
 def _check(layer: _Layer, x, weight, bias, target, activation, *rest):
     """Every argument of the matched-loss gradient, before anything is written."""
     op = layer.op
-    geometry, (scale, anchor_weight, anchor_bias, eta, _, precision, out_weight,
+    geometry, (scale, anchor_weight, anchor_bias, eta, _, precision, anchor_preact, out_weight,
                out_bias) = _split(layer, rest)
     get_activation(activation, op=f"locoprop.{op}")
     bias_shape, target_shape, bias_what, target_what = layer.check_shapes(op, x, weight,
@@ -125,7 +157,7 @@ def _check(layer: _Layer, x, weight, bias, target, activation, *rest):
     _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bias_what,
                        target_what)
     _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
-                          precision, out_weight, out_bias)
+                          precision, anchor_preact, out_weight, out_bias)
 
 
 def _allocate(x, weight, bias, *_):
@@ -138,20 +170,26 @@ def _allocate(x, weight, bias, *_):
 
 def _run(layer: _Layer, x, weight, bias, target, activation, *rest):
     op = layer.op
-    geometry, (scale, anchor_weight, anchor_bias, eta, backend, precision, out_weight,
-               out_bias) = _split(layer, rest)
+    geometry, (scale, anchor_weight, anchor_bias, eta, backend, precision, anchor_preact,
+               out_weight, out_bias) = _split(layer, rest)
     be = backends.resolve(op, backend, x.device, weight.dtype,
                           activation=get_activation(activation))
     check_backend_dtype(op, be, "x", x)
     check_backend_dtype(op, be, "weight", weight)
-    if eta is None:  # the prox centre is unused without eta: never read it
+    if eta is None and anchor_preact is None:  # W0, b0 unused: never read them
         anchor_weight = anchor_bias = None
     if bias is None:  # the functional op's empty grad_bias: nothing to write
         out_bias = None
     with autocast_off(x.device):
         getattr(be, layer.backend_method)(
             x, weight, bias, target, activation, *_plain(geometry), float(scale),
-            anchor_weight, anchor_bias, eta, out_weight, out_bias, precision)
+            anchor_weight, anchor_bias, eta, out_weight, out_bias, precision,
+            **_optional_kwargs(layer, anchor_preact))
+
+
+def _optional_kwargs(layer: _Layer, anchor_preact) -> dict:
+    """The backend method's keywords for the layer type's optional parameters."""
+    return {"anchor_preact": anchor_preact} if layer.optional else {}
 
 
 def _plain(geometry: tuple) -> list:
@@ -164,17 +202,21 @@ def _register(layer: _Layer):
     return register(layer.op, (*_INPUTS, *layer.geometry, *_OBJECTIVE),
                     check=functools.partial(_check, layer), run=functools.partial(_run, layer),
                     allocate=_allocate, returns=List[Tensor], outs=_OUTS,
+                    optional=layer.optional,
                     why_not_differentiable=layer.why_not_differentiable)
 
 
 def _call(layer: _Layer, registered, x, weight, bias, target, activation, geometry: tuple,
-          scale, anchor_weight, anchor_bias, eta, backend, precision, out):
+          scale, anchor_weight, anchor_bias, eta, backend, precision, out,
+          anchor_preact=None):
     """The public function of either layer type: Python-side checks, then the op (``out=``:
-    the ``_out`` op, after refusing tensors that require grad in grad mode)."""
+    the ``_out`` op, after refusing tensors that require grad in grad mode). The optional
+    parameters are passed only when given (the schema's default otherwise)."""
     op = layer.op
     check_call_types(op, tensors=[("x", x), ("weight", weight), ("target", target)],
                      optional_tensors=[("bias", bias), ("anchor_weight", anchor_weight),
-                                       ("anchor_bias", anchor_bias)],
+                                       ("anchor_bias", anchor_bias),
+                                       ("anchor_preact", anchor_preact)],
                      numbers=[("scale", scale)], optional_numbers=[("eta", eta)],
                      strings=[("activation", activation), ("precision", precision)])
     geometry = layer.check_geometry(op, *geometry)
@@ -182,6 +224,7 @@ def _call(layer: _Layer, registered, x, weight, bias, target, activation, geomet
     scale, eta = float(scale), (None if eta is None else float(eta))
     args = (x, weight, bias, target, activation, *geometry, scale, anchor_weight,
             anchor_bias, eta, backend, precision)
+    optional = () if anchor_preact is None else (anchor_preact,)
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             fail_type(op, "out", "a pair (grad_weight, grad_bias)", type(out).__name__)
@@ -190,33 +233,46 @@ def _call(layer: _Layer, registered, x, weight, bias, target, activation, geomet
         refuse_in_place_autograd(
             op, "out=(grad_weight, grad_bias)",
             dict(x=x, weight=weight, bias=bias, target=target, anchor_weight=anchor_weight,
-                 anchor_bias=anchor_bias, out_weight=out[0], out_bias=out[1]),
+                 anchor_bias=anchor_bias, anchor_preact=anchor_preact, out_weight=out[0],
+                 out_bias=out[1]),
             "; without out= it accepts such inputs (a backward pass through its result then "
             "raises)")
-        registered.out_op(*args, out[0], out[1])
+        registered.out_op(*args, out[0], out[1], *optional)
         return out[0], out[1]
-    gw, gb = registered.op(*args)
+    gw, gb = registered.op(*args, *optional)
     return gw, (gb if bias is not None else None)
 
 
 def repeatable_matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                                  target: Tensor, activation: str, *,
                                  conv2d: Optional[dict] = None, scale: float = 1.0,
-                                 backend: Optional[str] = None, precision: str = "ieee"):
+                                 backend: Optional[str] = None, precision: str = "ieee",
+                                 anchor_preact: Optional[Tensor] = None,
+                                 anchor_weight: Optional[Tensor] = None,
+                                 anchor_bias: Optional[Tensor] = None):
     """``(grad_weight, grad_bias, again)``: ``matched_loss_grad`` (or, with ``conv2d`` =
     its stride/padding/dilation/groups keywords, ``matched_loss_grad_conv2d``) without a prox
     term, checked and run, and ``again()``, which runs the same call once more into the same
-    two tensors: the backend kernel only, no validation and no dispatcher.
+    two tensors: the backend kernel only, no validation and no dispatcher. ``anchor_preact``,
+    ``anchor_weight``, ``anchor_bias``: the delta form of stage 1 (Linear only; see
+    ``matched_loss_grad``), W0 and b0 read at every call (they may change in place too).
 
     For loops that repeat one checked call on the same tensor objects whose values change in
     place (the per-layer inner iterations t >= 2 of ``lk.optim.LocoProp``): for a small layer
     the checks and the ``torch.library`` dispatch cost more than the kernel. Never change the
     tensors' shapes, dtypes or devices between calls: nothing in ``again`` would catch it."""
     layer, registered = (_LINEAR, _LINEAR_OPS) if conv2d is None else (_CONV2D, _CONV2D_OPS)
+    if conv2d is not None and anchor_preact is not None:
+        fail_value(layer.op, "anchor_preact", "None (the Conv2d op has no delta form yet)",
+                   "a tensor")
     geometry = () if conv2d is None else (conv2d.get("stride", 1), conv2d.get("padding", 0),
                                           conv2d.get("dilation", 1), conv2d.get("groups", 1))
     grad_weight, grad_bias = _call(layer, registered, x, weight, bias, target, activation,
-                                   geometry, scale, None, None, None, backend, precision, None)
+                                   geometry, scale, anchor_weight, anchor_bias, None, backend,
+                                   precision, None, anchor_preact)
+    if anchor_preact is None:  # as the op: W0, b0 unused without eta and Z0, never read
+        anchor_weight = anchor_bias = None
+    optional = _optional_kwargs(layer, anchor_preact)
     be = backends.resolve(layer.op, backend_arg(layer.op, backend), x.device, weight.dtype,
                           activation=get_activation(activation))
     write = getattr(be, layer.backend_method)
@@ -225,8 +281,8 @@ def repeatable_matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tenso
 
     def again() -> None:
         with autocast_off(x.device):
-            write(x, weight, bias, target, activation, *plain, scale, None, None, None,
-                  grad_weight, grad_bias, precision)
+            write(x, weight, bias, target, activation, *plain, scale, anchor_weight,
+                  anchor_bias, None, grad_weight, grad_bias, precision, **optional)
 
     return grad_weight, grad_bias, again
 
@@ -250,7 +306,7 @@ _LINEAR = _Layer(
     op="matched_loss_grad", geometry=(), check_geometry=lambda op: (),
     check_shapes=_linear_shapes, backend_method="matched_loss_grad_into",
     why_not_differentiable="it computes a gradient itself (of the layer's local matched loss "
-                           "in W and b, in closed form)")
+                           "in W and b, in closed form)", optional=_LINEAR_OPTIONAL)
 _LINEAR_OPS = _register(_LINEAR)
 _matched_loss_grad_op, _matched_loss_grad_out_op = _LINEAR_OPS.op, _LINEAR_OPS.out_op
 
@@ -260,10 +316,12 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
                       anchor_weight: Optional[Tensor] = None,
                       anchor_bias: Optional[Tensor] = None, eta: Optional[float] = None,
                       backend: Optional[str] = None, precision: str = "ieee",
-                      out: Optional[tuple] = None):
+                      out: Optional[tuple] = None, anchor_preact: Optional[Tensor] = None):
     """Gradient of a Linear+f layer's local LocoProp objective in (W, b).
 
-        D      = f(X W^T + b) - Y                     (B, d_out); softmax row-wise
+        Z      = X W^T + b                            (B, d_out)
+               = Z0 + X (W - W0)^T + (b - b0)         with anchor_preact = Z0 (the delta form)
+        D      = f(Z) - Y                             (B, d_out); softmax row-wise
         grad_W = scale * D^T X  [+ (W - W0) / eta]    (d_out, d_in)
         grad_b = scale * D.sum(0) [+ (b - b0) / eta]  (d_out,)
 
@@ -273,7 +331,19 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     the inputs ``torch.autocast`` records for a layer with fp32 parameters); the math is in
     the weight's dtype (fp32 for half storage) and the gradients are returned in it. The prox
     term is on when ``eta`` is given (``anchor_weight`` / ``anchor_bias`` are W0 / b0).
-    ``precision`` "ieee" or "tf32" picks the fp32 dot on the GPU (triton backend).
+    ``precision`` "ieee", "tf32" or "bf16" picks the GEMMs' operands on the GPU (triton
+    backend; docs/design.md section 4).
+
+    ``anchor_preact`` Z0 (B, d_out; target's dtype rule) turns on the delta form of Z, on
+    every backend, and then needs ``anchor_weight`` W0 (and ``anchor_bias`` b0 when bias is
+    given). It is the same function as without it when Z0 = X W0^T + b0 (LocoProp's inner
+    iterations: Z0 is the layer's recorded pre-activation, W0, b0 the step's starting
+    weights). Why: with tf32/bf16 operands, rounding W = W0 + dW to the operand format moves
+    Z by about the rounding unit of |Z|, which swamps X dW^T when the update dW is small, so
+    D (a difference f(Z) - f(Z0) + ...) is mostly rounding noise: its error grows like the
+    rounding unit over |dW|/|W|. The delta form rounds only dW and adds Z0 (and b - b0) in
+    fp32, so the error stays at the rounding unit. The prox term stays governed by ``eta``
+    alone (W0 is its centre when both are given).
     ``out=(grad_weight, grad_bias)`` writes into given tensors (e.g. arena views, of any float
     dtype; grad_bias None when bias is None) and returns them. Returns
     ``(grad_weight, grad_bias)``, grad_bias None when bias is None.
@@ -290,17 +360,18 @@ def matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
             that is not a str.
         ValueError: a wrong shape (not 2-D, d_in / d_out / B mismatched), an empty batch, an
             unknown activation, precision or backend name, a non-finite scale, eta <= 0,
-            eta without anchor_weight (anchor_bias when bias is given), anchor_bias without
-            bias, out_bias given exactly when bias is not, ``out`` overlapping an input, or a
-            backend that cannot run here ("cpp" without the extension, "triton" on CPU
-            without TRITON_INTERPRET=1).
+            eta or anchor_preact without anchor_weight (anchor_bias when bias is given),
+            anchor_bias without bias, anchor_preact not of target's shape, out_bias given
+            exactly when bias is not, ``out`` overlapping an input, or a backend that cannot
+            run here ("cpp" without the extension, "triton" on CPU without
+            TRITON_INTERPRET=1).
         RuntimeError: with ``out=``, when grad mode is on and any tensor argument requires
             grad (autograd cannot record a write into ``out``); without ``out=``, when a
             backward pass reaches the returned gradients
             ("locoprop.matched_loss_grad is not differentiable: ...").
     """
     return _call(_LINEAR, _LINEAR_OPS, x, weight, bias, target, activation, (), scale,
-                 anchor_weight, anchor_bias, eta, backend, precision, out)
+                 anchor_weight, anchor_bias, eta, backend, precision, out, anchor_preact)
 
 
 # ---------------------------------------------------------------- Conv2d

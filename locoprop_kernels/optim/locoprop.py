@@ -759,6 +759,8 @@ class LocoProp(torch.optim.Optimizer):
             return "parameters not all fp32 or all fp64"
         if len({p.device for p in params}) != 1:
             return "parameters on several devices"
+        if self.param_groups[0].get("precision", "ieee") != "ieee":
+            return "precision tf32/bf16 runs per layer (the grouped kernel has no delta form yet)"
         return None
 
     def _grouped_views(self, layout: StepLayout, params: list,
@@ -818,6 +820,12 @@ class LocoProp(torch.optim.Optimizer):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
                 problems.append(_Problem(m, X, Z if variant is Variant.S else f(Z), act, z0=Z,
                                          g=None if grads is None else _stack(grads)))
+                if self.param_groups[0].get("precision", "ieee") != "ieee":
+                    # The delta form's W0, b0 (``_add_matched_loss_grad``): taken here, where
+                    # the weights are still those Z0 was recorded with.
+                    problems[-1].anchors = tuple(
+                        None if p is None else p.detach().to(X.dtype, copy=True)
+                        for p in layer_params(m))
                 continue
             geometry, extra = conv_geometry(m)
             by_size: dict = {}
@@ -869,13 +877,20 @@ class LocoProp(torch.optim.Optimizer):
                                target: Optional[Tensor] = None) -> None:
         """grads[W], grads[b] += the layer's matched-loss gradient at the current weights, with
         the problem's target f(Z0) (or ``target``, once). With f(Z0) the op is checked at its
-        first call of the step and repeated after (``RepeatedOp``)."""
+        first call of the step and repeated after (``RepeatedOp``).
+
+        At precision "tf32"/"bf16" a Linear layer's op takes the delta form
+        (``anchor_preact`` = the recorded Z0, anchors = the step's starting W0, b0, kept per
+        problem by ``_layer_problems``): rounding W = W0 + dW to tf32/bf16 would swamp the
+        small inner update's X dW^T (docs/design.md section 4, ``precision``). "ieee", Conv2d
+        layers and the Gram form are as before."""
         m = problem.layer
         w, b = layer_params(m)
         if problem.quadratic is not None and target is None:
             problem.quadratic.add_grad_(grads, scale)
             return
         in_out = problem.conv is None and stores_in_out(m)
+        anchored = problem.anchors is not None
         if target is None:
             op = problem.repeated
             if op is None:
@@ -883,7 +898,8 @@ class LocoProp(torch.optim.Optimizer):
                 op = problem.repeated = RepeatedOp(
                     problem.x, w, b, problem.y, problem.activation, dtype=problem.x.dtype,
                     in_out=in_out, conv2d=problem.conv, scale=scale, backend=g0["backend"],
-                    precision=g0.get("precision", "ieee"))  # older checkpoints: no precision
+                    precision=g0.get("precision", "ieee"),  # older checkpoints: no precision
+                    anchor_preact=problem.z0 if anchored else None, anchors=problem.anchors)
             else:
                 op.again()
             gw, gb = op.grad_weight, op.grad_bias
@@ -900,7 +916,13 @@ class LocoProp(torch.optim.Optimizer):
         g0 = self.param_groups[0]
         backend, precision = g0["backend"], g0.get("precision", "ieee")  # older checkpoints
         if problem.conv is None:
-            gw, gb = matched_loss_grad(*args, scale=scale, backend=backend, precision=precision)
+            delta_form = {}
+            if anchored:
+                w0, b0 = problem.anchors
+                delta_form = dict(anchor_preact=problem.z0, anchor_weight=w0.t() if in_out
+                                  else w0, anchor_bias=b0)
+            gw, gb = matched_loss_grad(*args, scale=scale, backend=backend, precision=precision,
+                                       **delta_form)
         else:
             gw, gb = matched_loss_grad_conv2d(*args, scale=scale, backend=backend,
                                               precision=precision, **problem.conv)
@@ -972,7 +994,8 @@ class _Problem:
     local activation and, for a Conv2d, its geometry (``layers.conv_geometry``); Z0 and, for a
     layer with a custom target rule, G = dL/dZ of its calls, stacked the same way."""
 
-    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g", "quadratic", "repeated")
+    __slots__ = ("layer", "x", "y", "activation", "conv", "z0", "g", "quadratic", "repeated",
+                 "anchors")
 
     def __init__(self, layer: nn.Module, x: Tensor, y: Tensor, activation: str,
                  conv: Optional[dict] = None, z0: Optional[Tensor] = None,
@@ -981,6 +1004,8 @@ class _Problem:
         self.z0, self.g = z0, g
         self.quadratic: Optional[Quadratic] = None  # the Gram form, where it is taken
         self.repeated: Optional[RepeatedOp] = None  # its matched-loss op, once checked
+        # (W0, b0) at tf32/bf16, for the delta form (``_add_matched_loss_grad``); else None.
+        self.anchors: Optional[tuple] = None
 
 
 def _per_layer(op: str, arg: str, value, names: dict, check, expected: str) -> dict:

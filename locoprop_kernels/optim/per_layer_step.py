@@ -230,13 +230,17 @@ class RepeatedOp:
     ``weight``/``bias`` are the layer's parameters; ``dtype`` the records' compute dtype. A
     parameter of another dtype (half parameters, fp32 records) is read through a staging copy
     refreshed before every repeat; one of that dtype is read in place (a detached alias sees
-    the inner loop's updates). ``in_out``: the module stores W as (d_in, d_out) (Conv1D)."""
+    the inner loop's updates). ``in_out``: the module stores W as (d_in, d_out) (Conv1D).
+    ``anchor_preact`` Z0 with ``anchors`` (W0, b0 or None; the parameters' layout, of
+    ``dtype``, constant through the step): stage 1 in the delta form
+    Z = Z0 + X (W - W0)^T + (b - b0) (``lk.matched_loss_grad``'s anchor_preact)."""
 
     __slots__ = ("grad_weight", "grad_bias", "_again", "_staged")
 
     def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                  activation: str, *, dtype: torch.dtype, in_out: bool, conv2d: Optional[dict],
-                 scale: float, backend, precision: str):
+                 scale: float, backend, precision: str, anchor_preact: Optional[Tensor] = None,
+                 anchors: Optional[tuple] = None):
         self._staged: List[tuple] = []
 
         def read(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -250,9 +254,14 @@ class RepeatedOp:
             return staged
 
         w, b = read(weight), read(bias)
+        w0 = b0 = None
+        if anchor_preact is not None:
+            w0, b0 = anchors
+            w0 = w0.t() if in_out else w0
         self.grad_weight, self.grad_bias, self._again = repeatable_matched_loss_grad(
             x, w.t() if in_out else w, b, target, activation, conv2d=conv2d, scale=scale,
-            backend=backend, precision=precision)
+            backend=backend, precision=precision, anchor_preact=anchor_preact,
+            anchor_weight=w0, anchor_bias=b0)
 
     def again(self) -> None:
         """The same op at the parameters' current values, into the same gradient tensors."""
