@@ -9,9 +9,10 @@ registered by one helper, ``_registry.register``, from its check, allocation and
 ``_checks`` holds the checks all op families share.
 
 Ops, by file:
-  matched_loss.py
+  matched_loss.py (over _matched_loss.py, what both layer types share)
     locoprop::matched_loss_grad      functional, returns (grad_weight, grad_bias)
     locoprop::matched_loss_grad_out  writes into out_weight / out_bias (arena slices)
+  matched_loss_conv2d.py
     locoprop::matched_loss_grad_conv2d      the same for a Conv2d layer, returns (grad_weight,
                                             grad_bias)
     locoprop::matched_loss_grad_conv2d_out  writes into out_weight / out_bias
@@ -48,10 +49,10 @@ from __future__ import annotations
 
 from ._registry import not_differentiable_op as _not_differentiable_op
 from .local_targets import VARIANTS, _local_targets_op, local_targets
-from .matched_loss import (PRECISIONS, _matched_loss_grad_conv2d_op,
-                           _matched_loss_grad_conv2d_out_op, _matched_loss_grad_op,
-                           _matched_loss_grad_out_op, matched_loss_grad,
-                           matched_loss_grad_conv2d)
+from ..choices import PRECISIONS
+from .matched_loss import _matched_loss_grad_op, _matched_loss_grad_out_op, matched_loss_grad
+from .matched_loss_conv2d import (_matched_loss_grad_conv2d_op, _matched_loss_grad_conv2d_out_op,
+                                  matched_loss_grad_conv2d)
 from .rmsprop import _rmsprop_step_op, rmsprop_step_
 
 __all__ = ["matched_loss_grad", "matched_loss_grad_conv2d", "local_targets", "rmsprop_step_"]
