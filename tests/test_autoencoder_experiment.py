@@ -175,7 +175,9 @@ def test_fast_preset_grad_square_warmup(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
     for avg, w in zip(method.opt.square_avgs.views(), want):
         torch.testing.assert_close(avg, w, rtol=1e-5, atol=1e-12)
+    method.set_progress(0.0)  # the preset decays on the budget: at its start, the peak
     method.step(x[32:48])
+    assert method.opt.lr == 1e-2
     assert not all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
 
 

@@ -372,8 +372,8 @@ ENTRIES = {
     "autoencoder": {
         "locoprop-m": Entry("locoprop-m", 1e-5, note="ours, official preset (lr 0 epoch, "
                             "warmup, decay; T = 10)"),
-        "locoprop-m-fast": Entry("locoprop-m-fast", 4e-5, note="ours, preset fast (T = 3, 5 "
-                                 "warm steps, constant lr)"),
+        "locoprop-m-fast": Entry("locoprop-m-fast", 8e-5, note="ours, preset fast (T = 3, 5 "
+                                 "warm steps, cosine to 0.3 x lr at the budget)"),
         "adam": Entry("adam", 1e-3, note="backprop, torch.optim.Adam"),
         "rmsprop": Entry("rmsprop", 3e-4, note="backprop, torch.optim.RMSprop"),
         "shampoo": Entry("shampoo", 1e-3, {"preconditioning_compute_steps": 20},
