@@ -66,8 +66,9 @@ def tune_grids(task: str, ids: list, text: Optional[str]) -> dict:
 
 def tune(specs: dict, grids: dict, task, task_data, args, common: dict, stem: Path) -> dict:
     """Per entry, race ``args.trials`` settings of its grid interleaved for ``--budget`` s
-    (or ``--budget-steps`` steps) each; the best (lowest final loss among runs that neither diverged nor failed) goes to
-    ``best``. The file is merged entry by entry and written after every entry."""
+    (or ``--budget-steps`` steps) each; the best (lowest final loss among runs that neither
+    diverged nor failed) goes to ``best``. The file is merged entry by entry and written
+    after every entry."""
     path = stem.with_suffix(".json")
     result = json.loads(path.read_text()) if path.exists() else {}
     if result and result.get("config", {}).get("task", task.name) != task.name:
