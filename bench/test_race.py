@@ -281,6 +281,43 @@ def test_race_keeps_diverged_and_failed_runs(small_model, one_thread, tmp_path):
         assert (tmp_path / "race-t.md").read_text() == text + "\n"
 
 
+def test_step_budget_ends_each_entry_at_its_steps_and_is_its_progress(small_model,
+                                                                       one_thread):
+    """On a step budget (``--tune --budget-steps``) an entry stops after exactly that many
+    steps whatever the clock says, and the fast preset's decay reads steps / budget."""
+    task_data = synthetic_images()
+    decayed = spec("locoprop-m-fast", 1e-2, decay="linear", final_ratio=0.5)
+    r = runner.Runner("fast", decayed, AE, task_data, batch=16, seed=0, device=CPU,
+                      dtype=torch.float32, backend="reference", budget=math.inf,
+                      eval_every=3, eval_seconds=math.inf, budget_steps=9)
+    r.build()
+    r.evaluate()
+    r.run_slice(1e9, 0.0)
+    assert r.steps == 9 and r.spent and r.history[-1][1] == 9
+    inner = r.method.inner
+    assert inner.progress == pytest.approx(8 / 9)  # before the 9th step
+    assert inner.opt.lr == pytest.approx(1e-2 * (1 - 0.5 * 8 / 9))
+    r.run_slice(1e9, 1.0)
+    assert r.steps == 9  # spent: no more steps
+    done = runner.race({"a": spec("adam", 1e-2), "b": spec("adam", 1e-3)}, AE, task_data,
+                       budget=math.inf, budget_steps=7, slice_seconds=0.01, batch=16, seed=0,
+                       device=CPU, dtype=torch.float32, backend=None, eval_every=2,
+                       eval_seconds=math.inf, targets=[5.0], memory="none", progress="none")
+    assert [e["steps"] for e in done["entries"]] == [7, 7]
+    assert all(e["history"][-1][1] == 7 for e in done["entries"])
+    with pytest.raises(ValueError, match="budget_steps"):
+        runner.race({}, AE, task_data, budget=1.0, budget_steps=0, slice_seconds=0.01,
+                    batch=16, seed=0, device=CPU, dtype=torch.float32, backend=None,
+                    eval_every=2, eval_seconds=1.0, targets=[5.0], progress="none")
+
+
+def test_budget_steps_is_for_tuning():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--budget-steps", "10"])
+    args = cli.parse_args(["--tune", "--budget-steps", "10"])
+    assert args.budget_steps == 10 and args.budget == math.inf
+
+
 def test_write_results_json_md_png(tmp_path):
     calls = []
     paths = output.write_results({"x": float("nan"), "y": [1.0, float("inf")]},
@@ -345,6 +382,14 @@ def test_smoke_tune_then_race_on_mnist(one_thread, tmp_path, monkeypatch):
     assert tuned["best"]["adam"]["lr"] in (1e-3, 1e-2)
     assert len(tuned["trials"]["adam"]) == 2 and tuned["config"]["task"] == "autoencoder"
     assert (tmp_path / "race-tune-smoke.md").exists()
+    # a step budget: every setting takes exactly its steps; the table counts steps to targets
+    cli.main(["--tune", "--optimizers", "locoprop-m-fast", "--budget-steps", "8",
+              "--grid", "locoprop-m-fast.schedule=,locoprop-m-fast.decay=constant:cosine",
+              ] + common + ["--name", "steps"])  # the last --name counts
+    on_steps = json.loads((tmp_path / "race-tune-steps.json").read_text())
+    assert on_steps["config"]["budget_steps"] == 8 and on_steps["config"]["budget"] is None
+    assert [e["steps"] for e in on_steps["trials"]["locoprop-m-fast"]] == [8, 8]
+    assert "steps to 120" in (tmp_path / "race-tune-steps.md").read_text()
 
     result = cli.main(["--optimizers", "adam,locoprop-m-fast", "--budget", "3",
                        "--slice-seconds", "0.5", "--memory", "inprocess",

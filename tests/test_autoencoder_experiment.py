@@ -1,5 +1,6 @@
 """The autoencoder experiment's pieces that need no data or extras: the official model, init,
 loss and schedule, and a tiny end-to-end run on synthetic images (when tqdm is installed)."""
+import functools
 import importlib.util
 import math
 
@@ -128,13 +129,17 @@ def test_fast_preset_zero_lr_warmup(monkeypatch):
     x, acts = _small_setup(monkeypatch)
     method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=2, warmup="zero-lr")
     assert method.name == "locoprop-m-fast" and method.opt.inner_steps == 3
+    fast = optimizers.PRESETS["fast"]
     assert method.hparams == dict(preset="fast", inner_steps=3, warmup_steps=2,
-                                  warmup="zero-lr")
+                                  warmup="zero-lr", decay=fast["decay"],
+                                  horizon=fast["horizon"], horizon_steps=fast["horizon_steps"],
+                                  final_ratio=fast["final_ratio"])
     start = [p.detach().clone() for p in method.model.parameters()]
+    method.set_progress(0.0)
     for k in range(2):  # warm steps: the square averages move, the weights do not
         method.step(x[16 * k:16 * (k + 1)])
         assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
-        assert method.opt.lr == 1e-2
+        assert method.opt.lr == 0.0
     assert not torch.equal(method.opt.square_avgs.buffer,
                            torch.ones_like(method.opt.square_avgs.buffer))
     before = method.opt.square_avgs.buffer.clone()
@@ -143,6 +148,7 @@ def test_fast_preset_zero_lr_warmup(monkeypatch):
     assert not torch.equal(method.opt.square_avgs.buffer, before)
     # the same as preset="fast" on locoprop-m
     same = _build("locoprop-m", 1e-2, acts, preset="fast", warmup_steps=2, warmup="zero-lr")
+    same.set_progress(0.0)
     for k in range(3):
         same.step(x[16 * k:16 * (k + 1)])
     assert all(torch.equal(p, q) for p, q in zip(same.model.parameters(),
@@ -169,8 +175,67 @@ def test_fast_preset_grad_square_warmup(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
     for avg, w in zip(method.opt.square_avgs.views(), want):
         torch.testing.assert_close(avg, w, rtol=1e-5, atol=1e-12)
+    method.set_progress(0.0)  # the preset decays on the budget: at its start, the peak
     method.step(x[32:48])
+    assert method.opt.lr == 1e-2
     assert not all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
+
+
+def test_official_preset_has_no_fast_schedule():
+    """preset="official" is the reproduction's: its entry holds the official schedule only."""
+    assert optimizers.PRESETS["official"] == dict(schedule="official")
+
+
+def test_fast_schedule_shape():
+    """fast_lr_factor, on its own: 0 over the warm-up, the peak at the first step after it,
+    the decay's midpoint halfway through the horizon, the floor at the horizon and after."""
+    f = functools.partial(optimizers.fast_lr_factor, warmup_steps=5, final_ratio=0.1)
+    for decay in ("cosine", "linear", "constant"):
+        assert [f(k, decay=decay, horizon_steps=26) for k in range(1, 6)] == [0.0] * 5
+        assert f(6, decay=decay, horizon_steps=26) == 1.0  # q = (6 - 5 - 1) / 20 = 0
+    # on a horizon in steps, q = (step - 6) / 20
+    assert f(16, decay="cosine", horizon_steps=26) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(11, decay="cosine", horizon_steps=26) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert f(11, decay="linear", horizon_steps=26) == pytest.approx(0.1 + 0.9 * 0.75)
+    for decay in ("cosine", "linear"):
+        assert f(26, decay=decay, horizon_steps=26) == pytest.approx(0.1)
+        assert f(500, decay=decay, horizon_steps=26) == pytest.approx(0.1)
+        curve = [f(k, decay=decay, horizon_steps=26) for k in range(6, 40)]
+        assert all(a >= b for a, b in zip(curve, curve[1:]))  # never rises
+    assert f(500, decay="constant", horizon_steps=26) == 1.0
+    # on the budget, q = progress / horizon
+    assert f(6, decay="cosine", progress=0.0) == 1.0
+    assert f(9, decay="cosine", progress=0.5) == pytest.approx(0.55)
+    assert f(9, decay="cosine", progress=0.3, horizon=0.6) == pytest.approx(0.55)
+    assert f(9, decay="cosine", progress=0.6, horizon=0.6) == pytest.approx(0.1)
+    assert f(9, decay="linear", progress=1.0) == pytest.approx(0.1)
+    assert f(9, decay="linear", progress=1.3) == pytest.approx(0.1)  # an overrun step
+    assert f(3, decay="cosine", progress=0.5) == 0.0  # still warming up
+    with pytest.raises(ValueError, match="set_progress"):
+        f(9, decay="cosine")
+
+
+def test_fast_preset_decay_sets_the_outer_lr(monkeypatch):
+    """The method steps at lr x fast_lr_factor: in steps, and on the progress it is given."""
+    x, acts = _small_setup(monkeypatch)
+    method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=1, decay="linear",
+                    final_ratio=0.5, horizon_steps=4)
+    seen = []
+    for k in range(5):
+        method.step(x[16 * (k % 3):16 * (k % 3 + 1)])
+        seen.append(method.opt.lr)
+    # step 1 warms (grad-square: opt.lr untouched), then 1, 0.75, 0.5, 0.5 of the peak
+    assert seen[1:] == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.5e-2])
+    on_budget = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=1, decay="cosine",
+                       final_ratio=0.2)
+    with pytest.raises(ValueError, match="set_progress"):
+        for k in range(2):
+            on_budget.step(x[:16])
+    for progress, want in ((0.0, 1.0), (0.5, 0.6), (1.0, 0.2)):
+        on_budget.set_progress(progress)
+        on_budget.step(x[:16])
+        assert on_budget.opt.lr == pytest.approx(1e-2 * want)
 
 
 def test_preset_errors(monkeypatch):
@@ -181,6 +246,18 @@ def test_preset_errors(monkeypatch):
         _build("locoprop-m", 1e-2, acts, preset="turbo")
     with pytest.raises(ValueError, match="unknown warmup"):
         _build("locoprop-m-fast", 1e-2, acts, warmup="magic")
+    with pytest.raises(ValueError, match="own schedule"):
+        _build("locoprop-m", 1e-2, acts, decay="cosine")
+    with pytest.raises(ValueError, match="unknown decay"):
+        _build("locoprop-m-fast", 1e-2, acts, decay="step")
+    with pytest.raises(ValueError, match="final_ratio"):
+        _build("locoprop-m-fast", 1e-2, acts, decay="cosine", final_ratio=1.5)
+    with pytest.raises(ValueError, match="horizon_steps"):
+        _build("locoprop-m-fast", 1e-2, acts, decay="cosine", horizon_steps=5)  # = warm-up
+    with pytest.raises(ValueError, match="horizon"):
+        _build("locoprop-m-fast", 1e-2, acts, decay="cosine", horizon=0.0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        _build("locoprop-m-fast", 1e-2, acts, warmup_steps=-1)
     with pytest.raises(ValueError, match="unknown setting"):
         _build("locoprop-m", 1e-2, acts, inner_step=3)
     with pytest.raises(ValueError, match="bad setting for Adam"):

@@ -4,6 +4,7 @@
     python -m bench.race --budget 60 --optimizers adam,locoprop-m-fast,muon
     python -m bench.race --task char-lm --budget 60             # other tasks: --task
     python -m bench.race --tune --budget 60                     # --trials settings per entry
+    python -m bench.race --tune --budget-steps 450 --optimizers locoprop-m-fast --trials 8
     python -m bench.race --settings bench/results/race-tune-cpu.json --repeat 2
     make race RACE_ARGS="--budget 600 --repeat 2"
 
@@ -48,7 +49,10 @@ What it does (issue 11, issue 18):
 - Tuning (``--tune``): every tuned entry races the same number of settings (``--trials``, a
   seeded sample of its grid ``peers.TUNE_GRIDS[task]``) on the same ``--budget``; the best of
   each (lowest final loss, neither diverged nor failed) goes to ``race-tune-...json``, which
-  ``--settings`` reads for the final race.
+  ``--settings`` reads for the final race. ``--budget-steps N`` instead gives every setting N
+  steps (its clock still measured, not its limit): on a shared, loaded machine a clock budget
+  shrinks with the load, a step budget does not; the schedules then read steps / N as the
+  fraction spent, and the table counts steps to each target.
 
 Output: ``bench/results/race-<name>.json`` for the autoencoder, ``race-<task>-<name>.json``
 for the others (configuration, machine, every evaluation, per slice timing), ``.md`` (the

@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated entries of the task (see below), or 'all' (default)")
     p.add_argument("--budget", type=float, default=600.0,
                    help="training seconds per optimizer (per setting with --tune)")
+    p.add_argument("--budget-steps", type=int, default=None,
+                   help="with --tune: steps per setting instead of --budget seconds (a budget "
+                        "that a shared, loaded machine does not shorten)")
     p.add_argument("--slice-seconds", type=float, default=2.0,
                    help="training seconds per turn before the next optimizer runs")
     p.add_argument("--eval-every", type=int, default=20, help="evaluate after this many steps")
@@ -150,6 +153,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("budget", "slice_seconds", "eval_seconds"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0")
+    if args.budget_steps is not None:
+        if not args.tune:
+            p.error("--budget-steps is for --tune (a race runs on the clock)")
+        if args.budget_steps < 1:
+            p.error("--budget-steps must be >= 1")
+        args.budget = math.inf  # the steps alone end a setting
     if min(args.eval_every, args.eval_size, args.repeat, args.batch, args.trials) < 1:
         p.error("--eval-every, --eval-size, --repeat, --batch and --trials must be >= 1")
     return args
@@ -197,7 +206,8 @@ def main(argv=None) -> dict:
     stem = Path(args.output_dir) / (f"{prefix.replace('race', 'race-tune', 1)}-{name}"
                                     if args.tune else f"{prefix}-{name}")
     config = dict(task=task.name, task_description=task.description, loss=task.loss_name,
-                  budget=args.budget, slice_seconds=args.slice_seconds,
+                  budget=args.budget if math.isfinite(args.budget) else None,
+                  budget_steps=args.budget_steps, slice_seconds=args.slice_seconds,
                   eval_every=args.eval_every, eval_seconds=args.eval_seconds,
                   targets=targets, batch=args.batch, seed=args.seed, dtype=args.dtype,
                   backend=args.backend, threads=args.threads, memory=args.memory,

@@ -128,6 +128,7 @@ class ExperimentMethod:
         self.inner.start_epoch(epoch)
 
     def set_progress(self, progress):
+        self.inner.set_progress(progress)  # ours, preset fast: its decay on the budget
         if self.damping_schedule is not None:
             self.inner.grad_maker.config.damping = self.damping_schedule(progress)
 
@@ -371,8 +372,8 @@ ENTRIES = {
     "autoencoder": {
         "locoprop-m": Entry("locoprop-m", 1e-5, note="ours, official preset (lr 0 epoch, "
                             "warmup, decay; T = 10)"),
-        "locoprop-m-fast": Entry("locoprop-m-fast", 4e-5, note="ours, preset fast (T = 3, 5 "
-                                 "warm steps, constant lr)"),
+        "locoprop-m-fast": Entry("locoprop-m-fast", 8e-5, note="ours, preset fast (T = 3, 5 "
+                                 "warm steps, cosine to 0.3 x lr at the budget)"),
         "adam": Entry("adam", 1e-3, note="backprop, torch.optim.Adam"),
         "rmsprop": Entry("rmsprop", 3e-4, note="backprop, torch.optim.RMSprop"),
         "shampoo": Entry("shampoo", 1e-3, {"preconditioning_compute_steps": 20},
@@ -430,8 +431,14 @@ _MODERN_GRIDS = {
 }
 TUNE_GRIDS = {
     "autoencoder": {
-        "locoprop-m-fast": {"lr": [1e-5, 2e-5, 4e-5], "inner_steps": [2, 3, 5],
-                            "gamma": [5.0, 10.0], "warmup": ["zero-lr", "grad-square"]},
+        # The fast preset's schedule (its T, gamma and warm-up are the 30 s tuning's, fixed in
+        # optimizers.PRESETS): the constant lr it had, against cosine decays on the budget
+        # (peak lr x final ratio x horizon, as a fraction of the budget).
+        "locoprop-m-fast": {"schedule": [
+            dict(lr=4e-5, decay="constant"),
+            *(dict(lr=lr, decay="cosine", final_ratio=r, horizon=1.0)
+              for r in (0.1, 0.3) for lr in (4e-5, 6e-5, 8e-5)),
+            dict(lr=6e-5, decay="cosine", final_ratio=0.1, horizon=0.6)]},
         **_LR6,
         "shampoo": {"lr": [3e-4, 1e-3, 3e-3], "preconditioning_compute_steps": [5, 20, 100]},
         # K-FAC (Martens & Grosse 2015 on this autoencoder: damping adapted from 150,

@@ -99,7 +99,8 @@ def summary_lines(result: dict) -> list:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Loss on the evaluation subset against each optimizer's training seconds (log y)."""
+    """Loss on the evaluation subset against each optimizer's training seconds (log y); on
+    a step budget (a ``--budget-steps`` tuning) against its steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,9 +110,11 @@ def plot(result: dict, path: Path) -> None:
     ids = list(dict.fromkeys(e["id"] for run in result["runs"] for e in run["entries"]))
     colors = {i: f"C{k % 10}" for k, i in enumerate(ids)}
     styles = ["-", "--", ":", "-."]
+    cfg = result["config"]
+    on_steps = cfg.get("budget_steps") is not None
     for n, run in enumerate(result["runs"]):
         for e in run["entries"]:
-            pts = [(h[0], h[2]) for h in e["history"]
+            pts = [(h[1] if on_steps else h[0], h[2]) for h in e["history"]
                    if h[2] is not None and math.isfinite(h[2]) and h[2] > 0]
             if not pts:
                 continue
@@ -122,13 +125,13 @@ def plot(result: dict, path: Path) -> None:
     for t in result["config"]["targets"]:
         ax.axhline(t, color="grey", lw=0.6, ls=":")
     ax.set_yscale("log")
-    ax.set_xlabel("training seconds (each optimizer's own steps; evaluation excluded)")
-    cfg = result["config"]
+    ax.set_xlabel("training steps" if on_steps else
+                  "training seconds (each optimizer's own steps; evaluation excluded)")
     ax.set_ylabel(f"train loss ({cfg['loss']}),\nfirst {cfg['eval_size']} rows", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     runs = len(result["runs"])
-    ax.set_title(f"Race, task {cfg['task']}, {cfg['budget']:g} s each, "
+    ax.set_title(f"Race, task {cfg['task']}, {budget_text(cfg)} each, "
                  f"{result['machine']}" + (f" ({runs} races: line styles)" if runs > 1 else ""),
                  fontsize=9)
     fig.tight_layout()
@@ -136,15 +139,25 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def budget_text(cfg: dict) -> str:
+    """'600 s' (a clock budget) or '450 steps' (a step budget: ``--budget-steps``)."""
+    if cfg.get("budget_steps") is not None:
+        return f"{cfg['budget_steps']} steps"
+    return f"{cfg['budget']:g} s"
+
+
 def tune_table(result: dict) -> str:
-    """The markdown table of a tuning run: every trial of every entry, the best marked."""
+    """The markdown table of a tuning run: every trial of every entry, the best marked. On a
+    step budget the target columns are steps (the seconds are a loaded machine's)."""
     cfg = result["config"]
     targets = [f"{t:g}" for t in cfg["targets"]]
+    on_steps = cfg.get("budget_steps") is not None
+    unit, key = ("steps", "steps_to") if on_steps else ("s", "time_to")
     lines = [f"Tuning races, task {cfg['task']}, on {result['machine']} ({result['device']}): "
-             f"{cfg['budget']:g} s of training per setting, {cfg['trials']} settings per "
+             f"{budget_text(cfg)} of training per setting, {cfg['trials']} settings per "
              f"optimizer (a seeded sample of its grid), interleaved; best = lowest final loss "
              f"(marked *).", "",
-             "| optimizer | setting | " + " | ".join(f"s to {t}" for t in targets)
+             "| optimizer | setting | " + " | ".join(f"{unit} to {t}" for t in targets)
              + " | final loss | s/step | status |",
              "|---|---|" + "---:|" * (len(targets) + 2) + "---|"]
     for i, trials in result["trials"].items():
@@ -154,8 +167,8 @@ def tune_table(result: dict) -> str:
             status = ("stalled" if e["stalled"] else "ok") if e["status"] == "ok" \
                 else e["status"]
             lines.append(f"| {i} | {e['setting']}{mark} | "
-                         + " | ".join("–" if e["time_to"][t] is None else
-                                      f"{e['time_to'][t]:.0f}" for t in targets)
+                         + " | ".join("–" if e[key][t] is None else
+                                      f"{e[key][t]:.0f}" for t in targets)
                          + f" | {_cell([e['final_loss']], _loss)} | "
                          + ("–" if e["s_per_step"] is None else f"{e['s_per_step']:.3f}")
                          + f" | {status} |")

@@ -53,10 +53,11 @@ class Runner:
 
     def __init__(self, entry_id: str, spec: dict, task: Task, task_data: TaskData, *,
                  batch: int, seed: int, device: torch.device, dtype: torch.dtype,
-                 backend: Optional[str], budget: float, eval_every: int, eval_seconds: float):
+                 backend: Optional[str], budget: float, eval_every: int, eval_seconds: float,
+                 budget_steps: Optional[int] = None):
         self.id, self.spec, self.task, self.data = entry_id, spec, task, task_data
         self.batch, self.seed, self.device, self.dtype = batch, seed, device, dtype
-        self.backend, self.budget = backend, budget
+        self.backend, self.budget, self.budget_steps = backend, budget, budget_steps
         self.eval_every, self.eval_seconds = eval_every, eval_seconds
         self.model = task.build_model(task_data, seed=seed, device=device, dtype=dtype)
         self.method = None
@@ -78,6 +79,20 @@ class Runner:
     def active(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def progress(self) -> float:
+        """The fraction of the budget spent: steps / ``budget_steps`` on a step budget, else
+        this entry's clock / ``budget`` (what time-based schedules read)."""
+        if self.budget_steps is not None:
+            return self.steps / self.budget_steps
+        return self.clock / self.budget
+
+    @property
+    def spent(self) -> bool:
+        """Whether the budget (steps, or seconds of this entry's clock) is used up."""
+        return self.clock >= self.budget or (self.budget_steps is not None
+                                             and self.steps >= self.budget_steps)
+
     # -- training
     def _next_batch(self) -> tuple:
         n = self.data.train_x.shape[0]
@@ -95,7 +110,7 @@ class Runner:
         try:
             _sync(self.device)
             start = time.perf_counter()
-            self.method.set_progress(self.clock / self.budget)
+            self.method.set_progress(self.progress)
             x, y = self._next_batch()
             self.method.step(x, y)
             _sync(self.device)
@@ -128,13 +143,13 @@ class Runner:
         """Steps until ``seconds`` more of this entry's clock have passed (or its budget)."""
         start_clock, start_steps = self.clock, self.steps
         stop = min(self.clock + seconds, self.budget)
-        while self.active and self.clock < stop:
+        while self.active and self.clock < stop and not self.spent:
             self.step()
             if self.active and self._due():
                 self.evaluate()
         self.slices.append([round(race_wall, 3), self.steps - start_steps,
                             self.clock - start_clock])
-        if self.active and self.clock >= self.budget and self.history[-1][1] != self.steps:
+        if self.active and self.spent and self.history[-1][1] != self.steps:
             self.evaluate()  # the final loss
 
     @property
@@ -150,8 +165,9 @@ class Runner:
             time_to[f"{t:g}"] = None if hit is None else hit[0]
             steps_to[f"{t:g}"] = None if hit is None else hit[1]
         stalled = False
-        if self.status == "ok" and finite and self.clock >= self.budget:
-            half = [h for h in finite if h[0] <= self.budget / 2]
+        if self.status == "ok" and finite and self.spent:
+            half = [h for h in finite if (h[1] <= self.budget_steps / 2 if self.budget_steps
+                                          else h[0] <= self.budget / 2)]
             final = finite[-1][2]
             stalled = bool(half) and final > 0.98 * half[-1][2] and final > max(targets)
         return dict(
@@ -202,12 +218,18 @@ def race(specs: dict, task: Task, task_data: TaskData, *, budget: float, slice_s
          batch: int, seed: int, device: torch.device, dtype: torch.dtype,
          backend: Optional[str], eval_every: int, eval_seconds: float, targets,
          memory: str = "inprocess", memory_steps: int = 2, progress: str = "lines",
-         desc: str = "race") -> dict:
-    """Race ``specs`` (id -> spec: peer, lr, hparams, note) interleaved; one record each."""
+         desc: str = "race", budget_steps: Optional[int] = None) -> dict:
+    """Race ``specs`` (id -> spec: peer, lr, hparams, note) interleaved; one record each.
+    ``budget_steps``: each entry stops after that many steps instead (``budget`` seconds
+    still cap its clock; pass ``math.inf`` for steps alone): a budget that a loaded machine
+    does not shorten."""
+    if budget_steps is not None and budget_steps < 1:
+        raise ValueError(f"budget_steps must be >= 1, got {budget_steps}")
     wall0 = time.perf_counter()
     runners = [Runner(i, spec, task, task_data, batch=batch, seed=seed, device=device,
                       dtype=dtype, backend=backend, budget=budget, eval_every=eval_every,
-                      eval_seconds=eval_seconds) for i, spec in specs.items()]
+                      eval_seconds=eval_seconds, budget_steps=budget_steps)
+               for i, spec in specs.items()]
     for r in runners:
         r.evaluate()  # the initial loss (all the same: one init), before any baseline
     prime(task, task_data, batch, device, dtype)
@@ -231,15 +253,15 @@ def race(specs: dict, task: Task, task_data: TaskData, *, budget: float, slice_s
     if baseline is not None:
         for r in runners:
             r.memory.setdefault("baseline_rss", baseline)
-    bar = Progress(progress, budget * len(runners), desc)
+    bar = Progress(progress, budget * len(runners) if math.isfinite(budget) else 0.0, desc)
     round_index = 0
     try:
-        while any(r.active and r.clock < budget for r in runners):
+        while any(r.active and not r.spent for r in runners):
             round_index += 1
             start = (round_index - 1) % len(runners)  # rotate who goes first
             advanced = 0.0
             for r in runners[start:] + runners[:start]:
-                if r.active and r.clock < budget:
+                if r.active and not r.spent:
                     before = r.clock
                     r.run_slice(slice_seconds, time.perf_counter() - wall0)
                     advanced += r.clock - before

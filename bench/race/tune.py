@@ -28,8 +28,10 @@ def grid_settings(base: dict, grid: dict) -> list:
         for (axis, _), value in zip(axes, combo):
             if axis == "lr":
                 spec["lr"] = value
-            elif isinstance(value, dict):
-                spec["hparams"].update(value)
+            elif isinstance(value, dict):  # settings together; "lr" among them sets the lr
+                spec["hparams"].update({k: v for k, v in value.items() if k != "lr"})
+                if "lr" in value:
+                    spec["lr"] = value["lr"]
             else:
                 spec["hparams"][axis] = value
         out.append(spec)
@@ -64,8 +66,9 @@ def tune_grids(task: str, ids: list, text: Optional[str]) -> dict:
 
 def tune(specs: dict, grids: dict, task, task_data, args, common: dict, stem: Path) -> dict:
     """Per entry, race ``args.trials`` settings of its grid interleaved for ``--budget`` s
-    each; the best (lowest final loss among runs that neither diverged nor failed) goes to
-    ``best``. The file is merged entry by entry and written after every entry."""
+    (or ``--budget-steps`` steps) each; the best (lowest final loss among runs that neither
+    diverged nor failed) goes to ``best``. The file is merged entry by entry and written
+    after every entry."""
     path = stem.with_suffix(".json")
     result = json.loads(path.read_text()) if path.exists() else {}
     if result and result.get("config", {}).get("task", task.name) != task.name:
@@ -83,13 +86,15 @@ def tune(specs: dict, grids: dict, task, task_data, args, common: dict, stem: Pa
             print(f"tune: {i}: its grid has only {len(settings)} settings (< --trials "
                   f"{args.trials}): the trials differ", file=sys.stderr)
         keyed = {f"{i} #{k + 1}": s for k, s in enumerate(settings)}
-        print(f"tune: {i}: {len(settings)} settings x {args.budget:g} s", file=sys.stderr)
+        per = f"{args.budget_steps} steps" if args.budget_steps else f"{args.budget:g} s"
+        print(f"tune: {i}: {len(settings)} settings x {per}", file=sys.stderr)
         done = race(keyed, task, task_data, budget=args.budget,
                     slice_seconds=args.slice_seconds, batch=args.batch, seed=args.seed,
                     device=common["_device"], dtype=common["_dtype"], backend=args.backend,
                     eval_every=args.eval_every, eval_seconds=args.eval_seconds,
                     targets=common["config"]["targets"], memory="none", memory_steps=0,
-                    progress=args.progress, desc=f"tune {i}")
+                    progress=args.progress, desc=f"tune {i}",
+                    budget_steps=args.budget_steps)
         trials = done["entries"]
         result["trials"][i] = trials
         fine = [e for e in trials if e["status"] == "ok" and math.isfinite(e["final_loss"])]

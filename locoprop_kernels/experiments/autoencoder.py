@@ -16,9 +16,10 @@ log: its 122.7 / 80.7 / 65.2 are after our epochs 2 / 3 / 5.
 
 LocoProp presets (``optimizers.PRESETS``): ``locoprop-m`` runs ``preset="official"``, the
 reproduction, unchanged. ``locoprop-m-fast`` runs ``preset="fast"``, for time to a target loss:
-T = 3, a constant lr, and 5 warm-up steps (``warmup_steps``; at lr = 0, or
-``warmup="grad-square"``: square averages set from the first batches' squared gradients)
-in place of the lr = 0 epoch. ``python -m bench.race`` (bench/race/) races them on the clock.
+T = 3, 5 warm-up steps (``warmup_steps``; at lr = 0, or ``warmup="grad-square"``: square
+averages set from the first batches' squared gradients) in place of the lr = 0 epoch, then
+the outer lr of ``optimizers.fast_lr_factor`` (a decay on the run's budget, here its
+``epochs``, or in steps). ``python -m bench.race`` (bench/race/) races them on the clock.
 
     locoprop-autoencoder --epochs 6 --optimizers locoprop-m,adam,rmsprop     # full MNIST
     locoprop-autoencoder --dataset digits --epochs 3                          # smoke run
@@ -147,6 +148,9 @@ def run_one(name: str, lr: Optional[float], split: data.Split, *, epochs: int, s
                                  batch_loss=None))
     wall = 0.0
     n = train.shape[0]
+    # the run's budget in steps: a schedule on the budget (the fast preset's decay) reads
+    # steps done / this before every step
+    total_steps, steps_done = epochs * math.ceil(n / batch), 0
     bar = tqdm(range(1, epochs + 1), desc=method.label, unit="epoch", disable=not progress,
                leave=True, file=sys.stderr)
     for epoch in bar:
@@ -160,7 +164,9 @@ def run_one(name: str, lr: Optional[float], split: data.Split, *, epochs: int, s
         for i in tqdm(range(0, n, batch), desc=f"epoch {epoch}", unit="batch", leave=False,
                       disable=not progress, file=sys.stderr):
             x = train[order[i:i + batch].to(device)]
+            method.set_progress(steps_done / total_steps)
             batch_sum += method.step(x).double() * x.shape[0]
+            steps_done += 1
         _sync(device)
         wall += time.perf_counter() - start
         row = dict(epoch=epoch, train_loss=mean_loss(model, train),

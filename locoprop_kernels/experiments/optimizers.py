@@ -10,7 +10,7 @@ counts the bytes of the tensors a method holds beyond its model.
 | name          | what runs                                                            | schedule |
 |---------------|----------------------------------------------------------------------|----------|
 | locoprop-m/-s | ``lk.LocoProp`` (our ops), official defaults, variant M / S          | official: epoch 0 at lr 0, warmup, linear decay |
-| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 3 | 5 warm-up steps (squared gradients), then constant |
+| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 3 | 5 warm-up steps (squared gradients), then cosine to 0.3 x lr at the budget |
 | rmsprop       | backprop + ``torch.optim.RMSprop``                                   | constant |
 | adam          | backprop + ``torch.optim.Adam``                                      | constant |
 | sgd           | backprop + ``torch.optim.SGD(momentum=0.9)``                         | constant |
@@ -25,9 +25,14 @@ steps and, instead of the official whole epoch at lr = 0 (which only warms the R
 averages), ``warmup_steps`` outer steps that do that job: ``warmup="grad-square"`` (the
 default) sets the square averages to the mean of (gamma * scale * backprop gradient)^2 over
 that many batches (one forward and backward each: at W = W0 that is exactly the first local
-gradient), ``warmup="zero-lr"`` runs them as LocoProp steps at lr = 0. Then the lr stays
-constant. Its settings are the race's tuning (bench/results/race-tune-cpu*.md): T = 3,
-gamma 10, grad-square warm-up, lr 4e-5.
+gradient), ``warmup="zero-lr"`` runs them as LocoProp steps at lr = 0. Then the outer lr is
+``fast_lr_factor``'s: a cosine from the peak to ``final_ratio`` = 0.3 x lr at the end of the
+run's budget (``horizon`` = 1; the race's clock fraction, ``set_progress``), or ``decay=
+"constant"`` / ``"linear"``, or a horizon in steps (``horizon_steps``). Its settings are the
+race's tuning: T = 3, gamma 10, grad-square warm-up (30 s per setting,
+bench/results/race-tune-cpu*.md), peak lr 8e-5 with that cosine (450 steps per setting,
+bench/results/race-tune-cpu-locoprop-m-fast-decay.md; within noise of the constant 4e-5 it
+replaced there).
 
 The peers are optional: ``available(name)`` says whether a name can run here and, if not, what
 to install. The PyPI ``locoprop`` package is run as it ships (T = 5, torch RMSprop, mean over
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import sys
 import types
 from typing import Callable, Optional
@@ -51,7 +57,7 @@ from ..trainer import LocoProp
 SWEEPS = {
     "locoprop-m": [1e-5],
     "locoprop-s": [1e-5],
-    "locoprop-m-fast": [4e-5],
+    "locoprop-m-fast": [8e-5],
     "rmsprop": [1e-4, 3e-4, 1e-3],
     "adam": [3e-4, 1e-3, 3e-3],
     "sgd": [1e-5, 3e-5, 1e-4],
@@ -72,19 +78,83 @@ KFAC_DAMPING = 10.0
 #: a 4-epoch linear warmup, linear decay to 0 at epoch ``total_epochs``); nothing in it may
 #: change (the reproduction depends on it). "fast": for time to loss, from the race's tuning
 #: (30 s per setting, interleaved: T 2/3 x gamma 5/10 x lr 1e-5/2e-5/4e-5 x warm-up kind; the
-#: grad-square warm-up beat zero-lr in all 8 pairs; bench/results/race-tune-cpu*.md).
+#: grad-square warm-up beat zero-lr in all 8 pairs; bench/results/race-tune-cpu*.md), then
+#: its schedule (450 steps per setting, ~143 s of the idle 600 s race: 8 settings of peak lr
+#: x floor x horizon; the cosine to 0.3 x lr at the budget, peak 8e-5, won by 0.1 over the
+#: constant 4e-5, within noise; bench/results/race-tune-cpu-locoprop-m-fast-decay.md). The
+#: peak lr is ``build``'s lr (the race's entry: 8e-5).
 PRESETS = {
     "official": dict(schedule="official"),
-    "fast": dict(schedule="constant", inner_steps=3, warmup_steps=5, warmup="grad-square"),
+    "fast": dict(inner_steps=3, warmup_steps=5, warmup="grad-square",
+                 decay="cosine", horizon=1.0, horizon_steps=None, final_ratio=0.3),
 }
 WARMUPS = ("zero-lr", "grad-square")
+#: The fast preset's outer lr after its warm-up: held, or decayed to final_ratio x lr.
+DECAYS = ("constant", "cosine", "linear")
+#: The settings of the fast preset's schedule (not ``lk.LocoProp``'s).
+SCHEDULE_KEYS = ("warmup_steps", "warmup", "decay", "horizon", "horizon_steps", "final_ratio")
+
+
+def check_schedule(decay: str, horizon: float, horizon_steps: Optional[int],
+                   final_ratio: float, warmup_steps: int) -> None:
+    """A ValueError for a schedule ``fast_lr_factor`` cannot run."""
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay {decay!r} (one of {DECAYS})")
+    if not 0.0 <= final_ratio <= 1.0:
+        raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon > 0:
+        raise ValueError(f"horizon (a fraction of the budget) must be > 0, got {horizon!r}")
+    if horizon_steps is not None and (isinstance(horizon_steps, bool)
+                                      or not isinstance(horizon_steps, int)
+                                      or horizon_steps <= warmup_steps):
+        raise ValueError(f"horizon_steps must be None or an int > warmup_steps "
+                         f"({warmup_steps}), got {horizon_steps!r}")
+
+
+def fast_lr_factor(step: int, *, warmup_steps: int, decay: str, final_ratio: float,
+                   horizon: float = 1.0, horizon_steps: Optional[int] = None,
+                   progress: Optional[float] = None) -> float:
+    """The fast preset's outer lr at outer step ``step`` (1-based), as a fraction of its peak.
+
+    Steps 1..w (w = ``warmup_steps``) warm the square averages and do not move the weights:
+    0. After them the lr decays from the peak (1) to r = ``final_ratio`` at the horizon and
+    stays at r after it. With q the way through the horizon,
+
+        horizon_steps = H:  q = (step - w - 1) / (H - w - 1)   (the peak at step w + 1, r at
+                            step H; steps count from the run's first, warm-up included)
+        else:               q = progress / horizon   (progress: the fraction of the run's
+                            budget spent before this step, the race's own clock / budget or
+                            steps / step budget; horizon 1 reaches r at the budget's end)
+
+        cosine:   r + (1 - r) (1 + cos(pi min(q, 1))) / 2
+        linear:   r + (1 - r) (1 - min(q, 1))
+        constant: 1 (r and the horizon unused)
+    """
+    if step <= warmup_steps:
+        return 0.0
+    if decay == "constant":
+        return 1.0
+    if horizon_steps is not None:
+        q = (step - warmup_steps - 1) / max(horizon_steps - warmup_steps - 1, 1)
+    elif progress is None:
+        raise ValueError("a horizon on the budget needs the fraction of it spent (the "
+                         "method's set_progress(p), before every step), or horizon_steps")
+    else:
+        q = progress / horizon
+    q = min(max(q, 0.0), 1.0)
+    if decay == "cosine":
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
+    return final_ratio + (1.0 - final_ratio) * (1.0 - q)
+
 
 #: The settings ``build`` accepts per method beside lr (anything else is a ValueError).
 #: Backprop methods forward them to their torch.optim class (e.g. ``eps``, ``betas``).
 HPARAMS = {
-    "locoprop": ("preset", "warmup_steps", "warmup", "inner_steps", "gamma", "alpha", "eps",
-                 "momentum", "style", "lr_floor", "eta", "scale", "grouped", "cuda_graph",
-                 "precision"),
+    "locoprop": ("preset", "warmup_steps", "warmup", "decay", "horizon", "horizon_steps",
+                 "final_ratio", "inner_steps", "gamma", "alpha", "eps", "momentum", "style",
+                 "lr_floor", "eta", "scale", "grouped", "cuda_graph", "precision"),
     "shampoo": ("preconditioning_compute_steps", "statistics_compute_steps",
                 "start_preconditioning_step", "block_size", "graft_type", "betas",
                 "matrix_eps", "diagonal_eps", "nesterov", "inverse_exponent_override"),
@@ -145,6 +215,10 @@ class Method:
     def start_epoch(self, epoch: int) -> None:
         pass
 
+    def set_progress(self, progress: float) -> None:
+        """The fraction of the run's budget spent before the next step (a no-op: only the
+        fast LocoProp preset's decay reads it)."""
+
     def step(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -152,10 +226,11 @@ class Method:
 class LocoPropMethod(Method):
     """Our trainer. ``preset="official"`` (the default): the official defaults and schedule,
     exactly as the reproduction ran. ``preset="fast"``: T = 3, ``warmup_steps`` warm-up steps
-    (module docstring), then a constant lr. Other keywords go to ``lk.LocoProp``."""
+    (module docstring), then the outer lr of ``fast_lr_factor`` (``decay``, ``horizon``,
+    ``final_ratio``). Other keywords go to ``lk.LocoProp``."""
 
     def __init__(self, name, lr, model, loss_fn, *, total_epochs, backend=None,
-                 preset="official", warmup_steps=None, warmup=None, **options):
+                 preset="official", **options):
         if preset not in PRESETS:
             raise ValueError(f"{name}: unknown preset {preset!r} (one of {list(PRESETS)})")
         if lr is None:
@@ -164,30 +239,36 @@ class LocoPropMethod(Method):
         base = "locoprop-m" if variant == "M" else "locoprop-s"
         super().__init__(base if preset == "official" else f"{base}-{preset}", lr, model)
         self.preset, self.total_epochs = preset, total_epochs
+        self.progress = None  # the fraction of the run's budget spent (set_progress)
         if preset == "official":
-            if warmup_steps is not None or warmup is not None:
-                raise ValueError(f"{name}: the official preset warms up with its lr = 0 epoch; "
-                                 "warmup_steps / warmup belong to preset='fast'")
+            foreign = sorted(set(options) & set(SCHEDULE_KEYS))
+            if foreign:
+                raise ValueError(f"{name}: the official preset runs its own schedule (the lr = "
+                                 f"0 epoch, warmup, linear decay); {foreign} belong to "
+                                 "preset='fast'")
             self.warmup_steps, self.warmup = 0, None
             self.opt = LocoProp(model, loss_fn, variant=variant, lr=0.0, backend=backend,
                                 **options)
         else:
             settings = {k: v for k, v in PRESETS[preset].items() if k != "schedule"}
             settings.update(options)
-            if warmup_steps is not None:
-                settings["warmup_steps"] = warmup_steps
-            if warmup is not None:
-                settings["warmup"] = warmup
-            self.warmup_steps = int(settings.pop("warmup_steps"))
-            self.warmup = settings.pop("warmup")
+            schedule = {k: settings.pop(k) for k in SCHEDULE_KEYS}
+            self.warmup_steps = schedule["warmup_steps"]
+            self.warmup = schedule["warmup"]
+            self.decay, self.horizon = schedule["decay"], schedule["horizon"]
+            self.horizon_steps = schedule["horizon_steps"]
+            self.final_ratio = float(schedule["final_ratio"])
             if self.warmup not in WARMUPS:
                 raise ValueError(f"{name}: unknown warmup {self.warmup!r} (one of {WARMUPS})")
-            if self.warmup_steps < 0:
-                raise ValueError(f"{name}: warmup_steps must be >= 0, got {self.warmup_steps}")
+            try:
+                check_schedule(self.decay, self.horizon, self.horizon_steps, self.final_ratio,
+                               self.warmup_steps)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
             self.loss_fn = loss_fn
             self.opt = LocoProp(model, loss_fn, variant=variant, lr=lr, backend=backend,
                                 **settings)
-            options = dict(settings, warmup_steps=self.warmup_steps, warmup=self.warmup)
+            options = dict(settings, **schedule)
         self.hparams = dict(options, preset=preset) if preset != "official" else dict(options)
         self.steps_done = 0
 
@@ -195,19 +276,30 @@ class LocoPropMethod(Method):
         if self.preset == "official":
             self.opt.lr = official_lr(self.lr, epoch, self.total_epochs)
 
+    def set_progress(self, progress: float) -> None:
+        """The fraction of the run's budget spent before the next step (the race calls it
+        before every step; ``run_one`` with steps / the run's steps): a decay whose horizon
+        is on the budget (no ``horizon_steps``) reads it."""
+        self.progress = float(progress)
+
+    def lr_at(self, step: int) -> float:
+        """The fast preset's outer lr at outer step ``step`` (1-based): ``fast_lr_factor``."""
+        return self.lr * fast_lr_factor(step, warmup_steps=self.warmup_steps, decay=self.decay,
+                                        final_ratio=self.final_ratio, horizon=self.horizon,
+                                        horizon_steps=self.horizon_steps,
+                                        progress=self.progress)
+
     def step(self, x):
         if self.preset == "official":
             return self.opt.step(x, x)
         self.steps_done += 1
         if self.steps_done > self.warmup_steps:
+            self.opt.lr = self.lr_at(self.steps_done)
             return self.opt.step(x, x)
         if self.warmup == "grad-square":
             return self._square_avgs_from_gradient(x, self.steps_done)
         self.opt.lr = 0.0  # warm step: the square averages move, the weights do not
-        try:
-            return self.opt.step(x, x)
-        finally:
-            self.opt.lr = self.lr
+        return self.opt.step(x, x)
 
     @torch.no_grad()
     def _square_avgs_from_gradient(self, x, k):
