@@ -29,13 +29,23 @@ def delta(x, weight, bias, target, activation: str) -> torch.Tensor:
 
 
 def matched_loss_grad(x, weight, bias, target, activation: str, *, scale: float = 1.0,
-                      anchor_weight=None, anchor_bias=None, eta: Optional[float] = None):
+                      anchor_weight=None, anchor_bias=None, eta: Optional[float] = None,
+                      anchor_preact=None):
     """Gradient of the layer's local objective in (W, b).
 
     grad_W = scale * D^T X [+ (W - W0)/eta]      (d_out, d_in)
     grad_b = scale * sum_n D_n [+ (b - b0)/eta]  (d_out,), None when bias is None
+
+    With ``anchor_preact`` Z0 the pre-activation in D is taken in its delta form,
+    Z = Z0 + X (W - W0)^T + (b - b0) (``lk.matched_loss_grad``'s docstring says why).
     """
-    d = delta(x, weight, bias, target, activation)
+    if anchor_preact is None:
+        d = delta(x, weight, bias, target, activation)
+    else:
+        z = anchor_preact + x @ (weight - anchor_weight).T
+        if bias is not None:
+            z = z + (bias - anchor_bias)
+        d = get_activation(activation).f(z) - target
     grad_w = scale * (d.T @ x)
     grad_b = None if bias is None else scale * d.sum(0)
     if eta is not None:

@@ -38,3 +38,25 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def f64(t):
     return None if t is None else t.detach().double()
+
+
+def random_layer(B, d_in, d_out, activation, bias=True, dtype=torch.float32, x_dtype=None,
+                 seed=0):
+    """A random Linear layer's matched-loss inputs on DEVICE: x (B, d_in), W (d_out, d_in)
+    scaled by 1/sqrt(d_in), b (d_out,) or None, y = f(random) (in f's range), and W0, b0 at 0.1
+    from them; x and y in ``x_dtype`` (default ``dtype``), the rest in ``dtype``."""
+    from locoprop_kernels.activations import ACTIVATIONS
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+    b = torch.randn(d_out, generator=g) if bias else None
+    y = ACTIVATIONS[activation].f(torch.randn(B, d_out, generator=g))
+    w0 = w + 0.1 * torch.randn(d_out, d_in, generator=g)
+    b0 = b + 0.1 * torch.randn(d_out, generator=g) if bias else None
+
+    def to(t, dt=dtype):
+        return None if t is None else t.to(DEVICE, dt)
+
+    return to(x, x_dtype or dtype), to(w), to(b), to(y, x_dtype or dtype), to(w0), to(b0)
+

@@ -17,7 +17,7 @@ from locoprop_kernels.activations import ACTIVATIONS
 from locoprop_kernels.backends import _routes
 from locoprop_kernels.triton_kernels import conv_matched_loss_grad
 
-from conftest import DEVICE, HAS_CUDA, f64, rel_err, requires_gpu, requires_interpreter
+from conftest import DEVICE, HAS_CUDA, f64, rel_err, requires_gpu, requires_interpreter, random_layer
 
 # (B, d_in, d_out): ones, odd primes, powers of two, a tile edge plus one.
 SHAPES = [(1, 1, 1), (7, 33, 5), (16, 8, 32), (33, 17, 65)]
@@ -57,16 +57,7 @@ def ran(monkeypatch):
     return counts
 
 
-def _layer(B, d_in, d_out, activation, bias=True, dtype=torch.float32, x_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(d_out, generator=g) if bias else None
-    y = ACTIVATIONS[activation].f(torch.randn(B, d_out, generator=g))
-    w0 = w + 0.1 * torch.randn(d_out, d_in, generator=g)
-    b0 = b + 0.1 * torch.randn(d_out, generator=g) if bias else None
-    to = lambda t, dt=dtype: None if t is None else t.to(DEVICE, dt)  # noqa: E731
-    return to(x, x_dtype or dtype), to(w), to(b), to(y, x_dtype or dtype), to(w0), to(b0)
+_layer = random_layer  # x, W, b, y, W0, b0 (conftest)
 
 
 def _grad(route, x, w, b, y, activation, prox=False, w0=None, b0=None, precision="ieee"):

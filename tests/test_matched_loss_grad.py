@@ -6,23 +6,14 @@ import locoprop_kernels as lk
 from locoprop_kernels import reference
 from locoprop_kernels.activations import ACTIVATIONS
 
-from conftest import BACKENDS, DEVICE, f64, rel_err
+from conftest import BACKENDS, DEVICE, f64, rel_err, random_layer
 
 # (B, d_in, d_out): ones, odd primes, powers of two, and a tile edge plus one.
 SHAPES = [(1, 1, 1), (7, 33, 5), (16, 8, 32), (33, 17, 257), (64, 65, 7)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def _layer(B, d_in, d_out, activation, bias, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(d_out, generator=g) if bias else None
-    y = ACTIVATIONS[activation].f(torch.randn(B, d_out, generator=g))
-    w0 = w + 0.1 * torch.randn(d_out, d_in, generator=g)
-    b0 = b + 0.1 * torch.randn(d_out, generator=g) if bias else None
-    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
-    return to(x), to(w), to(b), to(y), to(w0), to(b0)
+_layer = random_layer  # x, W, b, y, W0, b0 (conftest)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

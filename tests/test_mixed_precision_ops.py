@@ -62,7 +62,7 @@ import locoprop_kernels as lk
 from locoprop_kernels import ops, reference
 from locoprop_kernels.activations import ACTIVATIONS
 
-from conftest import BACKENDS, DEVICE, f64, rel_err
+from conftest import BACKENDS, DEVICE, f64, rel_err, random_layer
 
 HALF = [torch.bfloat16, torch.float16]
 #: Unit roundoff of each format: half the distance from 1 to the next value.
@@ -205,17 +205,7 @@ def rounding_bound(layer, x, x_half, w, b, y, activation, low, *, scale):
     return bound_w, bound_b
 
 
-def _layer(B, d_in, d_out, activation, bias, seed=0):
-    """fp32 x, W, b, y (y = f(random), in f's range), W0, b0 on DEVICE."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(d_out, generator=g) if bias else None
-    y = ACTIVATIONS[activation].f(torch.randn(B, d_out, generator=g))
-    w0 = w + 0.1 * torch.randn(d_out, d_in, generator=g)
-    b0 = b + 0.1 * torch.randn(d_out, generator=g) if bias else None
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    return to(x), to(w), to(b), to(y), to(w0), to(b0)
+_layer = random_layer  # x, W, b, y, W0, b0 (conftest)
 
 
 def _assert_within(got, want, bound, what):

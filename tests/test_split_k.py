@@ -24,7 +24,7 @@ from locoprop_kernels.triton_kernels import configs
 from locoprop_kernels.triton_kernels import grouped_matched_loss_grad as grouped
 from locoprop_kernels.triton_kernels import matched_loss_grad as mlg
 
-from conftest import DEVICE, f64, rel_err
+from conftest import DEVICE, f64, rel_err, random_layer
 
 #: (B, d_in, d_out): odd (7 row blocks of 16: slices 64+33 at S = 2, 48+48+1 at S = 3) and
 #: powers of two (8 row blocks: 64+64, 48+48+32).
@@ -38,16 +38,7 @@ def _split(s):
     return configs.forced("weight_grad", block_m=BLOCK_M, split_k=s)
 
 
-def _layer(B, d_in, d_out, activation, bias, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(d_out, generator=g) if bias else None
-    y = ACTIVATIONS[activation].f(torch.randn(B, d_out, generator=g))
-    w0 = w + 0.1 * torch.randn(d_out, d_in, generator=g)
-    b0 = b + 0.1 * torch.randn(d_out, generator=g) if bias else None
-    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
-    return to(x), to(w), to(b), to(y), to(w0), to(b0)
+_layer = random_layer  # x, W, b, y, W0, b0 (conftest)
 
 
 def _run(x, w, b, y, activation, n_slices, *, prox=False, w0=None, b0=None, scale=1.0,

@@ -13,7 +13,6 @@ import dataclasses
 import torch
 
 from .. import reference
-from ..activations import get_activation
 from ._conv import conv_precision
 from .base import HALF_DTYPES, Backend
 
@@ -31,23 +30,6 @@ def _compute_dtype(weight) -> torch.dtype:
     return torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
 
 
-def _delta_form_grad(x, weight, bias, target, activation, scale, anchor_weight, anchor_bias,
-                     eta, anchor_preact):
-    """``reference.matched_loss_grad`` with the delta form's pre-activation
-    Z = Z0 + X (W - W0)^T + (b - b0) (all in the compute dtype), the prox term as there."""
-    z = anchor_preact + x @ (weight - anchor_weight).T
-    if bias is not None:
-        z = z + (bias - anchor_bias)
-    d = get_activation(activation).f(z) - target
-    grad_w = scale * (d.T @ x)
-    grad_b = None if bias is None else scale * d.sum(0)
-    if eta is not None:
-        grad_w = grad_w + (weight - anchor_weight) / eta
-        if bias is not None:
-            grad_b = grad_b + (bias - anchor_bias) / eta
-    return grad_w, grad_b
-
-
 class ReferenceBackend(Backend):
     name = "reference"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -62,14 +44,10 @@ class ReferenceBackend(Backend):
         ct = _compute_dtype(weight)
         x, weight, bias = _math(x, ct), _math(weight, ct), _math(bias, ct)
         anchor_weight, anchor_bias = _math(anchor_weight, ct), _math(anchor_bias, ct)
-        if anchor_preact is None:
-            gw, gb = reference.matched_loss_grad(x, weight, bias, _math(target, ct),
-                                                 activation, scale=scale,
-                                                 anchor_weight=anchor_weight,
-                                                 anchor_bias=anchor_bias, eta=eta)
-        else:
-            gw, gb = _delta_form_grad(x, weight, bias, _math(target, ct), activation, scale,
-                                      anchor_weight, anchor_bias, eta, _math(anchor_preact, ct))
+        gw, gb = reference.matched_loss_grad(x, weight, bias, _math(target, ct), activation,
+                                             scale=scale, anchor_weight=anchor_weight,
+                                             anchor_bias=anchor_bias, eta=eta,
+                                             anchor_preact=_math(anchor_preact, ct))
         out_weight.copy_(gw)
         if out_bias is not None:
             out_bias.copy_(gb)
