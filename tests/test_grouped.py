@@ -164,19 +164,39 @@ ANCHORED_CASES = [("triton", p, torch.float32, 1e-6) for p in ("tf32", "bf16", "
 @pytest.mark.parametrize("prox", [False, True], ids=["noprox", "prox"])
 def test_anchored_group_equals_per_layer_delta_form(backend, precision, dtype, tol, prox):
     """The delta form on the grouped path (triton: one stage-1 launch for all layers; the
-    reference backend: the per-layer fallback) == the per-layer op with anchor_preact Z0 and
-    W0, b0, layer by layer (softmax and a bias-free layer included); the Gram layer's slots
-    are those of the plain group (the delta form does not touch the Gram form)."""
-    group, start, params = _anchored_group(RAGGED, 13, backend, precision, RAGGED_GRAM, dtype)
+    reference and cpp backends: the per-layer fallback) == the per-layer op with
+    anchor_preact Z0 and W0, b0, layer by layer (softmax and a bias-free layer included); the
+    Gram layer's slots are those of the plain group (the delta form does not touch the Gram
+    form)."""
+    _check_anchored_group(RAGGED, 13, RAGGED_GRAM, backend, precision, dtype, tol, prox)
+
+
+#: Several row blocks (B = 70), a softmax over several column blocks and a reduction over
+#: several K blocks in the anchored kernel's loops.
+WIDE = [LayerSpec(9, 80, "softmax"), LayerSpec(80, 20, "tanh", False)]
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_anchored_group_equals_per_layer_delta_form_wide(precision):
+    """The same on WIDE, with prox."""
+    _check_anchored_group(WIDE, 70, None, "triton", precision, torch.float32, 1e-6, True)
+
+
+def _check_anchored_group(layers, batch, gram, backend, precision, dtype, tol, prox):
+    """Every layer's gradient from an anchored group (``_anchored_group``) against the
+    per-layer op's delta form (the prox term with centre A != W0 added by hand), to ``tol``
+    relative; Gram layers' slots against the plain group's."""
+    group, start, params = _anchored_group(layers, batch, backend, precision, gram, dtype)
+    gram = (False,) * len(layers) if gram is None else gram
     anchors = start + 0.1 * torch.ones_like(start)  # a prox centre other than W0
-    scale, eta = (1.0 / 13, 0.3) if prox else (1.0, None)
+    scale, eta = (1.0 / batch, 0.3) if prox else (1.0, None)
     grads = torch.full((group.num_params,), float("nan"), dtype=dtype, device=DEVICE)
     with lk.testing.count_launches() as n:
         group.matched_loss_grads_(params, grads, scale=scale, anchors=anchors, eta=eta)
     if backend == "triton":
         assert n.triton == 2  # stage 1 (delta form) and stage 2, all matched layers each
-    plain = LayerGroup(RAGGED, 13, device=DEVICE, backend=backend, dtype=dtype,
-                       precision=precision, gram=RAGGED_GRAM)
+    plain = LayerGroup(layers, batch, device=DEVICE, backend=backend, dtype=dtype,
+                       precision=precision, gram=gram)
     for view, x in zip(plain.inputs.views(), group.inputs.views()):
         view.copy_(x)
     plain.form_gram_(start)
@@ -187,7 +207,7 @@ def test_anchored_group_equals_per_layer_delta_form(backend, precision, dtype, t
     p = 0
     for i, layer in enumerate(group.layers):
         k = 2 if layer.bias else 1
-        if RAGGED_GRAM[i]:
+        if gram[i]:
             want = split_views(plain_grads, group.param_shapes)[p:p + k]
         else:
             b, b0 = (p_views[p + 1], s_views[p + 1]) if layer.bias else (None, None)
