@@ -28,10 +28,10 @@ both filled once per step before the loop; "ieee" runs the plain kernels.
 
 The arenas, the group (its tile tables) and the loop are cached per (layer sizes and
 activations, Gram flags, the delta-form flag, rows, device, dtype, options): built on the
-first step of a shape, reused while it lasts. Parameters and RMSProp state live in the model and ``opt.state``
-(torch's format); a step copies them into the arenas and back, except when they already are
-consecutive views of one buffer in the arena layout (``lk.LocoProp``'s parameter and state
-arenas): then the step runs on that buffer, with no copy.
+first step of a shape, reused while it lasts. Parameters and RMSProp state live in the model
+and ``opt.state`` (torch's format); a step copies them into the arenas and back, except when
+they already are consecutive views of one buffer in the arena layout (``lk.LocoProp``'s
+parameter and state arenas): then the step runs on that buffer, with no copy.
 """
 from __future__ import annotations
 
