@@ -15,6 +15,12 @@ matched-loss launches (``layer_table()`` lists the matched layers only, at their
 ``matched_loss_grads_`` writes their slots with one d_out x d_in x d_in GEMM each
 (``GramTerms``) instead of two rows-sized ones.
 
+The delta form (``anchored=True``; LocoProp's inner iterations at precision tf32/bf16,
+docs/design.md section 4): stage 1's pre-activation is Z_l = Z0_l + X_l (W_l - W0_l)^T
++ (b_l - b0_l), so that only the small update W - W0 goes through the low-precision dot. Z0
+lives in ``anchor_preacts`` (the targets' shapes and offsets), W0, b0 in ``start_params`` (the
+flat layout); the caller fills both once per outer step (``form_anchors_``).
+
 Layout. Parameters of all layers live in one flat buffer in ``nn.Sequential`` order:
 W_0 (d_out, d_in), b_0 (d_out,) if the layer has a bias, W_1, b_1, ...; ``param_shapes``
 gives it. Gradients and prox anchors use the same layout.
@@ -67,11 +73,15 @@ class LayerGroup:
     ``gram``: one flag per layer (default: none), the layers that take the Gram form (their
     activation must be "identity"). Their ``targets[l]`` are not read; after filling their
     ``inputs[l]`` and the parameters, call ``form_gram_(params)`` once per outer step.
+
+    ``anchored``: stage 1 in the delta form. ``anchor_preacts[l]`` (B, d_out_l), Z0_l, are
+    views the caller fills beside the targets (a Gram layer's are not read), and
+    ``form_anchors_(params)`` copies W0, b0 into ``start_params``, once per outer step.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], batch: int, *, device, dtype=torch.float32,
                  backend: Optional[str] = None, precision: str = "ieee",
-                 gram: Optional[Sequence[bool]] = None):
+                 gram: Optional[Sequence[bool]] = None, anchored: bool = False):
         if not layers:
             fail_value(OP, "layers", "at least one LayerSpec", "an empty list")
         for i, layer in enumerate(layers):
@@ -88,7 +98,10 @@ class LayerGroup:
                 fail_value(OP, f"gram[{i}]", "False for a layer whose activation is not "
                            "'identity' (only a quadratic local loss has a Gram form)",
                            f"True with {layer.activation!r}")
+        if not isinstance(anchored, bool):
+            fail_value(OP, "anchored", "a bool", anchored)
         self.gram = gram
+        self.anchored = anchored
         self.layers = list(layers)
         self.batch = batch
         # "cuda" -> "cuda:0" (the current device): tensors report an index, and the flat
@@ -101,6 +114,11 @@ class LayerGroup:
         self.inputs = Arena([(batch, l.d_in) for l in self.layers], dtype=dtype, device=device)
         self.targets = Arena([(batch, l.d_out) for l in self.layers], dtype=dtype,
                              device=device)
+        # The delta form's Z0 (targets' layout) and W0, b0 (params' layout); filled per step.
+        self.anchor_preacts = None if not anchored else Arena(
+            [(batch, l.d_out) for l in self.layers], dtype=dtype, device=device)
+        self.start_params = None if not anchored else torch.empty(
+            self.num_params, dtype=dtype, device=self.device)
         self.backend = backends.resolve(OP, backend, self.device, dtype)
         rows = self._layer_rows()
         self._gram = None if not any(gram) else GramTerms(
@@ -144,6 +162,16 @@ class LayerGroup:
         if self._gram is not None:
             self._gram.form_(params)
 
+    def form_anchors_(self, params: torch.Tensor) -> None:
+        """Once per outer step (anchored groups only), with ``params`` (flat) at the step's
+        start, the weights ``anchor_preacts`` were computed with, and outside any CUDA graph:
+        W0, b0 <- params."""
+        if not self.anchored:
+            fail_value(OP, "form_anchors_", "a group built with anchored=True",
+                       "anchored=False")
+        self._check_flat("params", params, dtype=self.dtype)
+        self.start_params.copy_(params)
+
     def matched_loss_grads_(self, params: torch.Tensor, grads: torch.Tensor, *,
                             scale: float = 1.0, anchors: Optional[torch.Tensor] = None,
                             eta: Optional[float] = None) -> None:
@@ -154,7 +182,9 @@ class LayerGroup:
 
         with X_l = ``inputs[l]``, Y_l = ``targets[l]``, A = ``anchors`` (needed with eta). A
         Gram layer takes the same gradient for the target Y_l = X_l W0_l^T + b0_l (W0, b0 as at
-        ``form_gram_``) in its Gram form, outside the matched-loss launches.
+        ``form_gram_``) in its Gram form, outside the matched-loss launches. An anchored group
+        forms X_l W_l^T + b_l as Z0_l + X_l (W_l - W0_l)^T + (b_l - b0_l) (``anchor_preacts``,
+        ``start_params``).
         """
         self._check_flat("params", params, dtype=self.dtype)
         self._check_flat("grads", grads)
@@ -175,6 +205,7 @@ class LayerGroup:
         p_views = split_views(params, self.param_shapes)
         g_views = split_views(grads, self.param_shapes)
         a_views = split_views(anchors, self.param_shapes) if eta is not None else None
+        s_views = split_views(self.start_params, self.param_shapes) if self.anchored else None
         p = 0
         for i, layer in enumerate(self.layers):
             k = 2 if layer.bias else 1
@@ -184,9 +215,22 @@ class LayerGroup:
             w, b = p_views[p], (p_views[p + 1] if layer.bias else None)
             out = (g_views[p], g_views[p + 1] if layer.bias else None)
             anchor = (a_views[p], a_views[p + 1] if layer.bias else None) if a_views else (None, None)
-            matched_loss_grad(self.inputs[i], w, b, self.targets[i], layer.activation,
-                              scale=scale, anchor_weight=anchor[0], anchor_bias=anchor[1],
-                              eta=eta, backend=self.backend.name, precision=self.precision,
-                              out=out)
+            if not self.anchored:
+                matched_loss_grad(self.inputs[i], w, b, self.targets[i], layer.activation,
+                                  scale=scale, anchor_weight=anchor[0], anchor_bias=anchor[1],
+                                  eta=eta, backend=self.backend.name,
+                                  precision=self.precision, out=out)
+            else:
+                # The op has one (W0, b0) pair, its delta form's and its prox centre: the
+                # delta form takes start_params, the prox term (centre A) is added after.
+                matched_loss_grad(self.inputs[i], w, b, self.targets[i], layer.activation,
+                                  scale=scale, anchor_weight=s_views[p],
+                                  anchor_bias=s_views[p + 1] if layer.bias else None,
+                                  backend=self.backend.name, precision=self.precision,
+                                  out=out, anchor_preact=self.anchor_preacts[i])
+                if eta is not None:
+                    out[0].add_(w - anchor[0], alpha=1.0 / eta)
+                    if layer.bias:
+                        out[1].add_(b - anchor[1], alpha=1.0 / eta)
             p += k
 

@@ -94,8 +94,63 @@ def test_grouped_triton_kernel_equals_per_layer_float32(gram):
     assert n.triton == 3 * (2 * 3 + 4)  # per step: 2 launches x (T - 1) + T RMSProp launches
     want = GRAM_INNER["M"] if gram == "auto" else ["matched"] * 4
     assert [i.inner for i in opt.layers] == want
+    assert not the_loop(opt).group.anchored  # "ieee": the plain stage 1, as before
     train(b, batches(dtype=torch.float32), grouped=False, backend="triton", gram=gram)
     assert max_diff(a, b) <= 1e-6
+
+
+@requires_interpreter
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("gram", ["auto", "never"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_delta_form_equals_per_layer_float32(precision, gram, bias):
+    """At tf32/bf16 the grouped strategy runs (its stage 1 in the delta form, one launch for
+    all matched layers) and moves the weights as the per-layer strategy's delta-form ops do;
+    with gram="auto" the identity layer takes the Gram form on both."""
+    start = mlp(torch.float32, bias=bias)
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    data = batches(dtype=torch.float32)
+    with lk.testing.count_launches() as n:
+        opt = train(a, data, grouped=True, backend="triton", gram=gram, precision=precision)
+    assert opt.strategy == "grouped"
+    assert the_loop(opt).group.anchored
+    assert n.triton == 3 * (2 * 3 + 4)  # the launch count of "ieee"
+    want = GRAM_INNER["M"] if gram == "auto" else ["matched"] * 4
+    assert [i.inner for i in opt.layers] == want
+    opt_b = train(b, data, grouped=False, backend="triton", gram=gram, precision=precision)
+    assert opt_b.strategy == "per-layer (grouped=False)"
+    assert rel_diff(start, b) > 1e-4
+    assert max_diff(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("eta", [None, 0.1])
+def test_grouped_delta_form_equals_per_layer_float64(eta):
+    """The delta form on a backend without a grouped entry (reference: the group's per-layer
+    fallback with anchor_preact), float64, the Gram layer mixed in, prox on and off: the
+    per-layer strategy's steps to float64 rounding."""
+    start = mlp()
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    kw = dict(backend="reference", precision="bf16", gram="always", eta=eta)
+    opt_a = train(a, batches(), grouped=True, **kw)
+    opt_b = train(b, batches(), grouped=False, **kw)
+    assert opt_a.strategy == "grouped" and the_loop(opt_a).group.anchored
+    assert the_loop(opt_a).group.gram == (False, True, False, False)
+    assert rel_diff(start, b) > 1e-4
+    assert rel_diff(a, b) <= 1e-12
+
+
+def test_the_delta_form_flag_is_part_of_the_cache_key():
+    model = mlp()
+    opt = train(model, batches(rows=(11,)), grouped=True, backend="reference")
+    first = the_loop(opt)
+    assert not first.group.anchored
+    opt.param_groups[0]["precision"] = "tf32"
+    for x, y in batches(rows=(11,)):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    second = the_loop(opt)
+    assert second is not first and second.group.anchored and opt.strategy == "grouped"
 
 
 @pytest.mark.parametrize("variant", ["M", "S"])

@@ -202,9 +202,10 @@ def test_delta_form_survives_small_updates(precision, activation):
 
 
 @requires_interpreter
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-layer", "grouped"])
 @pytest.mark.parametrize("lr", [1e-2, 1e-4])
 @pytest.mark.parametrize("api", ["optim", "trainer"])
-def test_a_whole_step_at_tf32_bf16_is_within_its_bound(api, lr):
+def test_a_whole_step_at_tf32_bf16_is_within_its_bound(api, lr, grouped):
     """precision= is one option through lk.optim.LocoProp and lk.LocoProp down to the Triton
     dots, and a whole step (24-32-16 tanh, 3 inner steps) at tf32/bf16 moves the weights as
     float64 does, within the bound
@@ -220,7 +221,9 @@ def test_a_whole_step_at_tf32_bf16_is_within_its_bound(api, lr):
     tf32 2.5e-4, bf16 3.5e-4 (ieee 1.2e-5); lr 1e-4 tf32 8.3e-4, bf16 8.3e-4 (ieee 8.4e-4).
     Before the delta form the same steps were off by tf32 6.2e-2 / 5.9e-2 and bf16 0.19 /
     0.22 (lr 1e-2 / 1e-4): 12-26x this bound (test_delta_form_survives_small_updates shows
-    the op-level cause). The step also differs from the ieee one (the option is not dropped)."""
+    the op-level cause). The step also differs from the ieee one (the option is not dropped).
+    The same bound on both strategies: per layer (the ops' delta form) and grouped (the grouped
+    kernel's, ``grouped=True``)."""
     import copy
 
     import locoprop_kernels as lk
@@ -237,15 +240,16 @@ def test_a_whole_step_at_tf32_bf16_is_within_its_bound(api, lr):
         loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t)  # noqa: E731
         if api == "optim":
             opt = lk.optim.LocoProp(model, lr=lr, inner_steps=3, backend=backend,
-                                    precision=precision, output_activation="sigmoid")
+                                    precision=precision, output_activation="sigmoid",
+                                    grouped=grouped)
             opt.zero_grad()
             loss(model(xx), yy).backward()
             opt.step()
-            if precision != "ieee":
-                assert opt.strategy.startswith("per-layer"), opt.strategy
         else:
-            lk.LocoProp(model, loss, lr=lr, inner_steps=3, backend=backend,
-                        precision=precision).step(xx, yy)
+            opt = lk.LocoProp(model, loss, lr=lr, inner_steps=3, backend=backend,
+                              precision=precision, grouped=grouped)
+            opt.step(xx, yy)
+        assert opt.strategy == "grouped" if grouped else opt.strategy.startswith("per-layer")
         return torch.cat([(p.detach().double() - q.detach().double()).flatten()
                           for p, q in zip(model.parameters(), start.parameters())])
 
@@ -259,18 +263,34 @@ def test_a_whole_step_at_tf32_bf16_is_within_its_bound(api, lr):
 
 
 @requires_interpreter
-def test_grouped_strategy_refuses_tf32_bf16():
-    """The grouped kernel has no delta form yet: a tf32/bf16 step runs per layer (and says
-    why) instead of computing the cancelled form."""
+def test_grouped_strategy_takes_the_delta_form_at_tf32_bf16(monkeypatch):
+    """A tf32/bf16 step takes the grouped strategy with its stage 1 in the delta form (the
+    anchored kernel launched, the plain one not); "ieee" keeps the plain kernel."""
+    import importlib
+
     import locoprop_kernels as lk
     from torch import nn
 
-    for precision in ("tf32", "bf16"):
+    kernels = importlib.import_module("locoprop_kernels.triton_kernels.grouped_matched_loss_grad")
+    launched = []
+    real = kernels.launch
+
+    def recording(kernel, *args, **kwargs):
+        launched.append(kernel.fn.__name__)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", recording)
+    for precision in ("tf32", "bf16", "ieee"):
+        torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
         opt = lk.optim.LocoProp(model, lr=1e-2, inner_steps=2, backend="triton",
                                 precision=precision, grouped=True)
         opt.zero_grad()
         model(torch.randn(4, 6)).square().sum().backward()
+        launched.clear()
         opt.step()
-        assert opt.strategy == ("per-layer (precision tf32/bf16 runs per layer (the grouped "
-                                "kernel has no delta form yet))"), opt.strategy
+        assert opt.strategy == "grouped", opt.strategy
+        anchored = precision != "ieee"
+        stage1 = [k for k in launched if "delta" in k]
+        assert stage1 == ["_grouped_anchored_delta_kernel" if anchored
+                          else "_grouped_delta_kernel"], launched

@@ -11,7 +11,8 @@ uses -- every activation, dtype (and mixed precision: half x and target, fp32 pa
 bias/prox setting, dot precision ("ieee", "tf32", "bf16"), stage 1's delta form (anchor_preact,
 on the extreme activations), both tile regimes, stage 2 both
 unsplit and split over B (pass 1 and pass 2), the grouped kernels on the autoencoder's layer
-table, a ragged one and a narrow one at a long batch, the Conv2d delta and finish
+table, a ragged one and a narrow one at a long batch (stage 1 in the delta form too, at
+"tf32" and "bf16"), the Conv2d delta and finish
 kernels, RMSProp flat and table forms with lr as a value and as a device pointer and with
 torch's options (centered, maximize, weight decay) -- but replaces the launch with
 ``triton.compile`` for the target (sm_90 by default) on the signature, constexprs and launch
@@ -66,6 +67,7 @@ DOT_KERNELS = {("matched_loss_grad", "_delta_kernel"), ("matched_loss_grad", "_w
                ("matched_loss_grad", "_anchored_delta_kernel"),
                ("matched_loss_grad", "_weight_grad_partial_kernel"),
                ("grouped_matched_loss_grad", "_grouped_delta_kernel"),
+               ("grouped_matched_loss_grad", "_grouped_anchored_delta_kernel"),
                ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel"),
                ("grouped_matched_loss_grad", "_grouped_weight_grad_partial_kernel")}
 # The kernel family (configs.KERNELS) of each (module, kernel) the config table serves; pass 2
@@ -77,6 +79,7 @@ FAMILY = {("matched_loss_grad", "_delta_kernel"): "delta",
           ("grouped_matched_loss_grad", "_grouped_weight_grad_partial_kernel"):
               "grouped_weight_grad",
           ("grouped_matched_loss_grad", "_grouped_delta_kernel"): "grouped_delta",
+          ("grouped_matched_loss_grad", "_grouped_anchored_delta_kernel"): "grouped_delta",
           ("grouped_matched_loss_grad", "_grouped_weight_grad_kernel"): "grouped_weight_grad",
           ("local_targets", "_targets_kernel"): "targets",
           ("conv_matched_loss_grad", "_delta_kernel"): "conv_delta"}
@@ -311,27 +314,56 @@ def grouped_cases(compiler: Compiler) -> None:
     128-wide tensor-core tiles, unsplit for "ieee") and B = 128 (unsplit), a ragged table with
     softmax and leaky_relu, and a narrow table at B = 4096 (split at every precision); the
     code is run-time data there, so every activation is in each variant."""
-    tables = {"autoencoder": (AUTOENCODER, AUTOENCODER_ACTS, (1000, 128)),
-              "ragged": ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"], (3,)),
-              "narrow": ([64, 48, 64], ["softmax", "tanh"], (4096,))}
     for (name, (sizes, acts, batches)), dtype, has_prox, precision in itertools.product(
-            tables.items(), [torch.float32, torch.bfloat16], [False, True], PRECISIONS):
+            GROUPED_TABLES.items(), [torch.float32, torch.bfloat16], [False, True],
+            PRECISIONS):
         if name == "ragged" and (has_prox or dtype != torch.float32):
             continue  # the same kernels at smaller tiles: once
         for batch in batches:
-            # The trainer's layout (LayerGroup's arenas and layer rows), planned as the triton
-            # backend plans it; the reference backend only stands in for building the group.
-            group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
-                                in zip(sizes, sizes[1:], acts)], batch, device="cpu",
-                               dtype=dtype, backend="reference")
-            plan = grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype,
-                                precision=precision)
-            params = torch.empty(group.num_params, dtype=dtype)
-            compiler.context = f"{dtype} {name} B={batch} S={plan.n_slices}"
-            grouped.grouped_matched_loss_grad_(
-                plan, group.inputs.buffer, params, group.targets.buffer,
-                torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
-                anchors=params if has_prox else None, eta=0.5 if has_prox else None)
+            _grouped_launch(compiler, name, sizes, acts, batch, dtype, has_prox, precision)
+
+
+#: The grouped cases' layer tables: (widths, activations, batch sizes).
+GROUPED_TABLES = {
+    "autoencoder": (AUTOENCODER, AUTOENCODER_ACTS, (1000, 128)),
+    "ragged": ([7, 1, 33, 5, 9], ["softmax", "relu", "sigmoid", "leaky_relu"], (3,)),
+    "narrow": ([64, 48, 64], ["softmax", "tanh"], (4096,))}
+
+
+def _grouped_launch(compiler: Compiler, name, sizes, acts, batch, dtype, has_prox, precision,
+                    anchored=False) -> None:
+    """One grouped call on the trainer's layout (LayerGroup's arenas and layer rows), planned
+    as the triton backend plans it; the reference backend only stands in for building the
+    group. ``anchored``: stage 1 in the delta form."""
+    group = LayerGroup([LayerSpec(d_in, d_out, act) for d_in, d_out, act
+                        in zip(sizes, sizes[1:], acts)], batch, device="cpu",
+                       dtype=dtype, backend="reference", anchored=anchored)
+    plan = grouped.plan(batch, group.layer_table(), "cpu", dtype=dtype, precision=precision,
+                        anchored=anchored)
+    params = torch.empty(group.num_params, dtype=dtype)
+    delta_form = {} if not anchored else dict(start_params=group.start_params,
+                                              anchor_preacts=group.anchor_preacts.buffer)
+    compiler.context = (f"{dtype} {name} B={batch} S={plan.n_slices}"
+                        + (" delta form" if anchored else ""))
+    grouped.grouped_matched_loss_grad_(
+        plan, group.inputs.buffer, params, group.targets.buffer,
+        torch.empty(group.targets.buffer.shape), torch.empty(group.num_params),
+        anchors=params if has_prox else None, eta=0.5 if has_prox else None, **delta_form)
+
+
+def grouped_delta_form_cases(compiler: Compiler) -> None:
+    """The grouped stage 1 in the delta form (``_grouped_anchored_delta_kernel``: W and W0
+    loaded per layer, Z0 and b - b0 added in the epilogue), on the grouped cases' tables at
+    "tf32" and "bf16" (the precisions LocoProp takes it at), fp32 and bf16 arenas, under the
+    "grouped_delta" rows it shares with the plain kernel. Stage 2 is the plain one's (prox
+    off here: it does not touch stage 1; ``grouped_cases`` compiles both settings)."""
+    for (name, (sizes, acts, batches)), dtype, precision in itertools.product(
+            GROUPED_TABLES.items(), [torch.float32, torch.bfloat16], ("tf32", "bf16")):
+        if name == "ragged" and dtype != torch.float32:
+            continue  # the same kernels at smaller tiles: once
+        for batch in batches:
+            _grouped_launch(compiler, name, sizes, acts, batch, dtype, False, precision,
+                            anchored=True)
 
 
 def conv_cases(compiler: Compiler) -> None:
@@ -381,6 +413,7 @@ def delta_form_cases(compiler: Compiler) -> None:
 
 GROUPS = {"codes": table_codes_match, "per_layer": per_layer_cases,
           "delta_form": delta_form_cases, "grouped": grouped_cases,
+          "grouped_delta_form": grouped_delta_form_cases,
           "conv": conv_cases, "rmsprop": None}  # rmsprop_cases, defined below
 
 

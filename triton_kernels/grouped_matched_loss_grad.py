@@ -19,6 +19,10 @@ longest-first schedule); tiles of one size class stay together. The activation c
 at run time and handed to the same ``delta_block`` the single-layer kernel compiles with a
 constexpr code: the grouped kernel holds one softmax path and one element-wise path, whose f
 comes from ``activation.apply_elementwise`` (this file lists no activations).
+The delta form of stage 1 (an ``anchored`` plan: LocoProp's inner iterations at tf32/bf16)
+is its own kernel, ``_grouped_anchored_delta_kernel``, over the single-layer kernel's
+``anchored_delta_block``: W0, b0 in one more params-layout arena and Z0 in one more
+targets-layout arena, both at the layer table's offsets (no new columns).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -31,9 +35,9 @@ from . import configs
 from ._common import check_precision, tile
 from ._launch import launch, table_row
 from .activation import SOFTMAX
-from .matched_loss_grad import (SUM_BLOCK_K, SUM_BLOCK_N, SUM_WARPS, delta_block,
-                                weight_grad_block, weight_grad_partial_block,
-                                weight_grad_sum_block)
+from .matched_loss_grad import (ANCHORED_MAX_BLOCK_K, SUM_BLOCK_K, SUM_BLOCK_N, SUM_WARPS,
+                                anchored_delta_block, delta_block, weight_grad_block,
+                                weight_grad_partial_block, weight_grad_sum_block)
 
 # Layer-table columns (int64, one row per layer): element offsets of X_l, W_l, b_l (W_l's when
 # the layer has no bias) and Y_l/D_l in their arenas, d_out, d_in, activation code, has-bias.
@@ -72,6 +76,29 @@ def _grouped_delta_kernel(x_ptr, p_ptr, y_ptr, d_ptr, layers_ptr, tiles_ptr, B,
                 tl.load(row + N_COL).to(tl.int32), tl.load(row + K_COL).to(tl.int32),
                 tl.load(row + HAS_BIAS_COL).to(tl.int32), tl.load(row + ACT_COL),
                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _grouped_anchored_delta_kernel(x_ptr, p_ptr, p0_ptr, z0_ptr, y_ptr, d_ptr, layers_ptr,
+                                   tiles_ptr, B, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 1 in the delta form, all layers: D_l = f_l(Z0_l + X_l (W_l - W0_l)^T
+    + (b_l - b0_l)) - Y_l (``anchored_delta_block``). W0, b0 sit in ``p0_ptr``'s arena at
+    the params' offsets, Z0_l in ``z0_ptr``'s at the targets' offsets. Grid and tiles as
+    ``_grouped_delta_kernel``'s."""
+    tile_row = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_FIELDS
+    pid_m = tl.load(tile_row + BLOCK0_COL)
+    pid_n = tl.load(tile_row + BLOCK1_COL)
+    row = layers_ptr + tl.load(tile_row + LAYER_COL) * LAYER_FIELDS
+    w_off = tl.load(row + W_OFF)
+    b_off = tl.load(row + B_OFF)
+    yd = tl.load(row + YD_OFF)
+    anchored_delta_block(x_ptr + tl.load(row + X_OFF), p_ptr + w_off, p0_ptr + w_off,
+                         z0_ptr + yd, p_ptr + b_off, p0_ptr + b_off, y_ptr + yd, d_ptr + yd,
+                         pid_m, pid_n, B, tl.load(row + N_COL).to(tl.int32),
+                         tl.load(row + K_COL).to(tl.int32),
+                         tl.load(row + HAS_BIAS_COL).to(tl.int32), tl.load(row + ACT_COL),
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -146,12 +173,15 @@ def _grouped_weight_grad_sum_kernel(part_ptr, p_ptr, p0_ptr, g_ptr, layers_ptr, 
 class GroupedPlan:
     """Device tables for one set of layer shapes, batch size, operand dtype and precision;
     build once, launch often. Each stage has its own config (``configs.py``) and tiles.
+    ``anchored``: stage 1 takes the delta form (its reduction depth capped as the per-layer
+    delta form's, ``ANCHORED_MAX_BLOCK_K``: it loads W and W0 tiles).
     With ``n_slices`` > 1 stage 2 is split over B: ``grad_tiles`` are pass 1's (with the
     slice), ``sum_tiles``/``sum_blocks`` pass 2's, ``partials`` their fp32 scratch
     (n_slices * slice_stride floats, slice_stride >= the params' arena length)."""
 
     batch: int
     precision: str
+    anchored: bool              # stage 1 in the delta form (``_grouped_anchored_delta_kernel``)
     layers: torch.Tensor        # int64 (L, LAYER_FIELDS)
     delta_tiles: torch.Tensor   # int64 (n1, TILE_FIELDS)
     grad_tiles: torch.Tensor    # int64 (n2, TILE_FIELDS)
@@ -170,18 +200,23 @@ def _blocks(cfg: configs.Config, batch: int, d_out: int, d_in: int) -> dict:
                 BLOCK_K=tile(d_in, cfg.block_k), **cfg.launch_options())
 
 
-def plan(batch: int, layers, device, *, dtype=torch.float32, precision: str = "ieee"
-         ) -> GroupedPlan:
+def plan(batch: int, layers, device, *, dtype=torch.float32, precision: str = "ieee",
+         anchored: bool = False) -> GroupedPlan:
     """Build the tables (and, when stage 2 is split, its partials scratch). ``layers``:
     dicts with x_off, w_off, b_off (or None), yd_off, d_in, d_out, code (activation).
     Offsets are in elements of their arenas; ``dtype`` is the arenas' storage dtype (it
-    picks the configs, with ``precision``)."""
+    picks the configs, with ``precision``). ``anchored``: stage 1 in the delta form."""
     check_precision(precision)
     d_out = max(l["d_out"] for l in layers)
     d_in = max(l["d_in"] for l in layers)
     shape = (batch, d_out, d_in)
-    delta_blocks = _blocks(configs.lookup("grouped_delta", dtype, precision, shape=shape),
-                           batch, d_out, d_in)
+    delta_cfg = configs.lookup("grouped_delta", dtype, precision, shape=shape)
+    delta_blocks = _blocks(delta_cfg, batch, d_out, d_in)
+    if anchored:
+        # One kernel holds both paths: the softmax cap when any layer takes softmax.
+        softmax = any(l["code"] == SOFTMAX.value for l in layers)
+        delta_blocks["BLOCK_K"] = tile(d_in, min(delta_cfg.block_k,
+                                                 ANCHORED_MAX_BLOCK_K[softmax]))
     grad_cfg = configs.lookup("grouped_weight_grad", dtype, precision, shape=shape)
     grad_blocks = _blocks(grad_cfg, batch, d_out, d_in)
     bm, bn1 = delta_blocks["BLOCK_M"], delta_blocks["BLOCK_N"]
@@ -225,7 +260,7 @@ def plan(batch: int, layers, device, *, dtype=torch.float32, precision: str = "i
                                           device=device),
                      sum_tiles=_tile_table(sum_tiles, device),
                      sum_blocks=dict(BLOCK_N=sbn, BLOCK_K=sbk, num_warps=SUM_WARPS))
-    return GroupedPlan(batch, precision, _int64_table(rows, device),
+    return GroupedPlan(batch, precision, anchored, _int64_table(rows, device),
                        _tile_table(delta_tiles, device), _tile_table(grad_tiles, device),
                        delta_blocks, grad_blocks, **split)
 
@@ -244,13 +279,28 @@ def _tile_table(tiles, device) -> torch.Tensor:
 
 
 def grouped_matched_loss_grad_(p: GroupedPlan, inputs, params, targets, deltas, grads, *,
-                               scale: float = 1.0, anchors=None, eta=None) -> None:
+                               scale: float = 1.0, anchors=None, eta=None, start_params=None,
+                               anchor_preacts=None) -> None:
     """Write every layer's matched-loss gradient into ``grads`` (params' layout): two
     launches, three when the plan splits stage 2, at the plan's precision. All arenas are
     flat contiguous tensors; ``deltas`` is fp32 scratch laid out like ``targets``.
-    ``anchors`` (params' layout) and ``eta`` turn the prox term on."""
-    launch(_grouped_delta_kernel, (p.delta_tiles.shape[0],), inputs, params, targets, deltas,
-           p.layers, p.delta_tiles, p.batch, PRECISION=p.precision, **p.delta_blocks)
+    ``anchors`` (params' layout) and ``eta`` turn the prox term on. An anchored plan needs
+    ``start_params`` W0, b0 (params' layout) and ``anchor_preacts`` Z0 (targets' layout) for
+    its delta form; others take neither."""
+    given = [name for name, t in (("start_params", start_params),
+                                  ("anchor_preacts", anchor_preacts)) if t is not None]
+    if len(given) != (2 if p.anchored else 0):
+        raise ValueError(f"grouped_matched_loss_grad_(): a plan with anchored={p.anchored} "
+                         f"takes {'both' if p.anchored else 'neither'} of start_params and "
+                         f"anchor_preacts, got {given or 'neither'}")
+    if p.anchored:
+        launch(_grouped_anchored_delta_kernel, (p.delta_tiles.shape[0],), inputs, params,
+               start_params, anchor_preacts, targets, deltas, p.layers, p.delta_tiles, p.batch,
+               PRECISION=p.precision, **p.delta_blocks)
+    else:
+        launch(_grouped_delta_kernel, (p.delta_tiles.shape[0],), inputs, params, targets,
+               deltas, p.layers, p.delta_tiles, p.batch, PRECISION=p.precision,
+               **p.delta_blocks)
     has_prox = eta is not None
     anchors = anchors if has_prox else params  # never read without prox: a stand-in pointer
     inv_eta = 1.0 / eta if has_prox else 0.0

@@ -88,12 +88,12 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
 
 @triton.jit
 def _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols, B, N, K,
-                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          has_bias, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Z[rows, cols] = Z0[rows, cols] + X[rows] (W - W0)[cols]^T + (b - b0)[cols] as an fp32
     (BLOCK_M, BLOCK_N) tile: W - W0 is formed in fp32 (exact to fp32 when W is near W0) and
     only it and X go through the dot at ``PRECISION``; Z0 and the bias update are added in
-    fp32. Masked entries read 0, so rows past B give finite values (softmax's max)."""
+    fp32. Masked entries read 0, so rows past B give finite values (softmax's max).
+    ``has_bias`` (0 or 1) may be a constexpr or a run-time value (the grouped kernel)."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -108,11 +108,11 @@ def _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, col
     ok = (rows[:, None] < B) & (cols[None, :] < N)
     z = acc + tl.load(z0_ptr + rows[:, None] * N + cols[None, :], mask=ok,
                       other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        b0 = tl.load(b0_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        z += (b - b0)[None, :]
-    return z
+    # A mask, not a branch, so that a run-time flag works too (as in ``_preact_tile``).
+    bias_ok = (cols < N) & (tl.full(cols.shape, has_bias, tl.int32) != 0)
+    b = tl.load(b_ptr + cols, mask=bias_ok, other=0.0).to(tl.float32)
+    b0 = tl.load(b0_ptr + cols, mask=bias_ok, other=0.0).to(tl.float32)
+    return z + (b - b0)[None, :]
 
 
 @triton.jit
@@ -126,39 +126,53 @@ def _parked_tile(z_ptr, unused_w_ptr, unused_b_ptr, rows, cols, B, N, unused_k, 
 
 
 @triton.jit
-def _anchored_delta_kernel(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, y_ptr, d_ptr, B, N, K,
-                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PRECISION: tl.constexpr, USER_F: tl.constexpr = None):
-    """Stage 1 in the delta form for one layer: D = f(Z0 + X (W - W0)^T + (b - b0)) - Y
-    (``_anchored_preact_tile``). Grid as ``_delta_kernel``'s. Softmax: pass 1 parks each
-    program's Z tiles (all of d_out) in D, then ``softmax_rows`` reads them back twice (its
-    online max/sum, then softmax - Y in place): its own tile source takes three pointers, the
-    delta form needs six."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def anchored_delta_block(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, y_ptr, d_ptr, pid_m,
+                         pid_n, B, N, K, has_bias, act, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr, USER_F: tl.constexpr = None):
+    """Stage 1 in the delta form on rows block pid_m and column block pid_n (softmax: all
+    columns of rows block pid_m, pid_n ignored): D = f(Z0 + X (W - W0)^T + (b - b0)) - Y
+    (``_anchored_preact_tile``). Softmax: pass 1 parks the program's Z tiles (all of d_out)
+    in D, then ``softmax_rows`` reads them back twice (its online max/sum, then softmax - Y
+    in place): its own tile source takes three pointers, the delta form needs six. ``act``
+    and ``has_bias`` are constexprs (``_anchored_delta_kernel``) or run-time scalars (the
+    grouped kernel, as in ``delta_block``)."""
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    if ACT == SOFTMAX:
+    if act == SOFTMAX:
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             z = _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols,
-                                      B, N, K, HAS_BIAS, BLOCK_K, PRECISION)
+                                      B, N, K, has_bias, BLOCK_K, PRECISION)
             tl.store(d_ptr + rows[:, None] * N + cols[None, :], z,
                      mask=row_ok[:, None] & (cols[None, :] < N))
         tl.debug_barrier()  # softmax_rows reads what this program wrote
         softmax_rows(_parked_tile, d_ptr, d_ptr, d_ptr, 0, d_ptr, y_ptr, d_ptr, 1.0, rows, B, N,
                      K, False, BLOCK_N, BLOCK_K, PRECISION)
     else:
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols[None, :] < N)
         offs = rows[:, None] * N + cols[None, :]
         z = _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols, B,
-                                  N, K, HAS_BIAS, BLOCK_K, PRECISION)
+                                  N, K, has_bias, BLOCK_K, PRECISION)
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if USER_F is not None:
             f = USER_F(z)
         else:
-            f = apply_elementwise(z, ACT)
+            f = apply_elementwise(z, act)
         tl.store(d_ptr + offs, f - y, mask=ok)
+
+
+@triton.jit
+def _anchored_delta_kernel(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, y_ptr, d_ptr, B, N, K,
+                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr, USER_F: tl.constexpr = None):
+    """Stage 1 in the delta form for one layer (``anchored_delta_block``). Grid as
+    ``_delta_kernel``'s."""
+    anchored_delta_block(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, y_ptr, d_ptr,
+                         tl.program_id(0), tl.program_id(1), B, N, K, HAS_BIAS, ACT, BLOCK_M,
+                         BLOCK_N, BLOCK_K, PRECISION, USER_F)
 
 
 @triton.jit

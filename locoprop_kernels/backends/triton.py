@@ -146,12 +146,15 @@ class TritonBackend(Backend):
         deltas = torch.empty(group.targets.buffer.numel(), dtype=torch.float32,
                              device=group.device)
         plan = grouped.plan(group.batch, group.layer_table(), group.device, dtype=group.dtype,
-                            precision=group.precision)
+                            precision=group.precision, anchored=group.anchored)
+        # The delta form's W0, b0 and Z0: the group's own buffers, filled once per outer step.
+        delta_form = {} if not group.anchored else dict(
+            start_params=group.start_params, anchor_preacts=group.anchor_preacts.buffer)
 
         def run(params, grads, *, scale, anchors, eta):
             grouped.grouped_matched_loss_grad_(
                 plan, group.inputs.buffer, params, group.targets.buffer, deltas, grads,
-                scale=scale, anchors=anchors, eta=eta)
+                scale=scale, anchors=anchors, eta=eta, **delta_form)
 
         return run
 

@@ -21,12 +21,17 @@ param group of one dtype (fp32/fp64, the state dtype) and device, and there is n
 parallel, no custom target, per-layer prox or regularizer. Anything else runs per layer; the
 reason is kept in ``opt.strategy``.
 
+At precision tf32/bf16 the group is ``anchored``: stage 1 takes the delta form
+Z = Z0 + X (W - W0)^T + (b - b0), as the per-layer strategy's ops do, with each problem's
+recorded Z0 in the group's Z0 arena and the step's starting W0, b0 in its ``start_params``,
+both filled once per step before the loop; "ieee" runs the plain kernels.
+
 The arenas, the group (its tile tables) and the loop are cached per (layer sizes and
-activations, Gram flags, rows, device, dtype, options): built on the first step of a shape,
-reused while it lasts. Parameters and RMSProp state live in the model and ``opt.state``
-(torch's format); a step copies them into the arenas and back, except when they already are
-consecutive views of one buffer in the arena layout (``lk.LocoProp``'s parameter and state
-arenas): then the step runs on that buffer, with no copy.
+activations, Gram flags, the delta-form flag, rows, device, dtype, options): built on the
+first step of a shape, reused while it lasts. Parameters and RMSProp state live in the model
+and ``opt.state`` (torch's format); a step copies them into the arenas and back, except when
+they already are consecutive views of one buffer in the arena layout (``lk.LocoProp``'s
+parameter and state arenas): then the step runs on that buffer, with no copy.
 """
 from __future__ import annotations
 
@@ -62,9 +67,10 @@ class GroupedLoop:
     def __init__(self, specs: List[LayerSpec], rows: int, *, device, dtype, backend,
                  precision: str, options: RMSpropOptions, inner_steps: int, lr: float,
                  lr_floor: float, scale: float, eta: Optional[float], cuda_graph: bool,
-                 buffers: Optional[tuple] = None, gram: Optional[Sequence[bool]] = None):
+                 buffers: Optional[tuple] = None, gram: Optional[Sequence[bool]] = None,
+                 anchored: bool = False):
         self.group = LayerGroup(specs, rows, device=device, dtype=dtype, backend=backend,
-                                precision=precision, gram=gram)
+                                precision=precision, gram=gram, anchored=anchored)
         self.shapes = param_shapes(specs)
         n = self.group.num_params
 
@@ -90,14 +96,18 @@ class GroupedLoop:
     def run(self, problems, params: List[Tensor], square_avgs: List[Tensor],
             momentum_bufs: Optional[List[Tensor]], constant: List[Tensor], lr: float) -> None:
         """One outer step's T inner iterations: the problems' X and f(Z0) (matched layers
-        only: a Gram layer's target is its W0) into the group's arenas, C (``constant``, per
-        parameter) into the constant arena, the parameters and state in (unless they are the
-        arenas), the Gram layers' X^T X, X^T 1 and W0, the loop, and the results back."""
-        for view, problem in zip(self.group.inputs.views(), problems):
+        only: a Gram layer's target is its W0) into the group's arenas, and Z0 too for an
+        anchored group (the delta form), C (``constant``, per parameter) into the constant
+        arena, the parameters and state in (unless they are the arenas), the Gram layers'
+        X^T X, X^T 1 and W0 and an anchored group's W0, b0, the loop, and the results back."""
+        group = self.group
+        for view, problem in zip(group.inputs.views(), problems):
             view.copy_(problem.x)
-        for view, problem, gram in zip(self.group.targets.views(), problems, self.group.gram):
-            if not gram:
+        for i, (view, problem) in enumerate(zip(group.targets.views(), problems)):
+            if not group.gram[i]:
                 view.copy_(problem.y)
+                if group.anchored:
+                    group.anchor_preacts[i].copy_(problem.z0)
         torch._foreach_copy_(split_views(self.constant, self.shapes), constant)
         outside = [] if not self.owned else [(self.params, params),
                                              (self.square_avgs, square_avgs)]
@@ -105,7 +115,10 @@ class GroupedLoop:
             outside.append((self.momentum_bufs, momentum_bufs))
         for flat, tensors in outside:
             torch._foreach_copy_(split_views(flat, self.shapes), [t.detach() for t in tensors])
-        self.group.form_gram_(self.params)  # after the params are in: W0 is this step's start
+        # After the params are in, outside any CUDA graph: W0 is this step's start.
+        group.form_gram_(self.params)
+        if group.anchored:
+            group.form_anchors_(self.params)
         if self.loop.lr != lr:
             self.loop.set_lr(lr)
         self.loop.run()

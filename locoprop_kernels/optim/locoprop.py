@@ -708,19 +708,22 @@ class LocoProp(torch.optim.Optimizer):
         gram = tuple(self._take_gram(problems, build=False))  # the per-layer rule, per layer
         first = params[0]
         buffers = self._grouped_views(layout, params, options).buffers
-        key = (tuple(specs), gram, problems[0].x.shape[0], first.device, first.dtype, options,
-               g0["inner_steps"], g0["lr_floor"], g0["scale"], g0["eta"], g0["backend"],
-               g0.get("precision", "ieee"),
+        precision = g0.get("precision", "ieee")  # older checkpoints: no precision
+        # The delta form exactly where the per-layer strategy takes it (``_layer_problems``).
+        anchored = precision != "ieee"
+        key = (tuple(specs), gram, anchored, problems[0].x.shape[0], first.device, first.dtype,
+               options, g0["inner_steps"], g0["lr_floor"], g0["scale"], g0["eta"],
+               g0["backend"], precision,
                None if buffers is None else tuple(b.data_ptr() for b in buffers))
         loop = self._grouped_cache.get(key)
         if loop is None:
             self._grouped_cache.clear()  # one shape at a time: a new shape replaces the last
             loop = self._grouped_cache[key] = GroupedLoop(
                 specs, problems[0].x.shape[0], device=first.device, dtype=first.dtype,
-                backend=g0["backend"], precision=g0.get("precision", "ieee"),
+                backend=g0["backend"], precision=precision,
                 options=options, inner_steps=g0["inner_steps"], lr=float(g0["lr"]),
                 lr_floor=g0["lr_floor"], scale=g0["scale"], eta=g0["eta"],
-                cuda_graph=self.cuda_graph, buffers=buffers, gram=gram)
+                cuda_graph=self.cuda_graph, buffers=buffers, gram=gram, anchored=anchored)
         self.strategy = "grouped"
         return loop
 
@@ -759,8 +762,6 @@ class LocoProp(torch.optim.Optimizer):
             return "parameters not all fp32 or all fp64"
         if len({p.device for p in params}) != 1:
             return "parameters on several devices"
-        if self.param_groups[0].get("precision", "ieee") != "ieee":
-            return "precision tf32/bf16 runs per layer (the grouped kernel has no delta form yet)"
         return None
 
     def _grouped_views(self, layout: StepLayout, params: list,
