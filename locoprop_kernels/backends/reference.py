@@ -48,6 +48,26 @@ def _delta_form_grad(x, weight, bias, target, activation, scale, anchor_weight, 
     return grad_w, grad_b
 
 
+def _conv2d_delta_form_grad(x, weight, bias, target, activation, anchor_preact, *, stride,
+                            padding, dilation, groups, scale, anchor_weight, anchor_bias, eta):
+    """``reference.matched_loss_grad_conv2d`` with the delta form's pre-activation
+    Z = Z0 + conv2d(X, W - W0) + (b - b0) (all in the compute dtype), the prox term as there:
+    D = f(Z) - Y (f over the channels), grad_W = scale conv2d_weight_grad(X, D), grad_b =
+    scale sum_{n,h,w} D."""
+    z = anchor_preact + reference.conv2d_preactivation(
+        x, weight - anchor_weight, None if bias is None else bias - anchor_bias, stride=stride,
+        padding=padding, dilation=dilation, groups=groups)
+    d = reference._over_channels(get_activation(activation).f, z) - target
+    grad_w = scale * torch.nn.grad.conv2d_weight(x, weight.shape, d, stride, padding, dilation,
+                                                 groups)
+    grad_b = None if bias is None else scale * d.sum((0, 2, 3))
+    if eta is not None:
+        grad_w = grad_w + (weight - anchor_weight) / eta
+        if bias is not None:
+            grad_b = grad_b + (bias - anchor_bias) / eta
+    return grad_w, grad_b
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -76,14 +96,18 @@ class ReferenceBackend(Backend):
 
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
-                                      anchor_bias, eta, out_weight, out_bias, precision):
+                                      anchor_bias, eta, out_weight, out_bias, precision,
+                                      anchor_preact=None):
         ct = _compute_dtype(weight)
+        args = (_math(x, ct), _math(weight, ct), _math(bias, ct), _math(target, ct), activation)
+        kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
+                  anchor_weight=_math(anchor_weight, ct), anchor_bias=_math(anchor_bias, ct),
+                  eta=eta)
         with conv_precision(precision, x.device):
-            gw, gb = reference.matched_loss_grad_conv2d(
-                _math(x, ct), _math(weight, ct), _math(bias, ct), _math(target, ct), activation,
-                stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
-                anchor_weight=_math(anchor_weight, ct), anchor_bias=_math(anchor_bias, ct),
-                eta=eta)
+            if anchor_preact is None:
+                gw, gb = reference.matched_loss_grad_conv2d(*args, **kw)
+            else:
+                gw, gb = _conv2d_delta_form_grad(*args, _math(anchor_preact, ct), **kw)
         out_weight.copy_(gw)
         if out_bias is not None:
             out_bias.copy_(gb)
