@@ -808,7 +808,7 @@ class LocoProp(torch.optim.Optimizer):
         where the weights are still those Z0 was recorded with; its Z0 is ``z0`` (a Conv2d's
         channels-last, as its targets)."""
         variant = Variant(self.param_groups[0]["variant"])
-        delta_form = self.param_groups[0].get("precision", "ieee") != "ieee"
+        takes_delta_form = self.param_groups[0].get("precision", "ieee") != "ieee"
 
         def anchors(m, dtype):
             return tuple(None if p is None else p.detach().to(dtype, copy=True)
@@ -829,7 +829,7 @@ class LocoProp(torch.optim.Optimizer):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
                 problems.append(_Problem(m, X, Z if variant is Variant.S else f(Z), act, z0=Z,
                                          g=None if grads is None else _stack(grads)))
-                if delta_form:
+                if takes_delta_form:
                     problems[-1].anchors = anchors(m, X.dtype)
                 continue
             geometry, extra = conv_geometry(m)
@@ -849,7 +849,7 @@ class LocoProp(torch.optim.Optimizer):
                     memory_format=last)
                 problems.append(_Problem(m, X, Y.contiguous(memory_format=last), act,
                                          geometry, z0=Z, g=G))
-                if delta_form:  # one copy per problem: they are few, and W0 is small
+                if takes_delta_form:  # one copy per problem: they are few, and W0 is small
                     problems[-1].anchors = anchors(m, X.dtype)
         return problems
 
