@@ -381,3 +381,36 @@ def test_a_whole_cnn_step_at_tf32_bf16_is_within_its_bound(lr, monkeypatch):
             assert e <= bound + e_ieee, (precision, i, per, ieee_per)
     _, plain = errors(step("bf16", plain=True), want)
     assert plain > 4 * UNIT["bf16"] + ieee, plain  # the conv layers' cancellation, shown
+
+
+def test_cnn_delta_form_is_the_plain_step_in_float64():
+    """The delta form's Z0, W0, b0 as lk.optim.LocoProp records them for a Conv2d are
+    consistent (Z0 = conv2d(X, W0) + b0), so on the reference backend in float64, which
+    computes any precision exactly, a "bf16" step equals the "ieee" one to rounding: also
+    through a "same"-padded even kernel (X padded by the optimizer) and a custom target rule
+    (its once-per-step matched-loss term). A Z0 off by anything (a missing bias, another
+    padding) would move the result by O(1)."""
+    import copy
+
+    import locoprop_kernels as lk
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.ReLU(), nn.Conv2d(3, 4, 3),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)).double()
+    x, labels = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+
+    def step(precision):
+        model = copy.deepcopy(start)
+        opt = lk.optim.LocoProp(model, lr=1e-2, inner_steps=3, backend="reference",
+                                precision=precision, output_activation="softmax",
+                                targets={"0": lambda z0, g, f, gamma: f(z0) - 3 * gamma * g})
+        opt.zero_grad()
+        F.cross_entropy(model(x), labels).backward()
+        opt.step()
+        return [p.detach() - q.detach() for p, q in zip(model.parameters(), start.parameters())]
+
+    for got, want in zip(step("bf16"), step("ieee")):
+        assert rel_err(got, want) <= 1e-12
+        assert want.abs().max() > 0
