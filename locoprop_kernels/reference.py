@@ -170,7 +170,7 @@ def conv2d_delta(x, weight, bias, target, activation: str, *, stride=1, padding=
 
 def matched_loss_grad_conv2d(x, weight, bias, target, activation: str, *, stride=1, padding=0,
                              dilation=1, groups=1, scale: float = 1.0, anchor_weight=None,
-                             anchor_bias=None, eta: Optional[float] = None):
+                             anchor_bias=None, eta: Optional[float] = None, anchor_preact=None):
     """Gradient of a Conv2d+f layer's local objective (``local_objective_conv2d``) in (W, b).
 
         D      = f(conv2d(X, W) + b) - Y                       (N, C_out, H_out, W_out)
@@ -179,10 +179,17 @@ def matched_loss_grad_conv2d(x, weight, bias, target, activation: str, *, stride
 
     conv2d_weight_grad(X, D) is the weight gradient of <D, conv2d(X, W)>, i.e. section 2's
     D^T X with one row per output position (and per group). Any stride, padding, dilation and
-    groups (depthwise included).
+    groups (depthwise included). With ``anchor_preact`` Z0 the pre-activation in D is taken in
+    its delta form, Z = Z0 + conv2d(X, W - W0) + (b - b0) (``lk.matched_loss_grad_conv2d``).
     """
-    d = conv2d_delta(x, weight, bias, target, activation, stride=stride, padding=padding,
-                     dilation=dilation, groups=groups)
+    if anchor_preact is None:
+        d = conv2d_delta(x, weight, bias, target, activation, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups)
+    else:
+        z = anchor_preact + conv2d_preactivation(
+            x, weight - anchor_weight, None if bias is None else bias - anchor_bias,
+            stride=stride, padding=padding, dilation=dilation, groups=groups)
+        d = _over_channels(get_activation(activation).f, z) - target
     grad_w = scale * torch.nn.grad.conv2d_weight(x, weight.shape, d, stride, padding, dilation,
                                                  groups)
     grad_b = None if bias is None else scale * d.sum((0, 2, 3))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import locoprop_kernels as lk
 from locoprop_kernels import ops, reference
 from locoprop_kernels.activations import ACTIVATIONS
+from locoprop_kernels.ops.matched_loss import repeatable_matched_loss_grad
 
 from conftest import BACKENDS, DEVICE, f64, rel_err
 
@@ -215,6 +216,196 @@ def test_two_launches_per_call(backend):
     with lk.testing.count_launches() as n:
         lk.matched_loss_grad_conv2d(x, w, b, y, "softmax", backend=backend, **conv)
     assert getattr(n, backend) == 2
+
+
+# ---------------------------------------------------------------- the delta form (anchor_preact)
+
+def _delta_form_reference(x, w, b, y, activation, conv, z0, w0, b0, scale=1.0, eta=None):
+    """float64: Z = Z0 + conv2d(X, W - W0) + (b - b0), D = f(Z) - Y (f over the channels),
+    the gradients as ``reference.matched_loss_grad_conv2d`` (the prox term with eta only)."""
+    x, w, b, y, z0, w0, b0 = map(f64, (x, w, b, y, z0, w0, b0))
+    z = z0 + F.conv2d(x, w - w0, None if b is None else b - b0, **conv)
+    d = reference._over_channels(ACTIVATIONS[activation].f, z) - y
+    gw = scale * torch.nn.grad.conv2d_weight(x, w.shape, d, conv.get("stride", 1),
+                                             conv.get("padding", 0), conv.get("dilation", 1),
+                                             conv.get("groups", 1))
+    gb = None if b is None else scale * d.sum((0, 2, 3))
+    if eta is not None:
+        gw = gw + (w - w0) / eta
+        gb = None if b is None else gb + (b - b0) / eta
+    return gw, gb
+
+
+def _anchored_layer(shape, activation, bias, seed=0):
+    """A Conv2d layer, its W0, b0 and a Z0 that is NOT conv2d(X, W0) + b0 (off by O(1)): the
+    op's result then depends on which Z it forms, so a backend that ignored Z0 (or W0, b0)
+    would fail."""
+    N, C_in, H, W, C_out, kernel, conv = SHAPES[shape]
+    x, w, b, y, w0, b0 = _layer(N, C_in, H, W, C_out, kernel, conv, activation, bias, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    z0 = F.conv2d(x, w0, b0, **conv)
+    z0 = z0 + 0.3 * torch.randn(z0.shape, generator=g).to(DEVICE)
+    return x, w, b, y, z0, w0, b0, conv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("shape", ["odd", "odd-s2p1d2"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("prox", [False, True], ids=["noprox", "prox"])
+def test_delta_form_matches_reference(backend, activation, shape, bias, prox):
+    """anchor_preact Z0: Z = Z0 + conv2d(X, W - W0) + (b - b0) on every backend, every
+    activation (softmax over the channels), stride/padding/dilation, bias and prox on/off."""
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer(shape, activation, bias)
+    scale, eta = (1.0 / x.shape[0], 0.5) if prox else (1.0, None)
+    kw = dict(scale=scale, eta=eta, anchor_weight=w0, anchor_bias=b0, backend=backend, **conv)
+    gw, gb = lk.matched_loss_grad_conv2d(x, w, b, y, activation, anchor_preact=z0, **kw)
+    rw, rb = _delta_form_reference(x, w, b, y, activation, conv, z0, w0, b0, scale, eta)
+    assert gw.dtype == w.dtype and gw.shape == w.shape
+    assert rel_err(gw, rw) <= 1e-5
+    assert gb is None if not bias else rel_err(gb, rb) <= 1e-5
+    # Not the plain form's result: Z0 was given away from conv2d(X, W0) + b0 on purpose.
+    plain, _ = lk.matched_loss_grad_conv2d(x, w, b, y, activation, **kw)
+    assert rel_err(plain, rw) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["softmax", "tanh"])
+@pytest.mark.parametrize("shape", ["1x1", "pow2-s2p1", "grouped", "depthwise", "c65"])
+def test_delta_form_grouped_depthwise_and_wide(backend, activation, shape):
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer(shape, activation, True, seed=4)
+    gw, gb = lk.matched_loss_grad_conv2d(x, w, b, y, activation, anchor_weight=w0,
+                                         anchor_bias=b0, anchor_preact=z0, backend=backend,
+                                         **conv)
+    rw, rb = _delta_form_reference(x, w, b, y, activation, conv, z0, w0, b0)
+    assert rel_err(gw, rw) <= 1e-5 and rel_err(gb, rb) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_form_is_the_plain_form_at_the_recorded_z0(backend):
+    """With Z0 = conv2d(X, W0) + b0 the delta form is the same function as the plain one."""
+    x, w, b, y, _, w0, b0, conv = _anchored_layer("odd-s2p1d2", "tanh", True, seed=2)
+    z0 = F.conv2d(f64(x), f64(w0), f64(b0), **conv).float()
+    gw, gb = lk.matched_loss_grad_conv2d(x, w, b, y, "tanh", anchor_weight=w0, anchor_bias=b0,
+                                         anchor_preact=z0, backend=backend, **conv)
+    rw, rb = _reference(x, w, b, y, "tanh", conv)
+    assert rel_err(gw, rw) <= 1e-5 and rel_err(gb, rb) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("z0_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_delta_form_z0_dtypes_and_layouts(backend, z0_dtype, layout):
+    """Z0 follows target's dtype rule (a half Z0 under an fp32 weight is upcast exactly) and
+    may lie in either memory format; out= into arena views."""
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer("pow2-s2p1", "sigmoid", True, seed=3)
+    z0 = z0.to(z0_dtype)
+    if layout == "channels_last":
+        z0 = z0.contiguous(memory_format=torch.channels_last)
+    arena = lk.Arena([(3,), w.shape, b.shape], device=DEVICE, fill=-7.0)
+    _, gw, gb = arena.views()
+    lk.matched_loss_grad_conv2d(x, w, b, y, "sigmoid", anchor_weight=w0, anchor_bias=b0,
+                                anchor_preact=z0, backend=backend, out=(gw, gb), **conv)
+    rw, rb = _delta_form_reference(x, w, b, y, "sigmoid", conv, z0, w0, b0)
+    assert rel_err(gw, rw) <= 1e-5 and rel_err(gb, rb) <= 1e-5
+    assert (arena[0] == -7).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_delta_form_two_launches_per_call(backend):
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer("odd", "softmax", True)
+    with lk.testing.count_launches() as n:
+        lk.matched_loss_grad_conv2d(x, w, b, y, "softmax", anchor_weight=w0, anchor_bias=b0,
+                                    anchor_preact=z0, backend=backend, **conv)
+    assert getattr(n, backend) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_form_repeated(backend):
+    """``repeatable_matched_loss_grad(conv2d=...)`` with Z0: ``again()`` after W and b move
+    in place (W0, b0 and Z0 fixed, as in LocoProp's inner loop) gives the delta form at the
+    new weights."""
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer("odd-s2p1d2", "tanh", True, seed=5)
+    gw, gb, again = repeatable_matched_loss_grad(
+        x, w, b, y, "tanh", conv2d=conv, scale=0.5, backend=backend, anchor_preact=z0,
+        anchor_weight=w0, anchor_bias=b0)
+    rw, rb = _delta_form_reference(x, w, b, y, "tanh", conv, z0, w0, b0, scale=0.5)
+    assert rel_err(gw, rw) <= 1e-5 and rel_err(gb, rb) <= 1e-5
+    w.mul_(0.9)
+    b.add_(0.1)
+    again()
+    rw, rb = _delta_form_reference(x, w, b, y, "tanh", conv, z0, w0, b0, scale=0.5)
+    assert rel_err(gw, rw) <= 1e-5 and rel_err(gb, rb) <= 1e-5
+
+
+def _bad_delta_form_calls(x, w, b, y, z0, w0, b0):
+    """(what is wrong, keywords, error type, argument the message names)."""
+    return [
+        ("no anchor_weight", dict(anchor_preact=z0, anchor_bias=b0), ValueError,
+         "anchor_weight"),
+        ("no anchor_bias with a bias", dict(anchor_preact=z0, anchor_weight=w0), ValueError,
+         "anchor_bias"),
+        ("Z0 of the wrong shape", dict(anchor_preact=z0[:, :-1], anchor_weight=w0,
+                                       anchor_bias=b0), ValueError, "anchor_preact"),
+        ("Z0 with H and W swapped", dict(anchor_preact=z0.transpose(2, 3).contiguous(),
+                                         anchor_weight=w0, anchor_bias=b0), ValueError,
+         "anchor_preact"),
+        ("Z0 of a wrong dtype", dict(anchor_preact=z0.double(), anchor_weight=w0,
+                                     anchor_bias=b0), TypeError, "anchor_preact"),
+        ("Z0 not a tensor", dict(anchor_preact=z0.tolist(), anchor_weight=w0,
+                                 anchor_bias=b0), TypeError, "anchor_preact"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(6))
+def test_delta_form_bad_input_raises_before_any_write(backend, case):
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer("odd", "tanh", True)
+    # H_out != W_out, so that the swapped Z0 has another shape.
+    assert z0.shape[2] != z0.shape[3]
+    what, kw, error, arg = _bad_delta_form_calls(x, w, b, y, z0, w0, b0)[case]
+    out = (torch.full_like(w, float("nan")), torch.full_like(b, float("nan")))
+    with pytest.raises(error) as info:
+        lk.matched_loss_grad_conv2d(x, w, b, y, "tanh", backend=backend, out=out, **conv, **kw)
+    message = str(info.value)
+    assert "locoprop.matched_loss_grad_conv2d" in message and f"'{arg}'" in message, what
+    assert out[0].isnan().all() and out[1].isnan().all(), what
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_form_refuses_z0_overlapping_an_output(backend):
+    x, w, b, y, z0, w0, b0, conv = _anchored_layer("odd", "tanh", True)
+    # One buffer holding both Z0 and out_weight: the op would read what it writes.
+    buffer = torch.full((z0.numel() + w.numel(),), float("nan"), device=DEVICE)
+    z0_view = buffer[:z0.numel()].view(z0.shape)
+    z0_view.copy_(z0)
+    out_w = buffer[z0.numel() - 1:z0.numel() - 1 + w.numel()].view(w.shape)
+    with pytest.raises(ValueError, match="overlap"):
+        lk.matched_loss_grad_conv2d(x, w, b, y, "tanh", anchor_preact=z0_view,
+                                    anchor_weight=w0, anchor_bias=b0,
+                                    out=(out_w, torch.empty_like(b)), backend=backend, **conv)
+    assert torch.equal(z0_view, z0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_delta_form_opcheck(backend, bias):
+    """The schemas' trailing anchor_preact (default None) through opcheck: the functional op
+    and the _out op (Z0 after the outputs), with it (older positional calls without it:
+    test_opcheck)."""
+    x, w, b, y, z0, w0, b0, _ = _anchored_layer("pow2-s2p1", "softmax", bias)
+    conv = ([2, 2], [1, 1], [1, 1], 1)
+    args = (x, w, b, y, "softmax", *conv, 0.5, w0, b0, 0.3, backend, "ieee")
+    torch.library.opcheck(ops._matched_loss_grad_conv2d_op, (*args, z0))
+    out_b = None if b is None else torch.empty_like(b)
+    torch.library.opcheck(ops._matched_loss_grad_conv2d_out_op,
+                          (*args, torch.empty_like(w), out_b, z0))
+    gw, gb = ops._matched_loss_grad_conv2d_op(*args, z0)
+    rw, rb = _delta_form_reference(x, w, b, y, "softmax", dict(stride=2, padding=1), z0, w0,
+                                   b0, 0.5, 0.3)
+    assert rel_err(gw, rw) <= 1e-5
+    if bias:
+        assert rel_err(gb, rb) <= 1e-5
 
 
 # ---------------------------------------------------------------- bad input

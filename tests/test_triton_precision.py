@@ -294,3 +294,143 @@ def test_grouped_strategy_takes_the_delta_form_at_tf32_bf16(monkeypatch):
         stage1 = [k for k in launched if "delta" in k]
         assert stage1 == ["_grouped_anchored_delta_kernel" if anchored
                           else "_grouped_delta_kernel"], launched
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("activation", ["tanh", "softmax"])
+def test_conv2d_delta_form_survives_small_updates(precision, activation):
+    """The Conv2d op of an inner iteration: W = W0 + dW with |dW| = 1e-4 |W|, Y = f(Z0) (f
+    over the channels). The delta form (anchor_preact = Z0: only dW is rounded to an operand,
+    Z0 added in fp32) stays within 4 units as the Linear one does (X and dW in stage 1, D and
+    X in stage 2). Measured under the interpreter: bf16 3.0e-3 / 2.4e-3 (tanh / softmax;
+    bound 7.8e-3), the plain form 23 / 23: rounding W to bf16 swamps conv2d(X, dW). tf32 on
+    the CPU is torch's fp32 convolution (no TF32 there): both forms are then fp32, 2.3e-4 /
+    4.8e-4 (delta) and 4.3e-4 / 7.5e-4 (plain), the floor of f(Z) - Y cancelling in fp32;
+    the plain form's failure is asserted where cuDNN's TF32 runs (CUDA)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3, 8, 8, generator=g).to(DEVICE)
+    w0 = (torch.randn(6, 3, 3, 3, generator=g) / 27 ** 0.5).to(DEVICE)
+    b0 = torch.randn(6, generator=g).to(DEVICE)
+    w = w0 + 1e-4 * w0.abs().mean() * torch.randn(w0.shape, generator=g).to(DEVICE)
+    b = b0 + 1e-4 * b0.abs().mean() * torch.randn(6, generator=g).to(DEVICE)
+
+    def f(z):
+        return reference._over_channels(ACTIVATIONS[activation].f, z)
+
+    conv2d = torch.nn.functional.conv2d
+    z0 = conv2d(f64(x), f64(w0), f64(b0), padding=1).float()  # Z0, rounded once
+    y = f(z0)
+    # float64 truth: Z from the fp32 Z0 (the op's definition), W - W0 exact.
+    z = f64(z0) + conv2d(f64(x), f64(w) - f64(w0), f64(b) - f64(b0), padding=1)
+    want = torch.nn.grad.conv2d_weight(f64(x), w.shape, f(z) - f64(y), 1, 1)
+    gw, gb = torch.empty_like(w), torch.empty_like(b)
+    backend, geometry = TritonBackend(), ([1, 1], [1, 1], [1, 1], 1)
+    backend.matched_loss_grad_conv2d_into(x, w, b, y, activation, *geometry, 1.0, w0, b0, None,
+                                          gw, gb, precision, anchor_preact=z0)
+    assert rel_err(gw, want) <= 4 * UNIT[precision]
+    backend.matched_loss_grad_conv2d_into(x, w, b, y, activation, *geometry, 1.0, None, None,
+                                          None, gw, gb, precision)
+    if precision == "bf16" or x.is_cuda:
+        assert rel_err(gw, want) > 0.5  # the plain form: O(1), the cancellation
+
+
+@requires_interpreter
+@pytest.mark.parametrize("lr", [1e-2, 1e-4])
+def test_a_whole_cnn_step_at_tf32_bf16_is_within_its_bound(lr, monkeypatch):
+    """A whole lk.optim.LocoProp step (3 inner steps) on a small CNN (conv 3->8 3x3 pad 1,
+    tanh, conv 8->6 3x3 stride 2 pad 1, tanh, linear 96->5) at tf32/bf16 on triton moves
+    every parameter as float64 does, within the Linear step's bound (its test above):
+
+        |move - move64| / |move64| <= 4 u + e_ieee        (per parameter tensor and overall)
+
+    e_ieee the same tensor's error of the fp32 ("ieee") step, measured beside it. The Conv2d
+    layers take the delta form (Z0 + conv2d(X, W - W0) + (b - b0)). Measured (interpreter),
+    overall: lr 1e-2 tf32 1.5e-5, bf16 4.1e-4 (ieee 2.9e-6); lr 1e-4 tf32 1.4e-4, bf16
+    1.4e-4 (ieee 1.4e-4, the fp32 storage floor of a small move); the worst tensor, the first
+    conv's weight at bf16 and lr 1e-2: 5.6e-3 (bound 7.8e-3). The plain form for the Conv2d
+    layers (their anchors dropped, the Linear layer still in the delta form) is shown worse
+    at bf16: overall 9.9e-2 / 0.23 (lr 1e-2 / 1e-4), the first conv's weight 1.6 / 0.59. At
+    tf32 under the interpreter the convolutions are torch's fp32 ones (no TF32 on the CPU),
+    so there the plain form is as accurate and only the bound is checked."""
+    import copy
+
+    import locoprop_kernels as lk
+    from locoprop_kernels.optim.locoprop import LocoProp
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 5))
+    x, y = torch.randn(8, 3, 8, 8), torch.rand(8, 5)
+    with_anchors = LocoProp._layer_problems
+
+    def without_conv_anchors(self):
+        problems = with_anchors(self)
+        for problem in problems:
+            if problem.conv is not None:
+                problem.anchors = None
+        return problems
+
+    def step(precision, dtype=torch.float32, backend="triton", plain=False):
+        model = copy.deepcopy(start).to(dtype)
+        with monkeypatch.context() as patch:
+            if plain:
+                patch.setattr(LocoProp, "_layer_problems", without_conv_anchors)
+            opt = lk.optim.LocoProp(model, lr=lr, inner_steps=3, backend=backend,
+                                    precision=precision, output_activation="sigmoid")
+            opt.zero_grad()
+            F.binary_cross_entropy_with_logits(model(x.to(dtype)), y.to(dtype)).backward()
+            opt.step()
+        return [(p.detach().double() - q.detach().double()).flatten()
+                for p, q in zip(model.parameters(), start.parameters())]
+
+    def errors(moves, want):
+        per = [((m - w).norm() / w.norm()).item() for m, w in zip(moves, want)]
+        overall = (torch.cat(moves) - torch.cat(want)).norm() / torch.cat(want).norm()
+        return per, overall.item()
+
+    want = step("ieee", torch.float64, "reference")
+    ieee_per, ieee = errors(step("ieee"), want)
+    for precision in ("tf32", "bf16"):
+        bound = 4 * UNIT[precision]
+        per, overall = errors(step(precision), want)
+        assert overall <= bound + ieee, (precision, overall, ieee)
+        for i, (e, e_ieee) in enumerate(zip(per, ieee_per)):
+            assert e <= bound + e_ieee, (precision, i, per, ieee_per)
+    _, plain = errors(step("bf16", plain=True), want)
+    assert plain > 4 * UNIT["bf16"] + ieee, plain  # the conv layers' cancellation, shown
+
+
+def test_cnn_delta_form_is_the_plain_step_in_float64():
+    """The delta form's Z0, W0, b0 as lk.optim.LocoProp records them for a Conv2d are
+    consistent (Z0 = conv2d(X, W0) + b0), so on the reference backend in float64, which
+    computes any precision exactly, a "bf16" step equals the "ieee" one to rounding: also
+    through a "same"-padded even kernel (X padded by the optimizer) and a custom target rule
+    (its once-per-step matched-loss term). A Z0 off by anything (a missing bias, another
+    padding) would move the result by O(1)."""
+    import copy
+
+    import locoprop_kernels as lk
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.ReLU(), nn.Conv2d(3, 4, 3),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)).double()
+    x, labels = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+
+    def step(precision):
+        model = copy.deepcopy(start)
+        opt = lk.optim.LocoProp(model, lr=1e-2, inner_steps=3, backend="reference",
+                                precision=precision, output_activation="softmax",
+                                targets={"0": lambda z0, g, f, gamma: f(z0) - 3 * gamma * g})
+        opt.zero_grad()
+        F.cross_entropy(model(x), labels).backward()
+        opt.step()
+        return [p.detach() - q.detach() for p, q in zip(model.parameters(), start.parameters())]
+
+    for got, want in zip(step("bf16"), step("ieee")):
+        assert rel_err(got, want) <= 1e-12
+        assert want.abs().max() > 0

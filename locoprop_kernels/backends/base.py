@@ -7,7 +7,7 @@ op layer), so a backend only makes the layouts its kernels need:
                            anchor_bias, eta, out_weight, out_bias, precision, anchor_preact=)
     matched_loss_grad_conv2d_into(x, weight, bias, target, activation, stride, padding,
                                   dilation, groups, scale, anchor_weight, anchor_bias, eta,
-                                  out_weight, out_bias, precision)
+                                  out_weight, out_bias, precision, anchor_preact=)
     local_targets_into(preact, grad_preact, activation, gamma, variant, out)
     rmsprop_step_(params, grads, square_avgs, momentum_bufs, grad_avgs, lr, options)
 
@@ -78,9 +78,11 @@ class Backend(ABC):
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
                                       anchor_bias, eta, out_weight, out_bias,
-                                      precision) -> None:
+                                      precision, anchor_preact=None) -> None:
         """out_weight, out_bias <- a Conv2d layer's matched-loss gradient
-        (ops.matched_loss_grad_conv2d); stride, padding, dilation are pairs of ints."""
+        (ops.matched_loss_grad_conv2d); stride, padding, dilation are pairs of ints.
+        ``anchor_preact`` Z0 (N, C_out, H_out, W_out) as in ``matched_loss_grad_into``:
+        Z = Z0 + conv2d(X, W - W0) + (b - b0)."""
 
     @abstractmethod
     def local_targets_into(self, preact, grad_preact, activation, gamma, variant, out) -> None:

@@ -10,6 +10,7 @@ one pass of ours over raw pointers (``csrc/``, no torch headers):
                         grad_W += (W - W0)/eta; grad_b = sum_n D + (b - b0)/eta   _C, one pass
     matched_loss_grad_conv2d   the same on a Conv2d's output positions (``_conv.py``):
                         Z = conv2d(X, W), channels-last = (N*H_out*W_out, C_out) rows   torch
+                        (or Z0 + conv2d(X, W - W0), b - b0 for b: the delta form)
                         Z <- scale (f(Z + b) - Y)       _C, the same delta pass
                         grad_W = conv2d_weight_grad(X, D)               torch
                         grad_W += (W - W0)/eta; grad_b = sum over rows of D + (b - b0)/eta   _C
@@ -253,27 +254,40 @@ class CppBackend(Backend):
 
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
-                                      anchor_bias, eta, out_weight, out_bias, precision):
+                                      anchor_bias, eta, out_weight, out_bias, precision,
+                                      anchor_preact=None):
         """The Linear path on a Conv2d's output positions (``backends/_conv.py``):
         Z = conv2d(X, W) channels-last, i.e. a (R = N*H_out*W_out, C_out) row matrix;
         D = scale (f(Z + b) - Y) in place on it (the Linear delta kernel);
         grad_W = conv2d_weight_grad(X, D) (torch); grad_W [+ (W - W0)/eta] and
         grad_b = sum over rows of D [+ (b - b0)/eta] (the Linear finish kernel). Two C++
         calls. A channels-last target of the weight's dtype is read where it lies; any other is
-        copied once into rows (converted to the weight's dtype in the same pass)."""
+        copied once into rows (converted to the weight's dtype in the same pass). With
+        ``anchor_preact`` Z0 the convolution is of W - W0 (formed in fp32), Z0 is added to it
+        in fp32 and the delta kernel adds b - b0 instead of b, as in matched_loss_grad_into.
+        ``precision`` only sets cuDNN's TF32 switch on CUDA (fp32 IEEE on the CPU)."""
         kernels = _Kernels(x.device)
         code = get_activation(activation).code
         storage = weight.dtype  # as in matched_loss_grad_into
         dtype = DTYPE_CODES[storage]
         x32, w32 = _fp32(x), _fp32(weight)
+        anchored = anchor_preact is not None
+        conv_weight = w32 - _fp32(anchor_weight) if anchored else w32
         with conv.conv_precision(precision, x.device):
-            z = conv.preactivation(x32, w32, stride, padding, dilation, groups)
+            z = conv.preactivation(x32, conv_weight, stride, padding, dilation, groups)
+        if anchored:
+            z += anchor_preact  # in place: z stays channels-last, whatever Z0's layout
         delta = conv.rows(z)
         R, C_out = delta.shape
         target_rows = conv.rows_copy(target, storage)
         bias = None if bias is None else bias.contiguous()
-        kernels.matched_loss_delta(delta.data_ptr(), _ptr(bias), target_rows.data_ptr(),
+        delta_bias = bias
+        if anchored and bias is not None:  # the storage dtype, as the Linear path's
+            delta_bias = (bias - anchor_bias).contiguous()
+        kernels.matched_loss_delta(delta.data_ptr(), _ptr(delta_bias), target_rows.data_ptr(),
                                    dtype, R, C_out, code, float(scale))
+        # Stage 2 needs no delta form: D is formed in fp32 from the accurate Z, and its GEMM
+        # with X cancels nothing (each operand is rounded, if at all, relative to itself).
         with conv.conv_precision(precision, x.device):
             grad_w32 = conv.weight_grad(x32, w32, z, stride, padding, dilation, groups)
 

@@ -54,14 +54,16 @@ class ReferenceBackend(Backend):
 
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
-                                      anchor_bias, eta, out_weight, out_bias, precision):
+                                      anchor_bias, eta, out_weight, out_bias, precision,
+                                      anchor_preact=None):
         ct = _compute_dtype(weight)
+        args = (_math(x, ct), _math(weight, ct), _math(bias, ct), _math(target, ct), activation)
+        kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
+                  anchor_weight=_math(anchor_weight, ct), anchor_bias=_math(anchor_bias, ct),
+                  eta=eta)
         with conv_precision(precision, x.device):
             gw, gb = reference.matched_loss_grad_conv2d(
-                _math(x, ct), _math(weight, ct), _math(bias, ct), _math(target, ct), activation,
-                stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
-                anchor_weight=_math(anchor_weight, ct), anchor_bias=_math(anchor_bias, ct),
-                eta=eta)
+                *args, anchor_preact=_math(anchor_preact, ct), **kw)
         out_weight.copy_(gw)
         if out_bias is not None:
             out_bias.copy_(gb)

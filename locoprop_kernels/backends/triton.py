@@ -231,18 +231,38 @@ class TritonBackend(Backend):
 
     def matched_loss_grad_conv2d_into(self, x, weight, bias, target, activation, stride,
                                       padding, dilation, groups, scale, anchor_weight,
-                                      anchor_bias, eta, out_weight, out_bias, precision):
+                                      anchor_bias, eta, out_weight, out_bias, precision,
+                                      anchor_preact=None):
         """Torch's convolutions for the GEMMs, channels-last (``backends/_conv.py``); the
         delta D = f(Z + b) - Y and the scale/bias-sum/prox finish are Triton launches on the
         (R = N*H_out*W_out, C_out) row view of Z: two launches
-        (``triton_kernels/conv_matched_loss_grad.py``)."""
+        (``triton_kernels/conv_matched_loss_grad.py``).
+
+        With ``anchor_preact`` Z0, stage 1 is the delta form
+        Z = Z0 + conv2d(X, W - W0) + (b - b0): the update W - W0 is formed in fp32 and only it
+        becomes a low-precision operand (rounded to bf16 at "bf16", not W), Z0 is added in
+        fp32 and the delta kernel adds b - b0 (fp32) where it would add b."""
         kernels = self.conv_kernels
-        x32, w32 = _conv_operand(x, precision), _conv_operand(weight, precision)
+        anchored = anchor_preact is not None
+        x32 = _conv_operand(x, precision)
+        # The weight the convolution reads: at bf16 its rounding costs ~2^-9 |W|, which next
+        # to a small inner update dW would be all of conv2d(X, dW): round dW instead.
+        w32 = _conv_operand(weight.float() - anchor_weight.float() if anchored else weight,
+                            precision)
         with conv.conv_precision(_conv_mode(precision), x.device):
             z = conv.preactivation(x32, w32, stride, padding, dilation, groups)
+        delta_bias = _contiguous(bias)
+        if anchored:
+            z += anchor_preact  # fp32, in place: z stays channels-last whatever Z0's layout
+            if bias is not None:
+                delta_bias = bias.float() - anchor_bias.float()
         delta = conv.rows(z)
-        kernels.delta_rows_(delta, _contiguous(bias), conv.rows_copy(target),
+        kernels.delta_rows_(delta, delta_bias, conv.rows_copy(target),
                             get_activation(activation).code)
+        # Stage 2, G_W = conv2d_weight_grad(X, D), needs no delta form: D is formed in fp32
+        # from the accurate Z and then rounded relative to its own size, X relative to its
+        # own; the convolution sums their products, no large term cancels a small one. (w32
+        # gives the weight's shape only.)
         with conv.conv_precision(_conv_mode(precision), x.device):
             grad_w32 = conv.weight_grad(x32, w32, _conv_operand(z, precision), stride, padding,
                                         dilation, groups)

@@ -10,8 +10,8 @@ bias, target, scale, prox and ``out=``, the backend call, the outputs and the pu
                                                empty when bias is None (a Tensor[] holds no None)
     locoprop::matched_loss_grad[_conv2d]_out   writes into out_weight / out_bias (arena slices)
 
-The Linear ops take one more argument, last and defaulting to None: ``anchor_preact`` Z0, the
-delta form of stage 1 (``matched_loss_grad``'s docstring).
+Both take one more argument, last and defaulting to None: ``anchor_preact`` Z0, the delta form
+of stage 1 (``matched_loss_grad``'s and ``matched_loss_grad_conv2d``'s docstrings).
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ _OBJECTIVE = (("scale", float), ("anchor_weight", Optional[Tensor]),
 _OUTS = (("out_weight", Tensor), ("out_bias", Optional[Tensor]))
 #: Parameters added after the schemas were first published: last, defaulting to None
 #: (``_registry.register``'s ``optional``), so that positional calls of the ops still bind.
-_LINEAR_OPTIONAL = (("anchor_preact", Optional[Tensor]),)
+#: Both layer types have them (Linear and Conv2d: the delta form's Z0).
+_OPTIONAL = (("anchor_preact", Optional[Tensor]),)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,10 @@ class _Layer:
     backend_method: str
     #: For the error a backward pass raises.
     why_not_differentiable: str
-    #: Its parameters with a default of None, last in the schema (``_LINEAR_OPTIONAL``); the
+    #: The delta form's pre-activation in the layer's terms, for messages
+    #: ("Z0 + X (W - W0)^T + (b - b0)").
+    delta_form: str
+    #: Its parameters with a default of None, last in the schema (``_OPTIONAL``); the
     #: ones of ``_OPTIONAL_NAMES`` it lacks are None in ``_split``.
     optional: Params = ()
 
@@ -70,21 +74,21 @@ class _Layer:
 _OPTIONAL_NAMES = ("anchor_preact",)
 
 
-def _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
-                          precision, anchor_preact, out_weight, out_bias):
+def _check_scale_prox_out(op, delta_form, x, weight, bias, target, scale, anchor_weight,
+                          anchor_bias, eta, precision, anchor_preact, out_weight, out_bias):
     """The arguments both matched-loss gradients (Linear, Conv2d) share: scale, precision, the
     prox term (eta, W0, b0: weight's and bias's shapes), the anchored pre-activation Z0
-    (target's shape and dtype rule; it needs W0, and b0 with a bias) and ``out=`` (no overlap
-    with inputs)."""
+    (target's shape and dtype rule; it needs W0, and b0 with a bias; ``delta_form``: the
+    layer's Z = ... for messages) and ``out=`` (no overlap with inputs)."""
     check_number(op, "scale", scale)
     check_choice(op, "precision", precision, PRECISIONS)
     if anchor_preact is not None:
         if anchor_weight is None:
-            fail_value(op, "anchor_weight", "a tensor when anchor_preact is given (the W0 of "
-                       "Z = Z0 + X (W - W0)^T + (b - b0))", None)
+            fail_value(op, "anchor_weight", f"a tensor when anchor_preact is given (the W0 of "
+                       f"Z = {delta_form})", None)
         if bias is not None and anchor_bias is None:
-            fail_value(op, "anchor_bias", "a tensor when anchor_preact is given and bias is "
-                       "not None (the b0 of Z = Z0 + X (W - W0)^T + (b - b0))", None)
+            fail_value(op, "anchor_bias", f"a tensor when anchor_preact is given and bias is "
+                       f"not None (the b0 of Z = {delta_form})", None)
         check_tensor(op, "anchor_preact", anchor_preact, device=x.device)
         check_operand_dtype(op, "anchor_preact", anchor_preact, "weight", weight.dtype)
         check_tensor(op, "anchor_preact", anchor_preact, shape=tuple(target.shape),
@@ -156,8 +160,8 @@ def _check(layer: _Layer, x, weight, bias, target, activation, *rest):
                                                                           *geometry)
     _check_bias_target(op, x, weight, bias, target, bias_shape, target_shape, bias_what,
                        target_what)
-    _check_scale_prox_out(op, x, weight, bias, target, scale, anchor_weight, anchor_bias, eta,
-                          precision, anchor_preact, out_weight, out_bias)
+    _check_scale_prox_out(op, layer.delta_form, x, weight, bias, target, scale, anchor_weight,
+                          anchor_bias, eta, precision, anchor_preact, out_weight, out_bias)
 
 
 def _allocate(x, weight, bias, *_):

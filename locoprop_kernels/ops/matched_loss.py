@@ -11,7 +11,7 @@ from .. import backends
 from ..activations import get_activation
 from ..validation import check_matrix, check_operand_dtype, check_tensor, fail_value
 from ._checks import backend_arg
-from ._matched_loss import (_LINEAR_OPTIONAL, _Layer, _call, _plain, _register, _optional_kwargs)
+from ._matched_loss import _OPTIONAL, _Layer, _call, _optional_kwargs, _plain, _register
 from ._registry import autocast_off
 from .matched_loss_conv2d import _CONV2D, _CONV2D_OPS
 
@@ -37,7 +37,8 @@ _LINEAR = _Layer(
     op="matched_loss_grad", geometry=(), check_geometry=lambda op: (),
     check_shapes=_linear_shapes, backend_method="matched_loss_grad_into",
     why_not_differentiable="it computes a gradient itself (of the layer's local matched loss "
-                           "in W and b, in closed form)", optional=_LINEAR_OPTIONAL)
+                           "in W and b, in closed form)",
+    delta_form="Z0 + X (W - W0)^T + (b - b0)", optional=_OPTIONAL)
 _LINEAR_OPS = _register(_LINEAR)
 _matched_loss_grad_op, _matched_loss_grad_out_op = _LINEAR_OPS.op, _LINEAR_OPS.out_op
 
@@ -116,17 +117,15 @@ def repeatable_matched_loss_grad(x: Tensor, weight: Tensor, bias: Optional[Tenso
     its stride/padding/dilation/groups keywords, ``matched_loss_grad_conv2d``) without a prox
     term, checked and run, and ``again()``, which runs the same call once more into the same
     two tensors: the backend kernel only, no validation and no dispatcher. ``anchor_preact``,
-    ``anchor_weight``, ``anchor_bias``: the delta form of stage 1 (Linear only; see
-    ``matched_loss_grad``), W0 and b0 read at every call (they may change in place too).
+    ``anchor_weight``, ``anchor_bias``: the delta form of stage 1 (see
+    ``matched_loss_grad`` / ``matched_loss_grad_conv2d``), Z0, W0 and b0 read at every call
+    (they may change in place too).
 
     For loops that repeat one checked call on the same tensor objects whose values change in
     place (the per-layer inner iterations t >= 2 of ``lk.optim.LocoProp``): for a small layer
     the checks and the ``torch.library`` dispatch cost more than the kernel. Never change the
     tensors' shapes, dtypes or devices between calls: nothing in ``again`` would catch it."""
     layer, registered = (_LINEAR, _LINEAR_OPS) if conv2d is None else (_CONV2D, _CONV2D_OPS)
-    if conv2d is not None and anchor_preact is not None:
-        fail_value(layer.op, "anchor_preact", "None (the Conv2d op has no delta form yet)",
-                   "a tensor")
     geometry = () if conv2d is None else (conv2d.get("stride", 1), conv2d.get("padding", 0),
                                           conv2d.get("dilation", 1), conv2d.get("groups", 1))
     grad_weight, grad_bias = _call(layer, registered, x, weight, bias, target, activation,

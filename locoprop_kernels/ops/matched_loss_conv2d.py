@@ -9,7 +9,7 @@ import torch
 
 from ..validation import check_operand_dtype, check_tensor, fail_value
 from ._checks import check_int, int_pair
-from ._matched_loss import (_Layer, _call, _register)
+from ._matched_loss import _OPTIONAL, _Layer, _call, _register
 
 Tensor = torch.Tensor
 
@@ -70,7 +70,8 @@ _CONV2D = _Layer(
     check_geometry=_conv2d_geometry, check_shapes=_conv2d_shapes,
     backend_method="matched_loss_grad_conv2d_into",
     why_not_differentiable="it computes a gradient itself (of the Conv2d layer's local "
-                           "matched loss in W and b, in closed form)")
+                           "matched loss in W and b, in closed form)",
+    delta_form="Z0 + conv2d(X, W - W0) + (b - b0)", optional=_OPTIONAL)
 _CONV2D_OPS = _register(_CONV2D)
 _matched_loss_grad_conv2d_op = _CONV2D_OPS.op
 _matched_loss_grad_conv2d_out_op = _CONV2D_OPS.out_op
@@ -82,7 +83,8 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                              anchor_weight: Optional[Tensor] = None,
                              anchor_bias: Optional[Tensor] = None, eta: Optional[float] = None,
                              backend: Optional[str] = None, precision: str = "ieee",
-                             out: Optional[tuple] = None):
+                             out: Optional[tuple] = None,
+                             anchor_preact: Optional[Tensor] = None):
     """Gradient of a Conv2d+f layer's local LocoProp objective in (W, b).
 
     The layer is ``nn.Conv2d`` (any stride, padding, dilation, groups; depthwise included):
@@ -94,7 +96,9 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                    Y = Z0 - gamma G     (variant S, with f = identity)
         objective  scale * sum_{n,h,w} [F(z[n,:,h,w]) - y[n,:,h,w] . z[n,:,h,w]]
                    [+ ||(W, b) - (W0, b0)||^2 / (2 eta)],  F the potential of the table
-        D      = f(conv2d(X, W) + b) - Y                           (N, C_out, H_out, W_out)
+        Z      = conv2d(X, W) + b                                  (N, C_out, H_out, W_out)
+               = Z0 + conv2d(X, W - W0) + (b - b0)   with anchor_preact = Z0 (the delta form)
+        D      = f(Z) - Y                                          (N, C_out, H_out, W_out)
         grad_W = scale * conv2d_weight_grad(X, D) [+ (W - W0)/eta]  (W's shape)
         grad_b = scale * sum_{n,h,w} D[n, :, h, w] [+ (b - b0)/eta] (C_out,)
 
@@ -111,6 +115,17 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     ``matched_loss_grad``. Returns ``(grad_weight, grad_bias)``, grad_bias None when bias is
     None.
 
+    ``anchor_preact`` Z0 (N, C_out, H_out, W_out; target's dtype rule, any memory format)
+    turns on the delta form of Z on every backend, as ``matched_loss_grad``'s does for a
+    Linear layer, and then needs ``anchor_weight`` W0 (and ``anchor_bias`` b0 when bias is
+    given): Z = Z0 + conv2d(X, W - W0) + (b - b0), Z0 and the sum in the math dtype. The same
+    function as without it when Z0 = conv2d(X, W0) + b0 (convolution is linear in W). Why:
+    at "tf32" (cuDNN's TF32 path) or "bf16" the convolution's operands are rounded, and
+    rounding W = W0 + dW moves Z by about the rounding unit of |Z|, which swamps the small
+    inner update's conv2d(X, dW); rounding dW alone keeps it. Stage 2, conv2d_weight_grad(X,
+    D), needs nothing of the kind: D and X are each rounded relative to themselves, no large
+    term cancels. The prox term stays governed by ``eta`` alone.
+
     Not differentiable: inputs that require grad are accepted and give the same values, but a
     backward pass through the result raises (see RuntimeError below).
 
@@ -125,13 +140,14 @@ def matched_loss_grad_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
             than the dilated kernel, bias not (C_out,), target not
             (N, C_out, H_out, W_out)), stride or dilation < 1, padding < 0, groups < 1, an
             unknown activation, precision or backend name, a non-finite scale, eta <= 0, eta
-            without anchor_weight (anchor_bias when bias is given), anchor_bias without bias,
-            out_bias given exactly when bias is not, ``out`` overlapping an input, or a
-            backend that cannot run here.
+            or anchor_preact without anchor_weight (anchor_bias when bias is given),
+            anchor_bias without bias, anchor_preact not of target's shape, out_bias given
+            exactly when bias is not, ``out`` overlapping an input, or a backend that cannot
+            run here.
         RuntimeError: with ``out=``, when grad mode is on and any tensor argument requires
             grad; without ``out=``, when a backward pass reaches the returned gradients
             ("locoprop.matched_loss_grad_conv2d is not differentiable: ...").
     """
     return _call(_CONV2D, _CONV2D_OPS, x, weight, bias, target, activation,
                  (stride, padding, dilation, groups), scale,
-                 anchor_weight, anchor_bias, eta, backend, precision, out)
+                 anchor_weight, anchor_bias, eta, backend, precision, out, anchor_preact)

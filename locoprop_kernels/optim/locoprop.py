@@ -804,8 +804,17 @@ class LocoProp(torch.optim.Optimizer):
         calls along N, one problem per input size (H, W) when calls differ in it, X and Y0
         made channels-last once here (the compiled backends' layout, so the T - 1 inner
         iterations copy neither) and f applied over the channels. Each call's X and Z0 are
-        what the layer computed (``_true_record``)."""
+        what the layer computed (``_true_record``). At precision "tf32"/"bf16" each problem
+        also gets the delta form's anchors (W0, b0: ``_add_matched_loss_grad``), copied here,
+        where the weights are still those Z0 was recorded with; its Z0 is ``z0`` (a Conv2d's
+        channels-last, as its targets)."""
         variant = Variant(self.param_groups[0]["variant"])
+        takes_delta_form = self.param_groups[0].get("precision", "ieee") != "ieee"
+
+        def anchors(m, dtype):
+            return tuple(None if p is None else p.detach().to(dtype, copy=True)
+                         for p in layer_params(m))
+
         problems = []
         for m, info in zip(self._modules, self._infos):
             weight, _ = layer_params(m)
@@ -821,12 +830,8 @@ class LocoProp(torch.optim.Optimizer):
                 X, Z = _stack([x for x, _ in records]), _stack([z for _, z in records])
                 problems.append(_Problem(m, X, Z if variant is Variant.S else f(Z), act, z0=Z,
                                          g=None if grads is None else _stack(grads)))
-                if self.param_groups[0].get("precision", "ieee") != "ieee":
-                    # The delta form's W0, b0 (``_add_matched_loss_grad``): taken here, where
-                    # the weights are still those Z0 was recorded with.
-                    problems[-1].anchors = tuple(
-                        None if p is None else p.detach().to(X.dtype, copy=True)
-                        for p in layer_params(m))
+                if takes_delta_form:
+                    problems[-1].anchors = anchors(m, X.dtype)
                 continue
             geometry, extra = conv_geometry(m)
             by_size: dict = {}
@@ -845,6 +850,8 @@ class LocoProp(torch.optim.Optimizer):
                     memory_format=last)
                 problems.append(_Problem(m, X, Y.contiguous(memory_format=last), act,
                                          geometry, z0=Z, g=G))
+                if takes_delta_form:  # one copy per problem: they are few, and W0 is small
+                    problems[-1].anchors = anchors(m, X.dtype)
         return problems
 
     def _take_gram(self, problems: list, build: bool = True) -> list:
@@ -880,11 +887,11 @@ class LocoProp(torch.optim.Optimizer):
         the problem's target f(Z0) (or ``target``, once). With f(Z0) the op is checked at its
         first call of the step and repeated after (``RepeatedOp``).
 
-        At precision "tf32"/"bf16" a Linear layer's op takes the delta form
+        At precision "tf32"/"bf16" the op of a Linear or Conv2d layer takes the delta form
         (``anchor_preact`` = the recorded Z0, anchors = the step's starting W0, b0, kept per
         problem by ``_layer_problems``): rounding W = W0 + dW to tf32/bf16 would swamp the
-        small inner update's X dW^T (docs/design.md section 4, ``precision``). "ieee", Conv2d
-        layers and the Gram form are as before."""
+        small inner update's X dW^T, or conv2d(X, dW) (docs/design.md section 4,
+        ``precision``). "ieee" and the Gram form are as before."""
         m = problem.layer
         w, b = layer_params(m)
         if problem.quadratic is not None and target is None:
@@ -916,17 +923,18 @@ class LocoProp(torch.optim.Optimizer):
                 problem.y if target is None else target, problem.activation)
         g0 = self.param_groups[0]
         backend, precision = g0["backend"], g0.get("precision", "ieee")  # older checkpoints
+        delta_form = {}
+        if anchored:
+            w0, b0 = problem.anchors
+            delta_form = dict(anchor_preact=problem.z0, anchor_weight=w0.t() if in_out else w0,
+                              anchor_bias=b0)
         if problem.conv is None:
-            delta_form = {}
-            if anchored:
-                w0, b0 = problem.anchors
-                delta_form = dict(anchor_preact=problem.z0, anchor_weight=w0.t() if in_out
-                                  else w0, anchor_bias=b0)
             gw, gb = matched_loss_grad(*args, scale=scale, backend=backend, precision=precision,
                                        **delta_form)
         else:
             gw, gb = matched_loss_grad_conv2d(*args, scale=scale, backend=backend,
-                                              precision=precision, **problem.conv)
+                                              precision=precision, **problem.conv,
+                                              **delta_form)
         grads[w].add_(gw.t() if in_out else gw)
         if b is not None and b in grads:
             grads[b].add_(gb)

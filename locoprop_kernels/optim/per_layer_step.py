@@ -233,7 +233,9 @@ class RepeatedOp:
     the inner loop's updates). ``in_out``: the module stores W as (d_in, d_out) (Conv1D).
     ``anchor_preact`` Z0 with ``anchors`` (W0, b0 or None; the parameters' layout, of
     ``dtype``, constant through the step): stage 1 in the delta form
-    Z = Z0 + X (W - W0)^T + (b - b0) (``lk.matched_loss_grad``'s anchor_preact)."""
+    Z = Z0 + X (W - W0)^T + (b - b0), for a Conv2d (``conv2d`` given) Z0 + conv2d(X, W - W0)
+    + (b - b0) with Z0 of the targets' shape (``lk.matched_loss_grad[_conv2d]``'s
+    anchor_preact)."""
 
     __slots__ = ("grad_weight", "grad_bias", "_again", "_staged")
 
