@@ -15,9 +15,9 @@ keywords with the same defaults, the official LocoProp settings (docs/design.md 
     backend     None    a backend name or None (chosen per device and dtype, ``backends``)
     precision   "ieee"  the dots of the matched-loss kernels: "ieee" (fp32 FMA), "tf32", "bf16"
                         (bf16 operands, fp32 accumulation, epilogue and state); see ``ops``.
-                        In a step, "tf32"/"bf16" form a Linear layer's stage 1 as
-                        Z0 + X (W - W0)^T, so that the small inner updates survive the
-                        rounding (docs/design.md section 4, ``precision``)
+                        In a step, "tf32"/"bf16" form a Linear or Conv2d layer's stage 1
+                        as Z0 + X (W - W0)^T (Z0 + conv2d(X, W - W0)), so that the small
+                        inner updates survive the rounding (docs/design.md section 4)
 
 ``LocoPropConfig.check(op)`` is the one validation of these, at the public boundary; every
 error reads ``locoprop.<op>: argument '<name>' expected ..., got ...``. What only one API has
