@@ -24,7 +24,6 @@ Prints a markdown table last; writes JSON and the table under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -39,7 +38,7 @@ if not torch.cuda.is_available():
 
 from locoprop_kernels import backends, reference  # noqa: E402
 from locoprop_kernels.activations import ACTIVATIONS  # noqa: E402
-from locoprop_kernels.backends.triton import TritonBackend  # noqa: E402
+from locoprop_kernels.backends.triton import TritonBackend, _matmul_precision  # noqa: E402
 
 SHAPES = [(1000, 1000, 1000), (8192, 768, 3072)]
 DRY_SHAPES = [(33, 40, 24)]
@@ -49,20 +48,6 @@ PRECISIONS = ["ieee", "tf32", "bf16"]
 ROUTES = ["fused", "gemm", "auto"]
 #: tests/test_triton_precision.py's bounds (normwise relative error vs float64).
 BOUND = {"ieee": 1e-5, "tf32": 4e-3, "bf16": 1e-2}
-
-
-@contextlib.contextmanager
-def torch_precision(precision: str):
-    """torch's fp32 matmul in TF32 for "tf32", IEEE fp32 otherwise (bf16 tensors ignore it)."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def eager(x, w, b, y, f):
@@ -119,7 +104,8 @@ def one_config(shape, act: str, precision: str, device: str, reps: int, seed: in
     calls["eager"] = lambda: eager(x, w, b, y, f)
     row = dict(shape=list(shape), activation=act, precision=precision, dtype=str(dtype),
                bound=BOUND[precision])
-    with torch_precision(precision):
+    # Eager torch at the same precision as the triton routes' GEMMs (the backend's own switch).
+    with _matmul_precision(precision, x.device):
         for call in calls.values():
             call()  # warm-up: JIT compiles; "auto" decides this key (times both routes)
         key = backends.RouteKey.of(x, w, "softmax" if act == "softmax" else "elementwise",

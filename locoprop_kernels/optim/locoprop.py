@@ -685,7 +685,7 @@ class LocoProp(torch.optim.Optimizer):
         loop = InnerLoop(matched, grads.buffers, layout.segments(self.param_groups),
                          inner_steps=g0["inner_steps"], lr_floor=g0["lr_floor"], eta=eta,
                          prox_centre=(None if eta is None
-                                      else (anchors, [p.detach() for p in params])),
+                                      else (anchors, layout.backup.params)),
                          constant=constant.buffers, dp=self._dp, checked=layout.checked)
         loop.run()
         layout.checked = True  # the same tensors from now on: t = 0 need not check them again

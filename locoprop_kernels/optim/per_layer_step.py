@@ -75,7 +75,9 @@ class FlatGrads:
 class Backup:
     """Copies of what a step writes (parameters, their state tensors; which states did not
     exist), to put back if the step fails: a step is applied whole or not at all. Built once
-    (the copies allocated), filled by ``save`` at every step: two foreach copies."""
+    (the copies allocated), filled by ``save`` at every step: two foreach copies. A step writes
+    only tensors (in place) and creates states before ``save`` (``StepLayout.bind``), so
+    nothing else needs putting back."""
 
     def __init__(self, params: list, state, absent=()):
         self.params = [p.detach() for p in params]
@@ -85,8 +87,6 @@ class Backup:
                      if isinstance(v, Tensor)]
         self.live = [state[p][k] for p, k in self.keys]
         self.saved = [t.clone() for t in self.live]
-        self.values = {p: {k: v for k, v in state[p].items() if not isinstance(v, Tensor)}
-                       for p in params}
 
     def matches(self, state) -> bool:
         """Whether ``state`` still holds the tensors this backup copies."""
@@ -105,15 +105,8 @@ class Backup:
             torch._foreach_copy_(self.params, self.saved_params)
             if self.live:
                 torch._foreach_copy_(self.live, self.saved)  # in place: others hold them
-        for p, values in self.values.items():
-            if p in self.absent:
-                state.pop(p, None)
-                continue
-            current = state[p]
-            for k in [k for k in current if not isinstance(current[k], Tensor)
-                      and k not in values]:
-                del current[k]
-            current.update(values)
+        for p in self.absent:
+            state.pop(p, None)
 
     def committed(self) -> None:
         """The step went through: the states it created exist from now on."""
