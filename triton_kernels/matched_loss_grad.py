@@ -57,6 +57,19 @@ def _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias,
 
 
 @triton.jit
+def _store_elementwise_delta(z, y_ptr, d_ptr, offs, ok, act, USER_F: tl.constexpr):
+    """D = f(Z) - Y on an element-wise tile: Z an fp32 tile, Y and D at ``offs`` (masked by
+    ``ok``); f is ``USER_F`` (a registered activation's ``@triton.jit`` f) when given, else
+    the table row of ``act``. Shared by the plain and the delta-form stage 1."""
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if USER_F is not None:
+        f = USER_F(z)
+    else:
+        f = apply_elementwise(z, act)
+    tl.store(d_ptr + offs, f - y, mask=ok)
+
+
+@triton.jit
 def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bias, act,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PRECISION: tl.constexpr, USER_F: tl.constexpr = None):
@@ -78,12 +91,7 @@ def delta_block(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, pid_m, pid_n, B, N, K, has_bi
         offs = rows[:, None] * N + cols[None, :]
         z = _preact_tile(x_ptr, w_ptr, b_ptr, rows, cols, B, N, K, has_bias, BLOCK_K,
                          PRECISION)
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if USER_F is not None:
-            f = USER_F(z)
-        else:
-            f = apply_elementwise(z, act)
-        tl.store(d_ptr + offs, f - y, mask=ok)
+        _store_elementwise_delta(z, y_ptr, d_ptr, offs, ok, act, USER_F)
 
 
 @triton.jit
@@ -155,12 +163,7 @@ def anchored_delta_block(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, y_ptr, d_p
         offs = rows[:, None] * N + cols[None, :]
         z = _anchored_preact_tile(x_ptr, w_ptr, w0_ptr, z0_ptr, b_ptr, b0_ptr, rows, cols, B,
                                   N, K, has_bias, BLOCK_K, PRECISION)
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if USER_F is not None:
-            f = USER_F(z)
-        else:
-            f = apply_elementwise(z, act)
-        tl.store(d_ptr + offs, f - y, mask=ok)
+        _store_elementwise_delta(z, y_ptr, d_ptr, offs, ok, act, USER_F)
 
 
 @triton.jit
