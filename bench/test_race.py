@@ -80,6 +80,21 @@ def test_resolve_refuses_a_settings_file_of_another_task(tmp_path):
         settings.resolve("autoencoder", ["adam"], str(path), {})
 
 
+def test_resolve_merges_settings_files_later_wins(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(config=dict(task="autoencoder"), best=dict(
+        adam=dict(lr=1e-2), muon=dict(lr=0.05, hparams=dict(adamw_lr=3e-3))))))
+    second.write_text(json.dumps(dict(config=dict(task="autoencoder"), best=dict(
+        adam=dict(lr=3e-4)))))
+    specs = settings.resolve("autoencoder", ["adam", "muon", "kfac"], f"{first},{second}", {})
+    assert specs["adam"]["lr"] == 3e-4 and specs["adam"]["source"] == f"tuned ({second})"
+    assert specs["muon"]["lr"] == 0.05 and specs["muon"]["hparams"]["adamw_lr"] == 3e-3
+    assert specs["muon"]["source"] == f"tuned ({first})"
+    assert specs["kfac"]["source"] == "default"
+    with pytest.raises(SystemExit, match="not found"):
+        settings.resolve("autoencoder", ["adam"], f"{first},{tmp_path / 'missing.json'}", {})
+
+
 def test_grid_settings_product_and_dict_axes():
     base = settings.resolve("autoencoder", ["kfac"], None, {})["kfac"]
     grid = {"lr": [0.1, 0.3], "intervals": [dict(curvature_upd_interval=1),

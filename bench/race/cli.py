@@ -110,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hparams", default=None,
                    help="other settings, e.g. 'kfac.damping=1,locoprop-m-fast.inner_steps=5'")
     p.add_argument("--settings", default=None,
-                   help="a --tune output: each entry's best lr and settings")
+                   help="--tune outputs (comma-separated; a later file wins for an "
+                        "entry in several): each entry's best lr and settings")
     p.add_argument("--tune", action="store_true",
                    help="race --trials settings of each entry's grid and write the best")
     p.add_argument("--trials", type=int, default=peers.DEFAULT_TRIALS,

@@ -57,17 +57,19 @@ def select(task: str, text: str) -> list:
 
 def resolve(task: str, ids: list, settings_file: Optional[str], overrides: dict) -> dict:
     """id -> dict(peer, lr, hparams, note, source): ``ENTRIES[task]``, then the tuned
-    settings file, then the command line's overrides (``{'adam': {'lr': 1e-3}}``)."""
-    tuned = {}
-    if settings_file:
-        path = Path(settings_file)
+    settings files (comma-separated; a later file's entry replaces an earlier one's), then
+    the command line's overrides (``{'adam': {'lr': 1e-3}}``)."""
+    tuned, tuned_in = {}, {}
+    for name in filter(None, (part.strip() for part in (settings_file or "").split(","))):
+        path = Path(name)
         if not path.exists():
             raise SystemExit(f"race: settings file {path} not found (make it with --tune)")
         saved = json.loads(path.read_text())
         saved_task = saved.get("config", {}).get("task", "autoencoder")
         if saved_task != task:
             raise SystemExit(f"race: {path} was tuned on task {saved_task}, not {task}")
-        tuned = saved.get("best", {})
+        for entry, best in saved.get("best", {}).items():
+            tuned[entry], tuned_in[entry] = best, name
     specs = {}
     for i in ids:
         e = peers.ENTRIES[task][i]
@@ -76,7 +78,7 @@ def resolve(task: str, ids: list, settings_file: Optional[str], overrides: dict)
         if i in tuned:
             spec["lr"] = tuned[i]["lr"]
             spec["hparams"] = {**spec["hparams"], **tuned[i].get("hparams", {})}
-            spec["source"] = f"tuned ({settings_file})"
+            spec["source"] = f"tuned ({tuned_in[i]})"
         for key, value in overrides.get(i, {}).items():
             if key == "lr":
                 spec["lr"] = value
