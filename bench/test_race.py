@@ -4,6 +4,7 @@ race on a few hundred MNIST images."""
 import importlib.util
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_parse_assignments_and_resolve():
     assert runner.setting_label(specs["pypi-locoprop-t3"]) == \
         "lr=5e-05 local_iterations=3 correction=0"  # ENTRIES' tuned lr, then the override
     with pytest.raises(SystemExit, match="unknown entries"):
-        settings.select("fashion-cnn", "muon")  # the CNN has no hidden matrix
+        settings.select("fashion-cnn", "pypi-locoprop")  # the autoencoder's only
 
 
 def test_resolve_refuses_a_settings_file_of_another_task(tmp_path):
@@ -228,11 +229,33 @@ def test_schedules():
 def test_muon_takes_the_hidden_matrices_only():
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6),
                                 torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    muon, rest = peers.hidden_matrices(model)
+    muon, rest = peers.muon_split(model)
     assert [p is model[2].weight for p in muon] == [True]
     assert len(rest) == 5
     with pytest.raises(ValueError, match="no hidden Linear"):
-        peers.hidden_matrices(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        peers.muon_split(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+
+
+def test_muon_trains_a_hidden_filter_as_its_matrix():
+    """The CNN's second convolution is its one hidden layer: Muon gets its filter as a
+    (out, in kh kw) matrix, the model computes what it computed before, and a step of the
+    built method moves that filter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(5, 1, 8, 8)
+    before, filter_before = model(x), model[2].weight.detach().clone()
+    muon, rest = peers.muon_split(model)
+    assert [tuple(p.shape) for p in muon] == [(4, 2 * 3 * 3)]
+    assert muon[0] is model[2].parametrizations.weight.original
+    assert {id(p) for p in rest} == {id(p) for p in model.parameters()} - {id(muon[0])}
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    task = types.SimpleNamespace(loss=torch.nn.functional.cross_entropy)  # all it reads
+    method = peers.build_muon(task, model, 0.02, 5, {})
+    method.step(x, torch.tensor([0, 1, 2, 0, 1]))
+    assert model[2].weight.shape == (4, 2, 3, 3)
+    assert not torch.equal(model[2].weight.detach(), filter_before)
 
 
 def test_kfac_damping_follows_its_schedule(small_model, one_thread):

@@ -18,7 +18,7 @@ budget does, in a 30 s tuning race as in a 600 s one.
 | adam, rmsprop | torch.optim on backprop | autoencoder: ``experiments.optimizers``; other tasks: here |
 | locoprop-m | ``lk.optim.LocoProp`` (variant M, softmax output) in the standard loop | classifiers, char-lm |
 | adamw-cosine | ``torch.optim.AdamW``, linear warm-up over ``warmup_steps`` steps, then cosine decay on p to ``final_ratio`` x lr at the budget | all |
-| muon | ``torch.optim.Muon`` for the 2-D weights of hidden layers, ``torch.optim.AdamW`` (``adamw_lr``) for the rest: first and last layer, embeddings, biases, norms, convolutions (Keller Jordan's split) | all |
+| muon | ``torch.optim.Muon`` for the weights of the hidden Linear and Conv2d layers (a filter as its out x (in kh kw) matrix), ``torch.optim.AdamW`` (``adamw_lr``) for the rest: first and last layer, embeddings, biases, norms (Keller Jordan's split, ``muon_split``) | all |
 | soap | ``pytorch_optimizer.SOAP`` | all |
 | sf-adamw | ``pytorch_optimizer.ScheduleFreeAdamW`` (``train()``/``eval()`` around evaluation) | all |
 | kron | ``pytorch_optimizer.Kron`` (PSGD-Kron) | all |
@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from locoprop_kernels.experiments import autoencoder as ae
 from locoprop_kernels.experiments import optimizers
@@ -206,18 +207,43 @@ def _po():
     return importlib.import_module("pytorch_optimizer")
 
 
-def hidden_matrices(model: nn.Module) -> tuple:
-    """(Muon's parameters, AdamW's): the 2-D weights of the Linear layers other than the
-    first and the last go to Muon; everything else (those two, embeddings, biases, norms,
-    convolutions) to AdamW."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    hidden = {id(m.weight) for m in linears[1:-1]}
-    muon = [p for p in model.parameters() if id(p) in hidden]
-    rest = [p for p in model.parameters() if id(p) not in hidden]
-    if not muon:
-        raise ValueError("muon: the model has no hidden Linear layer (2-D weight between the "
+class FilterMatrix(nn.Module):
+    """A Conv2d filter (out, in, kh, kw) stored as its (out, in * kh * kw) matrix: the
+    parametrization that lets ``torch.optim.Muon`` (2-D parameters only) orthogonalize a
+    filter's update, the reshape Muon's authors use on convolutions."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.view(self.shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+
+def muon_split(model: nn.Module) -> tuple:
+    """(Muon's parameters, AdamW's), Keller Jordan's split: the weights of the hidden layers
+    go to Muon, everything else (biases, norms, embeddings, the first and the last layer) to
+    AdamW. The layers are the model's Linear, Conv2d and Embedding modules in order; the
+    hidden ones are the Linear and Conv2d among all but the first and the last (a
+    transformer's first layer is its embedding: every block's matrix is hidden). A hidden
+    Conv2d's filter is trained as a matrix: this registers ``FilterMatrix`` on it, so its
+    parameter is then ``conv.parametrizations.weight.original``."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
+    hidden = [m for m in layers[1:-1] if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not hidden:
+        raise ValueError("muon: the model has no hidden Linear or Conv2d layer (between the "
                          "first and the last) for Muon to train")
-    return muon, rest
+    for conv in hidden:
+        if isinstance(conv, nn.Conv2d) and not parametrize.is_parametrized(conv, "weight"):
+            parametrize.register_parametrization(conv, "weight",
+                                                 FilterMatrix(conv.weight.shape))
+    muon = [m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight")
+            else m.weight for m in hidden]
+    ids = {id(p) for p in muon}
+    return muon, [p for p in model.parameters() if id(p) not in ids]
 
 
 def build_adamw_cosine(task, model, lr, batch, hp):
@@ -229,7 +255,7 @@ def build_adamw_cosine(task, model, lr, batch, hp):
 
 def build_muon(task, model, lr, batch, hp):
     hp = dict(dict(adamw_lr=1e-3, weight_decay=0.0, adamw_weight_decay=0.0), **hp)
-    muon_params, rest = hidden_matrices(model)
+    muon_params, rest = muon_split(model)
     adamw_lr, adamw_wd = hp.pop("adamw_lr"), hp.pop("adamw_weight_decay")
     muon = _construct("muon", torch.optim.Muon, muon_params, dict(lr=lr, **hp))
     adamw = torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=adamw_wd)
@@ -353,7 +379,7 @@ def _modern(lrs: dict) -> dict:
         "adamw-cosine": Entry("adamw-cosine", lrs["adamw-cosine"],
                               note="torch AdamW, warm-up 10 steps, cosine on the budget"),
         "muon": Entry("muon", lrs["muon"], {"adamw_lr": lrs["adamw-cosine"]},
-                      note="torch Muon (hidden 2-D weights) + AdamW (the rest)"),
+                      note="torch Muon (hidden matrices, filters flattened) + AdamW (the rest)"),
         "soap": Entry("soap", lrs["soap"], note="pytorch-optimizer SOAP"),
         "sf-adamw": Entry("sf-adamw", lrs["sf-adamw"],
                           note="pytorch-optimizer ScheduleFreeAdamW (evaluated at its average)"),
@@ -404,8 +430,6 @@ for _task, _locoprop_lr in (("mnist-mlp", 1e-5), ("fashion-cnn", 1e-4), ("char-l
         **_modern({"adamw-cosine": 1e-3, "muon": 0.02, "soap": 3e-3, "sf-adamw": 2.5e-3,
                    "kron": 1e-3, "kfac-sched": 0.03}),
     }
-# The CNN has one Linear layer (its head): no hidden matrix for Muon (hidden_matrices).
-del ENTRIES["fashion-cnn"]["muon"]
 
 #: Settings each tuned entry draws from: axis -> values; an axis named after a setting (or
 #: ``lr``) takes scalars, any other axis dicts of settings applied together; the grid is the
