@@ -13,8 +13,9 @@ def test_readme_python_examples_run():
 
 
 def test_models_and_activations_docs_examples_run():
-    """docs/models.md and docs/activations.md: every python block runs as written."""
-    for name in ("models.md", "activations.md"):
+    """docs/models.md, docs/activations.md and docs/race.md: every python block runs as
+    written."""
+    for name in ("models.md", "activations.md", "race.md"):
         path = README.parent / "docs" / name
         blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
         assert blocks, f"{name} has no python example"
