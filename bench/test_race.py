@@ -310,6 +310,9 @@ def test_race_keeps_diverged_and_failed_runs(small_model, one_thread, tmp_path):
                                           threads=1))
     text = report.table(result)
     assert "| boom |" in text and "diverged" in text and "failed to build" in text
+    # every row has the header's columns (the RSS cells: one each, not 'a / b' under one)
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count(" | ") for line in rows if not line.startswith("|---")}) == 1
     if HAS_PLOT:
         output.write_results(result, tmp_path / "race-t", markdown=report.table,
                              plot=report.plot)

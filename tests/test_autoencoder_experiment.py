@@ -173,6 +173,10 @@ def test_fast_preset_grad_square_warmup(monkeypatch):
         for w, g in zip(want, grads):
             w += (5.0 * g) ** 2 / 2
     assert all(torch.equal(p, q) for p, q in zip(method.model.parameters(), start))
+    # a warm step holds no layer records after it (nothing steps on them)
+    assert optimizers.state_bytes(method, exclude=[x])["bytes"] == \
+        optimizers.state_bytes(_build("locoprop-m-fast", 1e-2, acts, warmup_steps=2,
+                                      gamma=5.0), exclude=[x])["bytes"]
     for avg, w in zip(method.opt.square_avgs.views(), want):
         torch.testing.assert_close(avg, w, rtol=1e-5, atol=1e-12)
     method.set_progress(0.0)  # the preset decays on the budget: at its start, the peak

@@ -30,7 +30,8 @@ def _mb(n) -> str:
 
 def table(result: dict) -> str:
     """The markdown table: per entry (across runs, 'run 1 / run 2'), seconds of its own
-    training to each target, final loss, steps, s/step, state MB, RSS MB, status."""
+    training to each target, final loss, steps, s/step, state MB, RSS peak MB (isolated: one
+    measurement in a fresh process, shared by the runs; in-process: one per race), status."""
     cfg = result["config"]
     runs = result["runs"]
     targets = [f"{t:g}" for t in cfg["targets"]]
@@ -51,9 +52,9 @@ def table(result: dict) -> str:
            if len(runs) > 1 else "One race."),
         "",
         "| optimizer | setting | " + " | ".join(f"s to {t}" for t in targets)
-        + " | final loss | steps | s/step | state MB | RSS peak MB (isolated / in-process) "
-          "| status |",
-        "|---|---|" + "---:|" * (len(targets) + 6) + "---|",
+        + " | final loss | steps | s/step | state MB | RSS peak MB isolated "
+          "| RSS peak MB in-process | status |",
+        "|---|---|" + "---:|" * (len(targets) + 7) + "---|",
     ]
     for i in ids:
         es = [e for e in by_id[i] if e is not None]
@@ -70,7 +71,7 @@ def table(result: dict) -> str:
             + f" | {_cell([e['final_loss'] for e in es], _loss)}"
             + f" | {_cell([e['steps'] for e in es], str)}"
             + f" | {_cell([e['s_per_step'] for e in es], lambda v: f'{v:.3f}')}"
-            + f" | {state} | {iso} / {inproc} | {status} |")
+            + f" | {state} | {iso} | {inproc} | {status} |")
     lines += ["", *summary_lines(result)]
     return "\n".join(lines)
 

@@ -311,6 +311,10 @@ class LocoPropMethod(Method):
         with torch.enable_grad():
             loss = self.loss_fn(self.model(x), x)
             grads = torch.autograd.grad(loss, params)
+        # The forward recorded every layer's X and Z0 and nothing steps on them: zero_grad
+        # drops the calls the backward reached, which would otherwise stay until the next
+        # forward (a batch of activations held for nothing).
+        self.opt.optimizer.zero_grad()
         factor = self.opt.gamma * self.opt.scale
         for avg, g in zip(self.opt.square_avgs.views(), grads):
             g2 = (g.to(avg.dtype) * factor).square_()
