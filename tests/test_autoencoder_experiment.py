@@ -128,9 +128,9 @@ def test_official_preset_is_the_official_trainer_bit_for_bit(monkeypatch):
 def test_fast_preset_zero_lr_warmup(monkeypatch):
     x, acts = _small_setup(monkeypatch)
     method = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=2, warmup="zero-lr")
-    assert method.name == "locoprop-m-fast" and method.opt.inner_steps == 3
+    assert method.name == "locoprop-m-fast" and method.opt.inner_steps == 2
     fast = optimizers.PRESETS["fast"]
-    assert method.hparams == dict(preset="fast", inner_steps=3, warmup_steps=2,
+    assert method.hparams == dict(preset="fast", inner_steps=2, warmup_steps=2,
                                   warmup="zero-lr", decay=fast["decay"],
                                   horizon=fast["horizon"], horizon_steps=fast["horizon_steps"],
                                   final_ratio=fast["final_ratio"])
@@ -275,8 +275,11 @@ def test_state_bytes_counts_what_a_method_holds_beyond_the_model(monkeypatch):
     assert optimizers.state_bytes(adam)["bytes"] == 0  # no state before the first step
     adam.step(x[:16])
     assert 2 * 4 * n <= optimizers.state_bytes(adam, exclude=[x])["bytes"] < 2 * 4 * n + 512
-    ours = _build("locoprop-m-fast", 1e-2, acts)
-    ours.step(x[:16])
+    ours = _build("locoprop-m-fast", 1e-2, acts, warmup_steps=1)
+    ours.step(x[:16])  # the warm step: square averages and momentum only
+    assert 2 * 4 * n <= optimizers.state_bytes(ours, exclude=[x])["bytes"] < 3 * 4 * n
+    ours.set_progress(0.0)
+    ours.step(x[:16])  # a LocoProp step: its gradient arenas and backup are kept for the next
     held = optimizers.state_bytes(ours, exclude=[x], detail=10)
     assert held["bytes"] >= 3 * 4 * n  # gradient, square-average and momentum arenas
     assert "method.opt.square_avgs.buffer" in {path for path, _ in held["largest"]}

@@ -16,7 +16,7 @@ log: its 122.7 / 80.7 / 65.2 are after our epochs 2 / 3 / 5.
 
 LocoProp presets (``optimizers.PRESETS``): ``locoprop-m`` runs ``preset="official"``, the
 reproduction, unchanged. ``locoprop-m-fast`` runs ``preset="fast"``, for time to a target loss:
-T = 3, 5 warm-up steps (``warmup_steps``; at lr = 0, or ``warmup="grad-square"``: square
+T = 2, 5 warm-up steps (``warmup_steps``; at lr = 0, or ``warmup="grad-square"``: square
 averages set from the first batches' squared gradients) in place of the lr = 0 epoch, then
 the outer lr of ``optimizers.fast_lr_factor`` (a decay on the run's budget, here its
 ``epochs``, or in steps). ``python -m bench.race`` (bench/race/) races them on the clock.

@@ -10,7 +10,7 @@ counts the bytes of the tensors a method holds beyond its model.
 | name          | what runs                                                            | schedule |
 |---------------|----------------------------------------------------------------------|----------|
 | locoprop-m/-s | ``lk.LocoProp`` (our ops), official defaults, variant M / S          | official: epoch 0 at lr 0, warmup, linear decay |
-| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 3 | 5 warm-up steps (squared gradients), then cosine to 0.3 x lr at the budget |
+| locoprop-m-fast | ``lk.LocoProp``, variant M, ``preset="fast"`` (``PRESETS``): T = 2 | 5 warm-up steps (squared gradients), then cosine to 0.3 x lr at the budget |
 | rmsprop       | backprop + ``torch.optim.RMSprop``                                   | constant |
 | adam          | backprop + ``torch.optim.Adam``                                      | constant |
 | sgd           | backprop + ``torch.optim.SGD(momentum=0.9)``                         | constant |
@@ -20,7 +20,7 @@ counts the bytes of the tensors a method holds beyond its model.
 
 LocoProp presets (``build(..., preset=...)``; ``locoprop-m-fast`` is ``locoprop-m`` with
 ``preset="fast"``): ``"official"`` (the default) is the google-research notebook, bit for bit
-what the reproduction was measured with. ``"fast"`` is for time to a target loss: T = 3 inner
+what the reproduction was measured with. ``"fast"`` is for time to a target loss: T = 2 inner
 steps and, instead of the official whole epoch at lr = 0 (which only warms the RMSProp square
 averages), ``warmup_steps`` outer steps that do that job: ``warmup="grad-square"`` (the
 default) sets the square averages to the mean of (gamma * scale * backprop gradient)^2 over
@@ -29,10 +29,11 @@ gradient), ``warmup="zero-lr"`` runs them as LocoProp steps at lr = 0. Then the 
 ``fast_lr_factor``'s: a cosine from the peak to ``final_ratio`` = 0.3 x lr at the end of the
 run's budget (``horizon`` = 1; the race's clock fraction, ``set_progress``), or ``decay=
 "constant"`` / ``"linear"``, or a horizon in steps (``horizon_steps``). Its settings are the
-race's tuning: T = 3, gamma 10, grad-square warm-up (30 s per setting,
-bench/results/race-tune-cpu*.md), peak lr 8e-5 with that cosine (450 steps per setting,
+race's tuning: gamma 10, grad-square warm-up (30 s per setting,
+bench/results/race-tune-cpu*.md), that cosine (450 steps per setting,
 bench/results/race-tune-cpu-locoprop-m-fast-decay.md; within noise of the constant 4e-5 it
-replaced there).
+replaced there), then T = 2 at peak lr 1.2e-4 (120 s per setting, T 2 / 3 x lr:
+bench/results/race-tune-cpu-locoprop-m-fast-t2*.md).
 
 The peers are optional: ``available(name)`` says whether a name can run here and, if not, what
 to install. The PyPI ``locoprop`` package is run as it ships (T = 5, torch RMSprop, mean over
@@ -57,7 +58,7 @@ from ..trainer import LocoProp
 SWEEPS = {
     "locoprop-m": [1e-5],
     "locoprop-s": [1e-5],
-    "locoprop-m-fast": [8e-5],
+    "locoprop-m-fast": [1.2e-4],
     "rmsprop": [1e-4, 3e-4, 1e-3],
     "adam": [3e-4, 1e-3, 3e-3],
     "sgd": [1e-5, 3e-5, 1e-4],
@@ -81,11 +82,13 @@ KFAC_DAMPING = 10.0
 #: grad-square warm-up beat zero-lr in all 8 pairs; bench/results/race-tune-cpu*.md), then
 #: its schedule (450 steps per setting, ~143 s of the idle 600 s race: 8 settings of peak lr
 #: x floor x horizon; the cosine to 0.3 x lr at the budget, peak 8e-5, won by 0.1 over the
-#: constant 4e-5, within noise; bench/results/race-tune-cpu-locoprop-m-fast-decay.md). The
-#: peak lr is ``build``'s lr (the race's entry: 8e-5).
+#: constant 4e-5, within noise; bench/results/race-tune-cpu-locoprop-m-fast-decay.md), then
+#: T 2 / 3 x peak lr at 120 s per setting: T = 2 won at every lr (final 65.0-66.1 against
+#: 66.8-67.7; to 70 in 83-94 s against 94-105 s; -t2.md, lr edge -t2-lr-edge.md). The peak lr
+#: is ``build``'s lr (the race's entry: 1.2e-4).
 PRESETS = {
     "official": dict(schedule="official"),
-    "fast": dict(inner_steps=3, warmup_steps=5, warmup="grad-square",
+    "fast": dict(inner_steps=2, warmup_steps=5, warmup="grad-square",
                  decay="cosine", horizon=1.0, horizon_steps=None, final_ratio=0.3),
 }
 WARMUPS = ("zero-lr", "grad-square")
@@ -225,7 +228,7 @@ class Method:
 
 class LocoPropMethod(Method):
     """Our trainer. ``preset="official"`` (the default): the official defaults and schedule,
-    exactly as the reproduction ran. ``preset="fast"``: T = 3, ``warmup_steps`` warm-up steps
+    exactly as the reproduction ran. ``preset="fast"``: T = 2, ``warmup_steps`` warm-up steps
     (module docstring), then the outer lr of ``fast_lr_factor`` (``decay``, ``horizon``,
     ``final_ratio``). Other keywords go to ``lk.LocoProp``."""
 
