@@ -487,10 +487,11 @@ for _task in ("mnist-mlp", "fashion-cnn", "char-lm"):
                              *(dict(lr=lr, inner_steps=3) for lr in (1e-5, 3e-5, 1e-4))]},
                          **_LR6, **{k: v for k, v in _MODERN_GRIDS.items()
                                     if k in ENTRIES[_task]}}
-# The LM's second tuning (120 s per setting, docs/race.md): the 20 s one had ours at lr 3e-5
-# with the official momentum 0.999 and gamma 10, which sits on a plateau at 2.6 from 100 s on,
-# while momentum 0.99 and gamma 1000 (two 20 s races of ours alone) keep descending at Adam's
-# pace per step; and Adam and AdamW-cosine had won at their grids' top lr (1e-2).
+# The LM's second tuning (120 s per setting, docs/race.md), replacing the loop's grids above
+# for ours, Adam and AdamW-cosine: the 20 s one had ours at lr 3e-5 with the official momentum
+# 0.999 and gamma 10, which sits on a plateau at 2.6 from 100 s on, while momentum 0.99 and
+# gamma 1000 keep descending at Adam's pace per step (a 600-step check, docs/race.md); and
+# Adam and AdamW-cosine had won at their grids' top lr (1e-2).
 TUNE_GRIDS["char-lm"].update({
     "locoprop-m": {"setting": [
         dict(lr=3e-5, inner_steps=3),
