@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +137,47 @@ def test_grid_overrides_replace_add_and_drop_axes():
         "adam": peers.TUNE_GRIDS["autoencoder"]["adam"]}
     with pytest.raises(SystemExit, match="not among"):
         tune.tune_grids("autoencoder", ["adam"], "kfac.lr=1")
+
+
+def test_grid_file_replaces_named_grids_whole(tmp_path):
+    settings = [{"lr": 1e-4}, {"lr": 1e-3, "momentum": 0.99}]
+    grids = tune.tune_grids("autoencoder", ["locoprop-m-fast", "adam"], "adam.lr=1e-3",
+                            {"locoprop-m-fast": {"setting": settings}})
+    assert grids == {"locoprop-m-fast": {"setting": settings}, "adam": {"lr": [1e-3]}}
+    picked = tune.grid_settings(dict(peer="locoprop-m-fast", lr=None, hparams={}),
+                                grids["locoprop-m-fast"])
+    assert [(s["lr"], s["hparams"]) for s in picked] == [(1e-4, {}), (1e-3, {"momentum": 0.99})]
+    with pytest.raises(SystemExit, match="not among"):
+        tune.tune_grids("autoencoder", ["adam"], None, {"kfac": {"lr": [1]}})
+    with pytest.raises(SystemExit, match="non-empty list"):
+        tune.tune_grids("autoencoder", ["adam"], None, {"adam": {"lr": 1e-3}})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="not JSON"):
+        cli._grid_file(str(bad))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--grid-file", str(bad)])  # without --tune
+
+
+def test_committed_grid_files_build_and_step(small_model, one_thread):
+    """bench/race/grids/*.json (the checks of docs/race.md ran them): every entry is an
+    autoencoder entry and every setting builds and takes a step."""
+    files = sorted((Path(__file__).parent / "race" / "grids").glob("*.json"))
+    assert files
+    task, task_data = _tiny("autoencoder")
+    x = task_data.train_x[:16]
+    for path in files:
+        replace = cli._grid_file(str(path))
+        for name, grid in tune.tune_grids("autoencoder", list(replace), None, replace).items():
+            if _missing(task, name) is not None:
+                continue
+            for s in tune.grid_settings(
+                    settings.resolve("autoencoder", [name], None, {})[name], grid):
+                model = task.build_model(task_data, seed=0, device=CPU, dtype=torch.float32)
+                method = peers.build(s, task, model, batch=16, backend="reference")
+                method.start_epoch(0)
+                method.set_progress(0.0)
+                assert torch.isfinite(method.step(x, x)), (path.name, name, s)
 
 
 def _tiny(task_name):

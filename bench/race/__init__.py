@@ -47,7 +47,8 @@ What it does (issue 11, issue 18):
   model = the baseline); ``both`` (the default) records both. On CUDA the allocator's peak
   above the same baseline is recorded too.
 - Tuning (``--tune``): every tuned entry races the same number of settings (``--trials``, a
-  seeded sample of its grid ``peers.TUNE_GRIDS[task]``) on the same ``--budget``; the best of
+  seeded sample of its grid ``peers.TUNE_GRIDS[task]``, or the ``--grid-file``'s) on the
+  same ``--budget``; the best of
   each (lowest final loss, neither diverged nor failed) goes to ``race-tune-...json``, which
   ``--settings`` reads for the final race. ``--budget-steps N`` instead gives every setting N
   steps (its clock still measured, not its limit): on a shared, loaded machine a clock budget

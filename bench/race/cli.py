@@ -119,6 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", default=None,
                    help="with --tune: replace or add grid axes, e.g. 'adam.lr=1e-3:3e-3'; "
                         "'kfac.intervals=' drops an axis")
+    p.add_argument("--grid-file", default=None,
+                   help="with --tune: a JSON file {entry: {axis: [values]}} whose grids "
+                        "replace those entries' own (before --grid); an axis of settings "
+                        "dicts tunes settings that are not a product")
     p.add_argument("--repeat", type=int, default=1, help="race this many times (spread)")
     p.add_argument("--append", action="store_true",
                    help="add the races to an existing JSON of the same configuration")
@@ -160,9 +164,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.budget_steps < 1:
             p.error("--budget-steps must be >= 1")
         args.budget = math.inf  # the steps alone end a setting
+    if (args.grid or args.grid_file) and not args.tune:
+        p.error("--grid and --grid-file are for --tune")
+    if args.grid_file and not Path(args.grid_file).is_file():
+        p.error(f"--grid-file {args.grid_file}: no such file")
     if min(args.eval_every, args.eval_size, args.repeat, args.batch, args.trials) < 1:
         p.error("--eval-every, --eval-size, --repeat, --batch and --trials must be >= 1")
     return args
+
+
+def _grid_file(path) -> dict:
+    """The ``--grid-file``'s {entry: grid} (None: none)."""
+    if path is None:
+        return {}
+    try:
+        grids = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"race: --grid-file {path} is not JSON: {error}") from None
+    if not isinstance(grids, dict):
+        raise SystemExit(f"race: --grid-file {path} must hold an object {{entry: grid}}")
+    return grids
 
 
 def main(argv=None) -> dict:
@@ -219,7 +240,7 @@ def main(argv=None) -> dict:
                       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     if args.tune:
         config["trials"] = args.trials
-        grids = tune_grids(task.name, ids, args.grid)
+        grids = tune_grids(task.name, ids, args.grid, _grid_file(args.grid_file))
         result = tune(specs, grids, task, task_data, args,
                       dict(common, _device=device, _dtype=dtype), stem)
         print(tune_table(result))

@@ -49,10 +49,20 @@ def sample_trials(settings: list, trials: int, seed: int) -> list:
     return [settings[k] for k in keep]
 
 
-def tune_grids(task: str, ids: list, text: Optional[str]) -> dict:
-    """``TUNE_GRIDS[task]`` for ``ids`` with ``--grid``'s changes: 'adam.lr=1e-3:3e-3'
-    replaces (or adds) an axis, 'kfac.intervals=' (no value) drops one."""
+def tune_grids(task: str, ids: list, text: Optional[str],
+               replace: Optional[dict] = None) -> dict:
+    """``TUNE_GRIDS[task]`` for ``ids``, each entry named in ``replace`` ({entry: grid}, the
+    ``--grid-file``'s JSON) given that grid whole, then ``--grid``'s changes:
+    'adam.lr=1e-3:3e-3' replaces (or adds) an axis, 'kfac.intervals=' (no value) drops one."""
     grids = {i: dict(peers.TUNE_GRIDS.get(task, {}).get(i, {})) for i in ids}
+    for entry, grid in (replace or {}).items():
+        if entry not in grids:
+            raise SystemExit(f"race: the grid file names {entry!r}, not among {ids}")
+        if not isinstance(grid, dict) or not grid or not all(
+                isinstance(values, list) and values for values in grid.values()):
+            raise SystemExit(f"race: the grid file's {entry!r} must map each axis to a "
+                             f"non-empty list of values, got {grid!r}")
+        grids[entry] = dict(grid)
     for entry, axes in parse_assignments(text, lists=True).items():
         if entry not in grids:
             raise SystemExit(f"race: --grid names {entry!r}, not among {ids}")
