@@ -164,20 +164,10 @@ def test_committed_grid_files_build_and_step(small_model, one_thread):
     autoencoder entry and every setting builds and takes a step."""
     files = sorted((Path(__file__).parent / "race" / "grids").glob("*.json"))
     assert files
-    task, task_data = _tiny("autoencoder")
-    x = task_data.train_x[:16]
     for path in files:
         replace = cli._grid_file(str(path))
-        for name, grid in tune.tune_grids("autoencoder", list(replace), None, replace).items():
-            if _missing(task, name) is not None:
-                continue
-            for s in tune.grid_settings(
-                    settings.resolve("autoencoder", [name], None, {})[name], grid):
-                model = task.build_model(task_data, seed=0, device=CPU, dtype=torch.float32)
-                method = peers.build(s, task, model, batch=16, backend="reference")
-                method.start_epoch(0)
-                method.set_progress(0.0)
-                assert torch.isfinite(method.step(x, x)), (path.name, name, s)
+        _assert_grids_build_and_step(tune.tune_grids("autoencoder", list(replace), None,
+                                                     replace))
 
 
 def _tiny(task_name):
@@ -228,12 +218,12 @@ def test_every_entry_builds_and_steps_on_every_task(task_name, small_model, one_
         pytest.skip(f"not installed: {missing}")
 
 
-def test_every_grid_setting_builds_and_steps(small_model, one_thread):
-    """Every setting of every built-in autoencoder grid names real settings: it builds and
-    takes a step (peers that are not installed are left out)."""
+def _assert_grids_build_and_step(grids: dict) -> None:
+    """Every setting of ``grids`` ({autoencoder entry: grid}) builds and takes a finite step
+    on the tiny autoencoder (peers that are not installed are left out)."""
     task, task_data = _tiny("autoencoder")
     x = task_data.train_x[:16]
-    for name, grid in peers.TUNE_GRIDS["autoencoder"].items():
+    for name, grid in grids.items():
         if _missing(task, name) is not None:
             continue
         for s in tune.grid_settings(settings.resolve("autoencoder", [name], None, {})[name],
@@ -243,6 +233,12 @@ def test_every_grid_setting_builds_and_steps(small_model, one_thread):
             method.start_epoch(0)
             method.set_progress(0.0)
             assert torch.isfinite(method.step(x, x)), (name, s)
+
+
+def test_every_grid_setting_builds_and_steps(small_model, one_thread):
+    """Every setting of every built-in autoencoder grid names real settings: it builds and
+    takes a step (peers that are not installed are left out)."""
+    _assert_grids_build_and_step(peers.TUNE_GRIDS["autoencoder"])
 
 
 def test_misspelt_setting_is_a_clear_error(small_model):
